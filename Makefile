@@ -1,0 +1,43 @@
+# ClipChat — the two commands for a fresh machine are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/clipchat/v1/*.proto)
+PROTO_STAMP := clipchat/v1/.generated
+
+.PHONY: run test bench proto lint clean install test-unit test-integration test-e2e
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
+	@mkdir -p clipchat/v1
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --mypy_out=. \
+		--mypy_grpc_out=. $(PROTO_SRC)
+	@touch clipchat/v1/__init__.py $(PROTO_STAMP)
+
+proto: $(PROTO_STAMP)
+
+run: install
+	$(VENV)/bin/clipchat up
+
+test: install
+	./scripts/run-tests.sh
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check clipchat services gateway launcher tests bench
+	$(VENV)/bin/mypy clipchat services gateway launcher
+
+clean:
+	rm -rf clipchat/v1 .clipchat bench-out .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

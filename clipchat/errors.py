@@ -1,0 +1,133 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Each error carries a message a person can act on, a stable code and whether a retry can help.
+The gateway maps gRPC status codes to HTTP with one other table (``gateway/errors.py``).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClipChatError(Exception):
+    """Base of every domain error."""
+
+    code = "internal"
+    status = grpc.StatusCode.INTERNAL
+    retryable = False
+    default_message = "Something went wrong. Please try again."
+
+    def __init__(self, message: str | None = None, *, code: str | None = None,
+                 retryable: bool | None = None) -> None:
+        super().__init__(message or self.default_message)
+        self.message = message or self.default_message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class InvalidInput(ClipChatError):
+    code = "invalid_input"
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    default_message = "The request is not valid."
+
+
+class NotFound(ClipChatError):
+    code = "not_found"
+    status = grpc.StatusCode.NOT_FOUND
+    default_message = "Not found."
+
+
+class ConcurrentRegeneration(ClipChatError):
+    code = "regeneration_in_progress"
+    status = grpc.StatusCode.ABORTED
+    retryable = True
+    default_message = "Another regeneration is running for this video. Wait for it to finish or cancel it."
+
+
+class Conflict(ClipChatError):
+    code = "conflict"
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    default_message = "That is not possible in the current state."
+
+
+class StaleLease(ClipChatError):
+    """A write carried a lease token that is no longer the job's live lease (fencing)."""
+
+    code = "stale_lease"
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    default_message = "This work was cancelled or taken over; its result was discarded."
+
+
+class BudgetExceeded(ClipChatError):
+    code = "budget_exceeded"
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_message = "This regeneration would exceed the video's budget."
+
+
+class DependencyUnavailable(ClipChatError):
+    code = "unavailable"
+    status = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+    default_message = "A service is unavailable right now. Please try again shortly."
+
+
+class DeadlineExceeded(ClipChatError):
+    code = "timeout"
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    retryable = True
+    default_message = "The request took too long. Please try again."
+
+
+class MediaError(ClipChatError):
+    """A clip or track that cannot be read or composed (permanent)."""
+
+    code = "invalid_media"
+    status = grpc.StatusCode.INVALID_ARGUMENT
+    default_message = "A media file could not be read."
+
+
+class TransientError(ClipChatError):
+    """A failure a retry may fix (download, upload, a killed process)."""
+
+    code = "transient"
+    status = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+
+
+class Cancelled(ClipChatError):
+    code = "cancelled"
+    status = grpc.StatusCode.CANCELLED
+    default_message = "The regeneration was cancelled."
+
+
+_BY_STATUS: dict[grpc.StatusCode, type[ClipChatError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ABORTED: ConcurrentRegeneration,
+    grpc.StatusCode.FAILED_PRECONDITION: Conflict,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: BudgetExceeded,
+    grpc.StatusCode.UNAVAILABLE: DependencyUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+# Trailing metadata keys that carry the domain code and retryability across gRPC.
+CODE_KEY = "clipchat-error-code"
+RETRYABLE_KEY = "clipchat-retryable"
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ClipChatError:
+    """Rebuild the domain error a server raised from the gRPC error a client received."""
+    status = error.code()  # type: ignore[union-attr]
+    meta = {k: v for k, v in (error.trailing_metadata() or ())}  # type: ignore[union-attr]
+    cls = _BY_STATUS.get(status, ClipChatError)
+    retryable = meta.get(RETRYABLE_KEY)
+    details = error.details() or None  # type: ignore[union-attr]
+    if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and CODE_KEY not in meta:
+        details = None  # transport text is not for people
+    if status is grpc.StatusCode.INTERNAL or status is grpc.StatusCode.UNKNOWN:
+        details = None
+    return cls(details, code=meta.get(CODE_KEY) or None,
+               retryable=None if retryable is None else retryable == "true")

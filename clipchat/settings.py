@@ -1,0 +1,98 @@
+"""One settings object for every part, read from ``CLIPCHAT_*`` environment variables."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of every ClipChat process.
+
+    Embedded defaults (SQLite, in-process broker, local folder storage) need nothing installed
+    beyond the Python packages; distributed mode sets the URLs below.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CLIPCHAT_", env_file=None, extra="ignore")
+
+    environment: str = "dev"
+    data_dir: Path = Path(".clipchat")
+
+    # Backends. Empty database_url / storage_url mean "under data_dir".
+    database_url: str = ""
+    broker_url: str = "memory://"
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    # Addresses of the gRPC services (host:port) as the callers reach them.
+    status_addr: str = "127.0.0.1:50051"
+    regenerator_addr: str = "127.0.0.1:50052"
+    composer_addr: str = "127.0.0.1:50053"
+    # Port each server binds when served on its own (0 = any free port).
+    grpc_port: int = 0
+    grpc_deadline_seconds: float = 10.0
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    public_url: str = ""
+    # "token=owner" pairs, comma separated. The embedded page gets page_token.
+    auth_tokens: str = "dev-token=demo"
+    page_token: str = ""
+    media_signing_key: str = "change-me-in-production"
+    media_url_ttl_seconds: int = 3600
+    sse_heartbeat_seconds: float = 10.0
+    rate_limit_per_minute: int = 120
+
+    # Job state machine.
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    sweep_interval_seconds: float = 2.0
+
+    # Money.
+    budget_limit: Decimal = Decimal("50")
+    budget_warning_fraction: Decimal = Decimal("0.8")
+    generation_price_per_second: Decimal = Decimal("0.05")
+    composition_price_per_second: Decimal = Decimal("0.001")
+
+    # Media.
+    ffmpeg_path: str = ""
+    x264_preset: str = "veryfast"
+    encoder: str = "auto"  # auto | libx264 | h264_nvenc
+    max_instruction_chars: int = 2000
+    max_upload_bytes: int = 512 * 1024 * 1024
+
+    # Workers.
+    worker_concurrency: int = 1
+    delivery_limit: int = 5
+    retry_attempts: int = 3
+    retry_base_seconds: float = 0.5
+    retry_max_seconds: float = 8.0
+
+    # Telemetry: OTLP endpoint (e.g. http://collector:4317); empty = no export.
+    otlp_endpoint: str = ""
+    log_level: str = "INFO"
+
+    extra_env: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'clipchat.db').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'storage').resolve()}"
+
+    def token_owners(self) -> dict[str, str]:
+        """The ``auth_tokens`` setting as a token → owner mapping."""
+        owners: dict[str, str] = {}
+        for pair in self.auth_tokens.split(","):
+            token, _, owner = pair.strip().partition("=")
+            if token and owner:
+                owners[token] = owner
+        return owners
