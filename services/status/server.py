@@ -1,0 +1,255 @@
+"""JobStatusService: thin gRPC servicer translating messages ↔ state machine calls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from clipchat.db.models import ClipRegeneration, JobEvent, JobStatus
+from clipchat.errors import InvalidInput
+from clipchat.rpc import rpc_method
+from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+from services.status.events import EventHub
+from services.status.state_machine import ClipInput, JobSnapshot, JobStateMachine, NewClip
+
+log = logging.getLogger("clipchat.status")
+
+SERVICE_NAME = "clipchat.v1.JobStatusService"
+# Starts the initial composition of a new job (publishes its compose work).
+JobCreated = Callable[[JobSnapshot, str], Awaitable[None]]
+_JOB_STATES = {
+    JobStatus.COMPOSING: common_pb2.JOB_STATE_COMPOSING,
+    JobStatus.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
+    JobStatus.REGENERATING: common_pb2.JOB_STATE_REGENERATING,
+    JobStatus.FAILED: common_pb2.JOB_STATE_FAILED,
+}
+_REGEN_STATES = {
+    "queued": common_pb2.REGENERATION_STATE_QUEUED,
+    "running": common_pb2.REGENERATION_STATE_RUNNING,
+    "completed": common_pb2.REGENERATION_STATE_COMPLETED,
+    "failed": common_pb2.REGENERATION_STATE_FAILED,
+    "cancelled": common_pb2.REGENERATION_STATE_CANCELLED,
+}
+
+
+def stage_to_proto(stage: str) -> int:
+    try:
+        return common_pb2.Stage.Value(f"STAGE_{stage.upper()}") if stage else common_pb2.STAGE_UNSPECIFIED
+    except ValueError:
+        return common_pb2.STAGE_UNSPECIFIED
+
+
+def stage_from_proto(stage: int) -> str:
+    if stage == common_pb2.STAGE_UNSPECIFIED:
+        raise InvalidInput("A progress report needs a stage.")
+    return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def job_to_proto(snapshot: JobSnapshot) -> common_pb2.Job:
+    job = snapshot.job
+    return common_pb2.Job(
+        job_id=str(job.id), owner=job.owner, title=job.title, state=_JOB_STATES[job.status],
+        audio_key=job.audio_key,
+        transitions=[common_pb2.Transition(kind=t.get("kind", "cut"), duration=float(t.get("duration", 0)))
+                     for t in job.transitions],
+        beat_timestamps=job.beat_timestamps, aspect_ratio=job.aspect_ratio, fit=job.fit,
+        current_version=job.current_version or 0, total_cost=str(job.total_cost),
+        budget_limit=str(job.budget_limit),
+        active_regeneration_id=str(job.active_regeneration_id or ""),
+        clips=[common_pb2.Clip(clip_index=c.clip_index, prompt=c.prompt, duration=c.duration,
+                               video_key=c.video_key, thumbnail_key=c.thumbnail_key, status=c.status,
+                               cost=str(c.cost), revision=c.revision) for c in snapshot.clips],
+        versions=[common_pb2.VideoVersion(
+            version=v.version, storage_key=v.storage_key, duration=v.duration,
+            created_by_regeneration_id=str(v.created_by_regeneration_id or ""),
+            created_at=_ts(v.created_at), encoder=v.encoder) for v in snapshot.versions],
+        created_at=_ts(job.created_at), updated_at=_ts(job.updated_at),
+        error_code=job.error_code or "", error_message=job.error_message or "",
+        error_retryable=job.error_retryable)
+
+
+def regeneration_to_proto(row: ClipRegeneration) -> common_pb2.Regeneration:
+    return common_pb2.Regeneration(
+        regeneration_id=str(row.id), job_id=str(row.job_id), clip_index=row.clip_index,
+        original_prompt=row.original_prompt, modified_prompt=row.modified_prompt or "",
+        user_instruction=row.user_instruction,
+        conversation_history_json=json.dumps(row.conversation_history or []),
+        cost=str(row.cost), estimated_cost=str(row.estimated_cost),
+        step_costs=common_pb2.StepCosts(llm=str(row.llm_cost), generation=str(row.generation_cost),
+                                        composition=str(row.composition_cost)),
+        state=_REGEN_STATES[row.status], stage=stage_to_proto(row.stage), progress=row.progress,
+        attempts=row.attempts, error_code=row.error_code or "", error_message=row.error_message or "",
+        retryable=row.retryable, created_at=_ts(row.created_at), finished_at=_ts(row.finished_at),
+        change_summary=row.change_summary or "", rewriter=row.rewriter or "")
+
+
+def event_to_proto(row: JobEvent) -> common_pb2.JobEvent:
+    return common_pb2.JobEvent(job_id=str(row.job_id), sequence=row.sequence, type=row.type,
+                               stage=stage_to_proto(row.stage), fraction=row.fraction,
+                               payload_json=json.dumps(row.payload or {}), created_at=_ts(row.created_at))
+
+
+def _json(text: str, default: Any, what: str) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{what} is not valid JSON.") from exc
+
+
+class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
+    def __init__(self, machine: JobStateMachine, hub: EventHub, *, poll_seconds: float = 1.0,
+                 on_job_created: JobCreated | None = None) -> None:
+        self.machine = machine
+        self.hub = hub
+        self.poll_seconds = poll_seconds
+        self.on_job_created = on_job_created
+
+    @rpc_method
+    async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Any) -> jobs_pb2.CreateJobResponse:
+        snapshot, token = await self.machine.create_job(
+            owner=request.owner,
+            clips=[ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key) for c in request.clips],
+            audio_key=request.audio_key,
+            transitions=[{"kind": t.kind or "cut", "duration": t.duration} for t in request.transitions],
+            beat_timestamps=list(request.beat_timestamps), aspect_ratio=request.aspect_ratio or "16:9",
+            fit=request.fit or "pad", budget_limit=request.budget_limit, title=request.title,
+            job_id=request.job_id)
+        if self.on_job_created is not None:
+            await self.on_job_created(snapshot, token)
+        return jobs_pb2.CreateJobResponse(job=job_to_proto(snapshot), lease_token=token)
+
+    @rpc_method
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.GetJobResponse:
+        return jobs_pb2.GetJobResponse(job=job_to_proto(await self.machine.get_job(request.job_id, request.owner)))
+
+    @rpc_method
+    async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> jobs_pb2.ListJobsResponse:
+        if not request.owner:
+            raise InvalidInput("Listing jobs needs an owner.")
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(s) for s in await self.machine.list_jobs(request.owner)])
+
+    @rpc_method
+    async def BeginRegeneration(self, request: jobs_pb2.BeginRegenerationRequest,
+                                context: Any) -> jobs_pb2.BeginRegenerationResponse:
+        history = _json(request.conversation_history_json, [], "Conversation history")
+        if not isinstance(history, list):
+            raise InvalidInput("Conversation history must be a list of turns.")
+        result = await self.machine.begin(job_id=request.job_id, owner=request.owner,
+                                          clip_index=request.clip_index,
+                                          instruction=request.user_instruction, history=history,
+                                          estimated_cost=request.estimated_cost)
+        return jobs_pb2.BeginRegenerationResponse(
+            regeneration=regeneration_to_proto(result.regeneration), lease_token=result.lease_token,
+            lease_expires_at=_ts(result.lease_expires_at), budget_warning=result.budget_warning)
+
+    @rpc_method
+    async def RenewLease(self, request: jobs_pb2.RenewLeaseRequest, context: Any) -> jobs_pb2.RenewLeaseResponse:
+        expires = await self.machine.renew(request.job_id, request.lease_token)
+        return jobs_pb2.RenewLeaseResponse(lease_expires_at=_ts(expires))
+
+    @rpc_method
+    async def RecordProgress(self, request: jobs_pb2.RecordProgressRequest,
+                             context: Any) -> jobs_pb2.RecordProgressResponse:
+        sequence = await self.machine.record_progress(
+            request.job_id, request.lease_token, stage=stage_from_proto(request.stage),
+            fraction=request.fraction, message=request.message, eta_seconds=request.eta_seconds)
+        return jobs_pb2.RecordProgressResponse(sequence=sequence)
+
+    @rpc_method
+    async def RecordStep(self, request: jobs_pb2.RecordStepRequest, context: Any) -> jobs_pb2.RecordStepResponse:
+        checkpoint = _json(request.checkpoint_json, None, "Checkpoint")
+        row = await self.machine.record_step(
+            request.job_id, request.lease_token, step=request.step, cost=request.cost,
+            modified_prompt=request.modified_prompt, change_summary=request.change_summary,
+            rewriter=request.rewriter, checkpoint=checkpoint)
+        return jobs_pb2.RecordStepResponse(regeneration=regeneration_to_proto(row))
+
+    @rpc_method
+    async def SucceedRegeneration(self, request: jobs_pb2.SucceedRegenerationRequest,
+                                  context: Any) -> jobs_pb2.SucceedRegenerationResponse:
+        new_clip = None
+        if request.HasField("new_clip"):
+            c = request.new_clip
+            new_clip = NewClip(c.prompt, c.duration, c.video_key, c.thumbnail_key)
+        snapshot = await self.machine.succeed(
+            request.job_id, request.lease_token, regeneration_id=request.regeneration_id,
+            new_clip=new_clip, video_key=request.video_key, video_duration=request.video_duration,
+            composition_cost=request.composition_cost, encoder=request.encoder)
+        return jobs_pb2.SucceedRegenerationResponse(job=job_to_proto(snapshot))
+
+    @rpc_method
+    async def FailRegeneration(self, request: jobs_pb2.FailRegenerationRequest,
+                               context: Any) -> jobs_pb2.FailRegenerationResponse:
+        snapshot = await self.machine.fail(
+            request.job_id, request.lease_token, error_code=request.error_code,
+            error_message=request.error_message, technical_detail=request.technical_detail,
+            retryable=request.retryable)
+        return jobs_pb2.FailRegenerationResponse(job=job_to_proto(snapshot))
+
+    @rpc_method
+    async def CancelRegeneration(self, request: jobs_pb2.CancelRegenerationRequest,
+                                 context: Any) -> jobs_pb2.CancelRegenerationResponse:
+        row = await self.machine.cancel(request.job_id, request.owner, request.regeneration_id)
+        return jobs_pb2.CancelRegenerationResponse(regeneration=regeneration_to_proto(row))
+
+    @rpc_method
+    async def GetRegeneration(self, request: jobs_pb2.GetRegenerationRequest,
+                              context: Any) -> jobs_pb2.GetRegenerationResponse:
+        row = await self.machine.get_regeneration(request.job_id, request.regeneration_id)
+        return jobs_pb2.GetRegenerationResponse(regeneration=regeneration_to_proto(row),
+                                                checkpoints_json=json.dumps(row.checkpoints or {}))
+
+    @rpc_method
+    async def ListRegenerations(self, request: jobs_pb2.ListRegenerationsRequest,
+                                context: Any) -> jobs_pb2.ListRegenerationsResponse:
+        rows = await self.machine.list_regenerations(request.job_id, request.owner)
+        return jobs_pb2.ListRegenerationsResponse(regenerations=[regeneration_to_proto(r) for r in rows])
+
+    @rpc_method
+    async def RestoreVersion(self, request: jobs_pb2.RestoreVersionRequest,
+                             context: Any) -> jobs_pb2.RestoreVersionResponse:
+        snapshot = await self.machine.restore_version(request.job_id, request.owner, request.version)
+        return jobs_pb2.RestoreVersionResponse(job=job_to_proto(snapshot))
+
+    @rpc_method
+    async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[common_pb2.JobEvent]:
+        """Replay events after ``after_sequence`` from the log, then follow new ones.
+
+        Always reading the log by sequence makes the stream gap-free and duplicate-free, whatever
+        order notifications arrive in.
+        """
+        await self.machine.check_owner(request.job_id, request.owner)
+        last = max(request.after_sequence, 0)
+        while True:
+            events = await self.machine.events_after(request.job_id, last)
+            for event in events:
+                yield event_to_proto(event)
+                last = event.sequence
+            if events:
+                continue
+            if request.replay_only:
+                return
+            await self.hub.wait(request.job_id, last, self.poll_seconds)
+            await asyncio.sleep(0)
+
+
+def add_to_server(servicer: JobStatusServicer, server: grpc.aio.Server) -> None:
+    jobs_pb2_grpc.add_JobStatusServiceServicer_to_server(servicer, server)

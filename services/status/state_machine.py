@@ -1,0 +1,588 @@
+"""The job state machine: leases, fencing, costs, versions and the per-job event log.
+
+::
+
+    composing ──succeed──▶ completed ──begin──▶ regenerating ──succeed──▶ completed (new version)
+                              ▲                    │  │
+                              │                    │  └──cancel──▶ completed (original kept)
+                              │                    └──fail──▶ failed (original kept) ──begin──▶ …
+
+Every method is one short transaction. The job row is the lock: ``SELECT … FOR UPDATE`` on
+PostgreSQL (``NOWAIT`` for ``begin``), an immediate transaction on SQLite. Writes about running
+work carry the lease token; a token that is not the job's live lease is refused (``StaleLease``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from clipchat.db import Database
+from clipchat.db.models import (
+    Clip,
+    ClipRegeneration,
+    Job,
+    JobEvent,
+    JobStatus,
+    RegenerationStatus,
+    VideoVersion,
+    utcnow,
+)
+from clipchat.errors import (
+    BudgetExceeded,
+    ConcurrentRegeneration,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    StaleLease,
+)
+
+log = logging.getLogger("clipchat.status")
+
+CENT = Decimal("0.0001")
+LEASE_EXPIRED_MESSAGE = "Regeneration failed. Please try again."
+COMPOSE_LEASE_EXPIRED_MESSAGE = "Composition failed. Please try again."
+
+# Called after commit with (job_id, sequence, event) for every event written.
+Notifier = Callable[[str, int, JobEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class NewClip:
+    prompt: str
+    duration: float
+    video_key: str
+    thumbnail_key: str = ""
+
+
+@dataclass(frozen=True)
+class ClipInput:
+    prompt: str
+    duration: float
+    video_key: str
+    thumbnail_key: str = ""
+
+
+@dataclass
+class JobSnapshot:
+    """A job with what a reader needs: its current clips and its versions."""
+
+    job: Job
+    clips: list[Clip]
+    versions: list[VideoVersion]
+    active_regeneration: ClipRegeneration | None = None
+
+
+@dataclass
+class BeginResult:
+    regeneration: ClipRegeneration
+    lease_token: str
+    lease_expires_at: datetime
+    budget_warning: bool
+
+
+@dataclass
+class _Pending:
+    events: list[JobEvent] = field(default_factory=list)
+
+
+def money(value: str | Decimal | None) -> Decimal:
+    """Parse a decimal string; empty means zero. Floats are refused (money is never float)."""
+    if value is None or value == "":
+        return Decimal("0")
+    try:
+        amount = Decimal(str(value))
+    except ArithmeticError as exc:
+        raise InvalidInput("Invalid amount of money.") from exc
+    if not amount.is_finite() or amount < 0:
+        raise InvalidInput("Invalid amount of money.")
+    return amount.quantize(CENT)
+
+
+def parse_uuid(value: str, what: str = "job") -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError as exc:
+        raise NotFound(f"No such {what}.") from exc
+
+
+def current_clips(job: Job, versions: Sequence[VideoVersion] | None = None) -> list[Clip]:
+    """The clip revision in use for each index: the current version's, or revision 0 before the first."""
+    by_key = {(c.clip_index, c.revision): c for c in job.clips}
+    count = max((c.clip_index for c in job.clips), default=-1) + 1
+    revisions = [0] * count
+    for version in versions if versions is not None else job.versions:
+        if version.version == job.current_version:
+            revisions = list(version.clip_revisions)
+    return [by_key[(index, revision)] for index, revision in enumerate(revisions)]
+
+
+class JobStateMachine:
+    def __init__(self, db: Database, *, lease_seconds: float, budget_limit: Decimal,
+                 budget_warning_fraction: Decimal, notifier: Notifier | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.db = db
+        self.lease = timedelta(seconds=lease_seconds)
+        self.default_budget = budget_limit
+        self.warning_fraction = budget_warning_fraction
+        self.notifier = notifier
+        self.clock = clock
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, *, owner: str, clips: Sequence[ClipInput], audio_key: str,
+                         transitions: Sequence[dict[str, Any]] = (), beat_timestamps: Sequence[float] = (),
+                         aspect_ratio: str = "16:9", fit: str = "pad", budget_limit: str = "",
+                         title: str = "", job_id: str = "") -> tuple[JobSnapshot, str]:
+        """Create a job in ``composing`` with a lease for its initial composition."""
+        if not owner:
+            raise InvalidInput("A job needs an owner.")
+        if not clips:
+            raise InvalidInput("A job needs at least one clip.")
+        if not audio_key:
+            raise InvalidInput("A job needs a music track.")
+        if transitions and len(transitions) != len(clips) - 1:
+            raise InvalidInput("There must be one transition between each pair of clips.")
+        if aspect_ratio not in ("16:9", "9:16", "1:1"):
+            raise InvalidInput("Aspect ratio must be 16:9, 9:16 or 1:1.")
+        if fit not in ("pad", "crop"):
+            raise InvalidInput("Fit must be pad or crop.")
+        if list(beat_timestamps) != sorted(beat_timestamps) or any(b < 0 for b in beat_timestamps):
+            raise InvalidInput("Beat timestamps must be sorted and not negative.")
+        now = self.clock()
+        token = secrets.token_hex(16)
+        job = Job(id=uuid.UUID(job_id) if job_id else uuid.uuid4(), owner=owner, title=title[:200],
+                  status=JobStatus.COMPOSING, audio_key=audio_key,
+                  transitions=[dict(t) for t in transitions], beat_timestamps=list(beat_timestamps),
+                  aspect_ratio=aspect_ratio, fit=fit, total_cost=Decimal("0"),
+                  budget_limit=money(budget_limit) if budget_limit else self.default_budget,
+                  lease_token=token, lease_expires_at=now + self.lease, created_at=now, updated_at=now,
+                  last_event_sequence=0)
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            session.add(job)
+            await session.flush()
+            for index, clip in enumerate(clips):
+                session.add(Clip(job_id=job.id, clip_index=index, revision=0, prompt=clip.prompt,
+                                 duration=clip.duration, video_key=clip.video_key,
+                                 thumbnail_key=clip.thumbnail_key, created_at=now))
+            self._event(session, job, pending, "job.created", stage="queued",
+                        payload={"clips": len(clips)})
+        await self._flush(pending)
+        return await self.get_job(str(job.id)), token
+
+    async def get_job(self, job_id: str, owner: str = "") -> JobSnapshot:
+        async with self.db.read() as session:
+            job = await self._load(session, job_id, owner)
+            active = None
+            if job.active_regeneration_id:
+                active = await session.get(ClipRegeneration, job.active_regeneration_id)
+            return JobSnapshot(job, current_clips(job), list(job.versions), active)
+
+    async def list_jobs(self, owner: str) -> list[JobSnapshot]:
+        async with self.db.read() as session:
+            rows = (await session.execute(
+                select(Job).where(Job.owner == owner).order_by(Job.created_at.desc())
+                .options(selectinload(Job.clips), selectinload(Job.versions)))).scalars().all()
+            return [JobSnapshot(job, current_clips(job), list(job.versions)) for job in rows]
+
+    # ---- a regeneration's life --------------------------------------------------------------
+
+    async def begin(self, *, job_id: str, owner: str, clip_index: int, instruction: str,
+                    history: list[dict[str, Any]], estimated_cost: str) -> BeginResult:
+        """Take the job's lease for one regeneration of one clip.
+
+        Raises ``NotFound`` (no such job for this owner), ``InvalidInput`` (clip index out of range),
+        ``ConcurrentRegeneration`` (a live lease), ``Conflict`` (still composing) and
+        ``BudgetExceeded`` (job total + estimate over the budget) — before anything is spent.
+        """
+        estimate = money(estimated_cost)
+        now = self.clock()
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._lock(session, job_id, owner, nowait=True)
+            if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING) and self._lease_live(job, now):
+                if job.status == JobStatus.COMPOSING:
+                    raise Conflict("The video is still being composed. Try again when it is ready.",
+                                   code="still_composing", retryable=True)
+                raise ConcurrentRegeneration()
+            if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING):
+                await self._expire(session, job, pending, now)
+            if job.current_version is None:
+                raise Conflict("This video has no composition yet, so there is nothing to change.",
+                               code="no_video")
+            clips = current_clips(job)
+            if not 0 <= clip_index < len(clips):
+                raise InvalidInput(f"Clip index {clip_index} is out of range: this video has clips "
+                                   f"0 to {len(clips) - 1}.", code="clip_index_out_of_range")
+            if job.total_cost + estimate > job.budget_limit:
+                raise BudgetExceeded(
+                    f"This regeneration (about ${estimate:.2f}) would take the video past its budget "
+                    f"of ${job.budget_limit:.2f} (${job.total_cost:.2f} spent so far).")
+            token = secrets.token_hex(16)
+            regeneration = ClipRegeneration(
+                id=uuid.uuid4(), job_id=job.id, clip_index=clip_index,
+                original_prompt=clips[clip_index].prompt, user_instruction=instruction,
+                conversation_history=history, status=RegenerationStatus.QUEUED, stage="queued",
+                estimated_cost=estimate, base_version=job.current_version, created_at=now)
+            session.add(regeneration)
+            job.status = JobStatus.REGENERATING
+            job.lease_token = token
+            job.lease_expires_at = now + self.lease
+            job.active_regeneration_id = regeneration.id
+            job.error_code = job.error_message = None
+            job.error_retryable = False
+            warning = job.total_cost + estimate >= job.budget_limit * self.warning_fraction
+            self._event(session, job, pending, "regeneration.queued", stage="queued", payload={
+                "regeneration_id": str(regeneration.id), "clip_index": clip_index,
+                "estimated_cost": str(estimate)})
+            if warning:
+                self._event(session, job, pending, "budget.warning", payload={
+                    "total_cost": str(job.total_cost), "estimated_cost": str(estimate),
+                    "budget_limit": str(job.budget_limit)})
+        await self._flush(pending)
+        log.info("regeneration.begun", extra={"job_id": job_id, "regeneration_id": str(regeneration.id)})
+        return BeginResult(regeneration, token, job.lease_expires_at or now, warning)
+
+    async def renew(self, job_id: str, token: str) -> datetime:
+        """Extend a live lease (the worker's heartbeat). Raises ``StaleLease`` if it is not live."""
+        async with self.db.transaction() as session:
+            job = await self._fenced(session, job_id, token)
+            job.lease_expires_at = self.clock() + self.lease
+            return job.lease_expires_at
+
+    async def record_progress(self, job_id: str, token: str, *, stage: str, fraction: float,
+                              message: str = "", eta_seconds: float = 0.0) -> int:
+        """Append a progress event (and extend the lease: progress is a sign of life)."""
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._fenced(session, job_id, token)
+            job.lease_expires_at = self.clock() + self.lease
+            payload: dict[str, Any] = {"message": message[:200]}
+            if eta_seconds > 0:
+                payload["eta_seconds"] = round(eta_seconds, 1)
+            if job.active_regeneration_id:
+                regeneration = await session.get(ClipRegeneration, job.active_regeneration_id)
+                if regeneration is not None:
+                    regeneration.stage = stage
+                    regeneration.progress = fraction
+                    if regeneration.status == RegenerationStatus.QUEUED:
+                        regeneration.status = RegenerationStatus.RUNNING
+                        regeneration.attempts += 1
+                    payload["regeneration_id"] = str(regeneration.id)
+            event = self._event(session, job, pending, "progress", stage=stage, fraction=fraction,
+                                payload=payload)
+        await self._flush(pending)
+        return event.sequence
+
+    async def record_step(self, job_id: str, token: str, *, step: str, cost: str = "",
+                          modified_prompt: str = "", change_summary: str = "", rewriter: str = "",
+                          checkpoint: dict[str, Any] | None = None) -> ClipRegeneration:
+        """Checkpoint one step's result and what it cost (paid even if a later step fails)."""
+        if step not in ("rewrite", "generate", "compose"):
+            raise InvalidInput("Unknown step.")
+        amount = money(cost)
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._fenced(session, job_id, token)
+            regeneration = await self._active(session, job)
+            if step == "rewrite":
+                regeneration.llm_cost += amount
+                regeneration.modified_prompt = modified_prompt or regeneration.modified_prompt
+                regeneration.change_summary = change_summary or regeneration.change_summary
+                regeneration.rewriter = rewriter or regeneration.rewriter
+            elif step == "generate":
+                regeneration.generation_cost += amount
+            else:
+                regeneration.composition_cost += amount
+            regeneration.cost = (regeneration.llm_cost + regeneration.generation_cost
+                                 + regeneration.composition_cost)
+            if checkpoint is not None:
+                regeneration.checkpoints = {**(regeneration.checkpoints or {}), step: checkpoint}
+            self._event(session, job, pending, "regeneration.step", stage=regeneration.stage, payload={
+                "regeneration_id": str(regeneration.id), "step": step, "cost": str(amount),
+                "modified_prompt": regeneration.modified_prompt, "rewriter": regeneration.rewriter,
+                "change_summary": regeneration.change_summary})
+        await self._flush(pending)
+        return regeneration
+
+    async def succeed(self, job_id: str, token: str, *, regeneration_id: str = "",
+                      new_clip: NewClip | None = None, video_key: str, video_duration: float,
+                      composition_cost: str = "", encoder: str = "") -> JobSnapshot:
+        """Publish a finished composition as the job's new current version (fenced by the token)."""
+        if not video_key:
+            raise InvalidInput("A finished composition needs its video.")
+        cost = money(composition_cost)
+        now = self.clock()
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._fenced(session, job_id, token)
+            revisions = [c.revision for c in current_clips(job)]
+            regeneration: ClipRegeneration | None = None
+            if regeneration_id:
+                regeneration = await self._active(session, job)
+                if str(regeneration.id) != regeneration_id:
+                    raise StaleLease()
+                if new_clip is None:
+                    raise InvalidInput("A regeneration's result needs its new clip.")
+                index = regeneration.clip_index
+                revision = max(c.revision for c in job.clips if c.clip_index == index) + 1
+                session.add(Clip(job_id=job.id, clip_index=index, revision=revision, prompt=new_clip.prompt,
+                                 duration=new_clip.duration, video_key=new_clip.video_key,
+                                 thumbnail_key=new_clip.thumbnail_key, cost=regeneration.generation_cost,
+                                 created_by_regeneration_id=regeneration.id, created_at=now))
+                revisions[index] = revision
+                regeneration.composition_cost += cost
+                regeneration.cost = (regeneration.llm_cost + regeneration.generation_cost
+                                     + regeneration.composition_cost)
+                regeneration.status = RegenerationStatus.COMPLETED
+                regeneration.stage = "done"
+                regeneration.progress = 1.0
+                regeneration.finished_at = now
+                regeneration.error_code = regeneration.error_message = None
+                spent = regeneration.cost
+            elif job.status != JobStatus.COMPOSING:
+                raise StaleLease()
+            else:
+                spent = cost
+            number = max((v.version for v in job.versions), default=0) + 1
+            session.add(VideoVersion(job_id=job.id, version=number, storage_key=video_key,
+                                     duration=video_duration, encoder=encoder, clip_revisions=revisions,
+                                     created_by_regeneration_id=regeneration.id if regeneration else None,
+                                     created_at=now))
+            job.current_version = number
+            job.total_cost += spent
+            self._release(job, JobStatus.COMPLETED)
+            job.error_code = job.error_message = None
+            job.error_retryable = False
+            self._event(session, job, pending,
+                        "regeneration.completed" if regeneration else "job.composed", stage="done",
+                        fraction=1.0, payload={
+                            "regeneration_id": str(regeneration.id) if regeneration else "",
+                            "version": number, "cost": str(spent), "total_cost": str(job.total_cost),
+                            "encoder": encoder})
+        await self._flush(pending)
+        log.info("job.version_published", extra={"job_id": job_id, "regeneration_id": regeneration_id,
+                                                 "version": number})
+        return await self.get_job(job_id)
+
+    async def fail(self, job_id: str, token: str, *, error_code: str, error_message: str,
+                   technical_detail: str = "", retryable: bool = True) -> JobSnapshot:
+        """Mark the running work failed; the current version stays where it was."""
+        now = self.clock()
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._fenced(session, job_id, token)
+            await self._fail_locked(session, job, pending, now, code=error_code or "failed",
+                                    message=error_message or LEASE_EXPIRED_MESSAGE,
+                                    detail=technical_detail, retryable=retryable)
+        await self._flush(pending)
+        log.info("regeneration.failed", extra={"job_id": job_id, "error_code": error_code})
+        return await self.get_job(job_id)
+
+    async def cancel(self, job_id: str, owner: str, regeneration_id: str) -> ClipRegeneration:
+        """Stop a regeneration at the user's request; the original video is kept.
+
+        Raises ``NotFound`` for an unknown regeneration and ``Conflict`` when it already finished.
+        """
+        regen_uuid = parse_uuid(regeneration_id, "regeneration")
+        now = self.clock()
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._lock(session, job_id, owner)
+            regeneration = await session.get(ClipRegeneration, regen_uuid)
+            if regeneration is None or regeneration.job_id != job.id:
+                raise NotFound("No such regeneration for this video.")
+            if regeneration.status in RegenerationStatus.FINISHED:
+                raise Conflict(f"This regeneration already finished ({regeneration.status}).",
+                               code="already_finished")
+            regeneration.status = RegenerationStatus.CANCELLED
+            regeneration.finished_at = now
+            regeneration.error_code = "cancelled"
+            regeneration.error_message = "Cancelled. The original video is kept."
+            if job.active_regeneration_id == regeneration.id:
+                job.total_cost += regeneration.cost
+                self._release(job, JobStatus.COMPLETED if job.current_version else JobStatus.FAILED)
+            self._event(session, job, pending, "regeneration.cancelled", payload={
+                "regeneration_id": regeneration_id, "cost": str(regeneration.cost),
+                "total_cost": str(job.total_cost)})
+        await self._flush(pending)
+        log.info("regeneration.cancelled", extra={"job_id": job_id, "regeneration_id": regeneration_id})
+        return regeneration
+
+    async def sweep_expired(self) -> int:
+        """Fail the work of every job whose lease expired (its worker died). Returns how many."""
+        now = self.clock()
+        async with self.db.read() as session:
+            ids = (await session.execute(
+                select(Job.id).where(Job.status.in_([JobStatus.REGENERATING, JobStatus.COMPOSING]),
+                                     Job.lease_expires_at < now))).scalars().all()
+        swept = 0
+        for job_id in ids:
+            pending = _Pending()
+            try:
+                async with self.db.transaction() as session:
+                    job = await self._lock(session, str(job_id), skip_locked=True)
+                    if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING) \
+                            and not self._lease_live(job, now):
+                        await self._expire(session, job, pending, now)
+                        swept += 1
+            except (NotFound, ConcurrentRegeneration):
+                continue
+            await self._flush(pending)
+            log.warning("lease.expired", extra={"job_id": str(job_id)})
+        return swept
+
+    # ---- history and versions ---------------------------------------------------------------
+
+    async def get_regeneration(self, job_id: str, regeneration_id: str) -> ClipRegeneration:
+        async with self.db.read() as session:
+            regeneration = await session.get(ClipRegeneration, parse_uuid(regeneration_id, "regeneration"))
+            if regeneration is None or str(regeneration.job_id) != str(parse_uuid(job_id)):
+                raise NotFound("No such regeneration for this video.")
+            return regeneration
+
+    async def list_regenerations(self, job_id: str, owner: str = "") -> list[ClipRegeneration]:
+        async with self.db.read() as session:
+            job = await self._load(session, job_id, owner, eager=False)
+            rows = await session.execute(select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
+                                         .order_by(ClipRegeneration.created_at.desc()))
+            return list(rows.scalars().all())
+
+    async def restore_version(self, job_id: str, owner: str, version: int) -> JobSnapshot:
+        """Make an earlier version current again (its clips too). Refused while work runs."""
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._lock(session, job_id, owner)
+            if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING):
+                raise Conflict("Wait for the running regeneration to finish, or cancel it, before "
+                               "restoring a version.", code="busy")
+            if not any(v.version == version for v in job.versions):
+                raise NotFound(f"This video has no version {version}.")
+            job.current_version = version
+            job.status = JobStatus.COMPLETED
+            self._event(session, job, pending, "version.restored", payload={"version": version})
+        await self._flush(pending)
+        return await self.get_job(job_id)
+
+    async def events_after(self, job_id: str, after: int, limit: int = 500) -> list[JobEvent]:
+        async with self.db.read() as session:
+            rows = await session.execute(
+                select(JobEvent).where(JobEvent.job_id == parse_uuid(job_id), JobEvent.sequence > after)
+                .order_by(JobEvent.sequence).limit(limit))
+            return list(rows.scalars().all())
+
+    async def check_owner(self, job_id: str, owner: str = "") -> None:
+        async with self.db.read() as session:
+            await self._load(session, job_id, owner, eager=False)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    async def _load(self, session: AsyncSession, job_id: str, owner: str, *, eager: bool = True) -> Job:
+        stmt = select(Job).where(Job.id == parse_uuid(job_id))
+        if eager:
+            stmt = stmt.options(selectinload(Job.clips), selectinload(Job.versions))
+        job = (await session.execute(stmt)).scalar_one_or_none()
+        if job is None or (owner and job.owner != owner):
+            raise NotFound("No such video.", code="job_not_found")
+        return job
+
+    async def _lock(self, session: AsyncSession, job_id: str, owner: str = "", *, nowait: bool = False,
+                    skip_locked: bool = False) -> Job:
+        stmt = (select(Job).where(Job.id == parse_uuid(job_id))
+                .options(selectinload(Job.clips), selectinload(Job.versions)))
+        if not self.db.is_sqlite:
+            stmt = stmt.with_for_update(nowait=nowait, skip_locked=skip_locked)
+        try:
+            job = (await session.execute(stmt)).scalar_one_or_none()
+        except DBAPIError as exc:
+            if _sqlstate(exc) == "55P03":  # lock_not_available: another begin holds the row
+                raise ConcurrentRegeneration() from exc
+            raise
+        if job is None or (owner and job.owner != owner):
+            raise NotFound("No such video.", code="job_not_found")
+        return job
+
+    async def _fenced(self, session: AsyncSession, job_id: str, token: str) -> Job:
+        job = await self._lock(session, job_id)
+        if not token or job.lease_token != token or not self._lease_live(job, self.clock()):
+            raise StaleLease()
+        return job
+
+    async def _active(self, session: AsyncSession, job: Job) -> ClipRegeneration:
+        regeneration = (await session.get(ClipRegeneration, job.active_regeneration_id)
+                        if job.active_regeneration_id else None)
+        if regeneration is None:
+            raise StaleLease()
+        return regeneration
+
+    def _lease_live(self, job: Job, now: datetime) -> bool:
+        return bool(job.lease_token and job.lease_expires_at and job.lease_expires_at > now)
+
+    def _release(self, job: Job, status: str) -> None:
+        job.status = status
+        job.lease_token = None
+        job.lease_expires_at = None
+        job.active_regeneration_id = None
+
+    async def _expire(self, session: AsyncSession, job: Job, pending: _Pending, now: datetime) -> None:
+        composing = job.status == JobStatus.COMPOSING
+        await self._fail_locked(session, job, pending, now, code="lease_expired",
+                                message=COMPOSE_LEASE_EXPIRED_MESSAGE if composing else LEASE_EXPIRED_MESSAGE,
+                                detail="The worker stopped renewing its lease.", retryable=True)
+
+    async def _fail_locked(self, session: AsyncSession, job: Job, pending: _Pending, now: datetime, *,
+                           code: str, message: str, detail: str, retryable: bool) -> None:
+        regeneration = (await session.get(ClipRegeneration, job.active_regeneration_id)
+                        if job.active_regeneration_id else None)
+        if regeneration is not None:
+            regeneration.status = RegenerationStatus.FAILED
+            regeneration.finished_at = now
+            regeneration.error_code = code
+            regeneration.error_message = message
+            regeneration.technical_detail = detail[:20000] or None
+            regeneration.retryable = retryable
+            # Steps already paid for stay paid.
+            job.total_cost += regeneration.cost
+        self._release(job, JobStatus.FAILED)
+        job.error_code = code
+        job.error_message = message
+        job.error_retryable = retryable
+        self._event(session, job, pending, "regeneration.failed" if regeneration else "job.failed", payload={
+            "regeneration_id": str(regeneration.id) if regeneration else "", "error_code": code,
+            "message": message, "retryable": retryable, "total_cost": str(job.total_cost)})
+
+    def _event(self, session: AsyncSession, job: Job, pending: _Pending, type_: str, *, stage: str = "",
+               fraction: float = 0.0, payload: dict[str, Any] | None = None) -> JobEvent:
+        job.last_event_sequence += 1
+        event = JobEvent(job_id=job.id, sequence=job.last_event_sequence, type=type_, stage=stage,
+                         fraction=fraction, payload=payload or {}, created_at=self.clock())
+        session.add(event)
+        pending.events.append(event)
+        return event
+
+    async def _flush(self, pending: _Pending) -> None:
+        if self.notifier is None:
+            return
+        for event in pending.events:
+            try:
+                await self.notifier(str(event.job_id), event.sequence, event)
+            except Exception:  # notification is best effort: watchers poll as well
+                log.warning("event.notify_failed", exc_info=True, extra={"job_id": str(event.job_id)})
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
