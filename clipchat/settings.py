@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     status_addr: str = "127.0.0.1:50051"
     regenerator_addr: str = "127.0.0.1:50052"
     composer_addr: str = "127.0.0.1:50053"
-    # Port each server binds when served on its own (0 = any free port).
+    # Address and port a gRPC server binds when served on its own (port 0 = the port of its *_addr).
+    grpc_host: str = "127.0.0.1"
     grpc_port: int = 0
     grpc_deadline_seconds: float = 10.0
 
@@ -66,6 +67,23 @@ class Settings(BaseSettings):
     encoder: str = "auto"  # auto | libx264 | h264_nvenc
     max_instruction_chars: int = 2000
     max_upload_bytes: int = 512 * 1024 * 1024
+
+    # Prompt rewriting: templates first, then an OpenAI-compatible LLM when llm_base_url is set.
+    llm_base_url: str = ""
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: str = ""
+    llm_timeout_seconds: float = 20.0
+    llm_price_per_1k_input: Decimal = Decimal("0.00015")
+    llm_price_per_1k_output: Decimal = Decimal("0.0006")
+    llm_estimated_cost: Decimal = Decimal("0.0100")
+    llm_history_turns: int = 6
+
+    # Video generation: "local" (ffmpeg renderer) or "http" (asynchronous prediction API).
+    generator: str = "local"
+    generator_url: str = ""
+    generator_api_token: str = ""
+    generator_model: str = "video-gen-1"
+    generator_timeout_seconds: float = 600.0
 
     # Workers.
     worker_concurrency: int = 1

@@ -1,0 +1,254 @@
+"""The ``Broker`` inside one process (embedded mode), with the same observable rules as RabbitMQ.
+
+Messages go through JSON on the way in, as they would over the wire, so a handler never shares
+objects with the publisher and a body RabbitMQ could not carry fails here too. Nothing survives
+the process: this broker is for a single-process install and for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from clipchat.broker import Delivery, EventHandler, Handler, RequeueMessage, Subscription
+from clipchat.broker.topology import DEAD_LETTER_QUEUE, WORK_QUEUES
+from clipchat.errors import DependencyUnavailable
+
+log = logging.getLogger("clipchat.broker")
+
+_UNAVAILABLE = "The message broker is unavailable right now. Please try again shortly."
+
+
+@dataclass(frozen=True)
+class _Message:
+    body: str  # JSON text, decoded afresh for every delivery
+    message_id: str
+    headers: str
+    delivery_count: int = 1
+
+    def delivery(self) -> Delivery:
+        return Delivery(body=json.loads(self.body), message_id=self.message_id,
+                        delivery_count=self.delivery_count, headers=json.loads(self.headers))
+
+    def redelivered(self) -> _Message:
+        return _Message(self.body, self.message_id, self.headers, self.delivery_count + 1)
+
+
+class InMemoryBroker:
+    """A ``Broker`` made of asyncio queues: the work queues of the topology and the dead-letter
+    queue, plus a topic fan-out for job events.
+
+    Errors: ``DependencyUnavailable`` before ``connect`` or after ``close``, and for a queue that
+    is not part of the topology (as RabbitMQ refuses an unroutable message); ``TypeError`` for a
+    body or header that is not JSON-serialisable.
+    """
+
+    def __init__(self, delivery_limit: int = 5, *, shutdown_grace_seconds: float = 10.0) -> None:
+        if delivery_limit < 1:
+            raise ValueError("delivery_limit must be at least 1")
+        self.delivery_limit = delivery_limit
+        self._grace = shutdown_grace_seconds
+        self._queues: dict[str, asyncio.Queue[_Message]] = {}
+        self._subscriptions: set[_MemoryConsumer | _MemorySubscriber] = set()
+        self._connected = False
+
+    async def connect(self) -> None:
+        """Create the queues (once; reconnecting keeps their messages)."""
+        if not self._queues:
+            self._queues = {name: asyncio.Queue() for name in (*WORK_QUEUES, DEAD_LETTER_QUEUE)}
+        self._connected = True
+
+    async def close(self) -> None:
+        """Stop every consumer and subscriber (see ``Subscription.cancel``)."""
+        for subscription in list(self._subscriptions):
+            await subscription.cancel()
+        self._connected = False
+
+    async def publish(self, queue: str, body: dict[str, Any], *, message_id: str,
+                      headers: dict[str, Any] | None = None) -> None:
+        """Put a work message on ``queue``. Raises ``DependencyUnavailable`` for an unknown queue."""
+        target = self._queue(queue)
+        target.put_nowait(_Message(json.dumps(body), message_id, json.dumps(headers or {})))
+        log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
+        """Run ``handler`` on ``queue``'s messages, up to ``prefetch`` at a time (ack rules in
+        ``clipchat.broker``). Raises ``DependencyUnavailable`` for an unknown queue."""
+        consumer = _MemoryConsumer(self, queue, self._queue(queue), handler, max(prefetch, 1))
+        consumer.start()
+        self._subscriptions.add(consumer)
+        log.info("broker.consuming", extra={"queue": queue, "prefetch": prefetch})
+        return consumer
+
+    async def publish_event(self, routing_key: str, body: dict[str, Any]) -> None:
+        """Hand the event to every subscriber whose pattern matches ``routing_key``."""
+        self._require_connected()
+        text = json.dumps(body)
+        for subscription in self._subscriptions:
+            if isinstance(subscription, _MemorySubscriber) and subscription.matches(routing_key):
+                subscription.inbox.put_nowait((routing_key, text))
+
+    async def subscribe_events(self, pattern: str, handler: EventHandler) -> Subscription:
+        """Call ``handler(routing_key, body)`` for each later event matching ``pattern``, in order.
+
+        A handler that raises is logged and the event skipped, as with RabbitMQ.
+        """
+        self._require_connected()
+        subscriber = _MemorySubscriber(self, pattern, handler)
+        subscriber.start()
+        self._subscriptions.add(subscriber)
+        return subscriber
+
+    async def dead_letters(self, queue: str = DEAD_LETTER_QUEUE) -> list[Delivery]:
+        """Take every message now in ``queue`` (the dead-letter queue by default)."""
+        source = self._queue(queue)
+        drained: list[Delivery] = []
+        while not source.empty():
+            drained.append(source.get_nowait().delivery())
+        return drained
+
+    async def ping(self) -> bool:
+        return self._connected
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise DependencyUnavailable(_UNAVAILABLE)
+
+    def _queue(self, name: str) -> asyncio.Queue[_Message]:
+        self._require_connected()
+        queue = self._queues.get(name)
+        if queue is None:
+            log.warning("broker.unknown_queue", extra={"queue": name})
+            raise DependencyUnavailable(_UNAVAILABLE)
+        return queue
+
+    def _requeue(self, queue: asyncio.Queue[_Message], message: _Message) -> None:
+        queue.put_nowait(message.redelivered())
+
+    def _dead_letter(self, message: _Message) -> None:
+        self._queues[DEAD_LETTER_QUEUE].put_nowait(message)
+
+    def _forget(self, subscription: _MemoryConsumer | _MemorySubscriber) -> None:
+        self._subscriptions.discard(subscription)
+
+
+class _MemoryConsumer:
+    """One ``consume`` call: a dispatcher task and the handler tasks it started."""
+
+    def __init__(self, broker: InMemoryBroker, queue_name: str, queue: asyncio.Queue[_Message],
+                 handler: Handler, prefetch: int) -> None:
+        self._broker = broker
+        self._queue_name = queue_name
+        self._queue = queue
+        self._handler = handler
+        self._slots = asyncio.Semaphore(prefetch)
+        self._running: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"consume:{self._queue_name}")
+
+    async def cancel(self) -> None:
+        """Stop taking messages, let running handlers finish for the broker's shutdown grace,
+        and cancel the rest (their messages go back to the queue, as unacked ones would)."""
+        self._broker._forget(self)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if not self._running:
+            return
+        _, pending = await asyncio.wait(set(self._running), timeout=self._broker._grace)
+        if pending:
+            log.warning("broker.handlers_cancelled", extra={"queue": self._queue_name,
+                                                             "count": len(pending)})
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _dispatch(self) -> None:
+        while True:
+            # A slot first, then a message: like a prefetch window, a message is only taken
+            # off the queue when a handler is free to run it.
+            await self._slots.acquire()
+            try:
+                message = await self._queue.get()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.create_task(self._process(message))
+            self._running.add(task)
+            task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slots.release()
+
+    async def _process(self, message: _Message) -> None:
+        fields = {"queue": self._queue_name, "message_id": message.message_id,
+                  "delivery_count": message.delivery_count}
+        try:
+            await self._handler(message.delivery())
+        except RequeueMessage:
+            if message.delivery_count >= self._broker.delivery_limit:
+                log.warning("broker.dead_lettered", extra={**fields, "reason": "delivery_limit"})
+                self._broker._dead_letter(message)
+            else:
+                log.info("broker.requeued", extra=fields)
+                self._broker._requeue(self._queue, message)
+        except asyncio.CancelledError:
+            self._broker._requeue(self._queue, message)
+            raise
+        except Exception:
+            log.exception("broker.dead_lettered", extra={**fields, "reason": "handler_error"})
+            self._broker._dead_letter(message)
+
+
+class _MemorySubscriber:
+    """One ``subscribe_events`` call: its inbox, read in order by one task."""
+
+    def __init__(self, broker: InMemoryBroker, pattern: str, handler: EventHandler) -> None:
+        self._broker = broker
+        self._pattern = pattern
+        self._words = tuple(pattern.split("."))
+        self._handler = handler
+        self.inbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name=f"events:{self._pattern}")
+
+    def matches(self, routing_key: str) -> bool:
+        return topic_matches(self._words, tuple(routing_key.split(".")))
+
+    async def cancel(self) -> None:
+        """Stop the reader (an event being handled is interrupted); queued events are dropped."""
+        self._broker._forget(self)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self) -> None:
+        while True:
+            routing_key, text = await self.inbox.get()
+            try:
+                await self._handler(routing_key, json.loads(text))
+            except Exception:
+                log.exception("broker.event_handler_failed",
+                              extra={"pattern": self._pattern, "routing_key": routing_key})
+
+
+def topic_matches(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
+    """AMQP topic matching on dot-separated words: ``*`` is one word, ``#`` zero or more."""
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return topic_matches(rest, words) or (bool(words) and topic_matches(pattern, words[1:]))
+    if not words:
+        return False
+    return head in ("*", words[0]) and topic_matches(rest, words[1:])

@@ -1,0 +1,431 @@
+"""The ``Broker`` on RabbitMQ (aio-pika), for distributed mode.
+
+Topology (names from ``clipchat.broker.topology``, each prefixed by ``namespace``):
+
+- the work queues: durable quorum queues that dead-letter to the dead-letter exchange;
+- the dead-letter exchange (fanout) and the dead-letter queue bound to it;
+- the job-events topic exchange; each subscriber gets its own exclusive, auto-deleted queue.
+
+Publishing uses one channel with publisher confirms and ``mandatory``, so a message is only
+reported sent once RabbitMQ has stored it, and a message no queue would take raises. Every
+consumer and subscriber has a channel of its own, so one's prefetch and failures do not touch
+another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+
+from clipchat.broker import Delivery, EventHandler, Handler, RequeueMessage, Subscription
+from clipchat.broker.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EVENTS_EXCHANGE,
+    WORK_QUEUES,
+)
+from clipchat.errors import DependencyUnavailable
+
+log = logging.getLogger("clipchat.broker")
+
+# What a lost connection, a closed channel or a refused operation raise in aio-pika/aiormq.
+_AMQP_FAILURES = (AMQPError, OSError, asyncio.TimeoutError)
+_UNAVAILABLE = "The message broker is unavailable right now. Please try again shortly."
+
+
+class RabbitMQBroker:
+    """A ``Broker`` on RabbitMQ.
+
+    ``delivery_limit`` is how many times a message is delivered before a handler that keeps
+    raising ``RequeueMessage`` sends it to the dead-letter queue. ``namespace`` prefixes every
+    queue and exchange name (tests use one per test to stay apart).
+
+    Errors: ``DependencyUnavailable`` when RabbitMQ cannot be reached, a publish is not confirmed
+    in ``publish_timeout`` seconds, a message is unroutable, or the queue named is not part of the
+    topology; ``TypeError`` for a body or header that cannot be encoded (a programming error).
+    """
+
+    def __init__(self, url: str, delivery_limit: int = 5, *, namespace: str = "",
+                 connect_timeout: float = 10.0, publish_timeout: float = 10.0,
+                 shutdown_grace_seconds: float = 10.0, events_prefetch: int = 100) -> None:
+        if delivery_limit < 1:
+            raise ValueError("delivery_limit must be at least 1")
+        self._url = url
+        self.delivery_limit = delivery_limit
+        self.namespace = namespace
+        self._connect_timeout = connect_timeout
+        self._publish_timeout = publish_timeout
+        self._grace = shutdown_grace_seconds
+        self._events_prefetch = events_prefetch
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._events_exchange: AbstractExchange | None = None
+        self._subscriptions: set[_QueueConsumer | _EventSubscriber] = set()
+
+    async def connect(self) -> None:
+        """Connect (reconnecting on its own afterwards) and declare the topology.
+
+        Raises ``DependencyUnavailable`` when RabbitMQ cannot be reached or refuses the topology
+        (for example a queue of the same name declared with other arguments).
+        """
+        try:
+            self._connection = await aio_pika.connect_robust(self._url, timeout=self._connect_timeout)
+            self._publish_channel = await self._connection.channel(publisher_confirms=True,
+                                                                   on_return_raises=True)
+            self._events_exchange = await self._declare_topology(self._publish_channel)
+        except _AMQP_FAILURES as exc:
+            log.error("broker.connect_failed", extra={"error": repr(exc)})
+            await self._close_connection()
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        log.info("broker.connected", extra={"namespace": self.namespace})
+
+    async def close(self) -> None:
+        """Stop every consumer and subscriber (see ``Subscription.cancel``), then disconnect."""
+        for subscription in list(self._subscriptions):
+            await subscription.cancel()
+        await self._close_connection()
+
+    async def publish(self, queue: str, body: dict[str, Any], *, message_id: str,
+                      headers: dict[str, Any] | None = None) -> None:
+        """Persistently publish a work message to ``queue`` and wait for the broker's confirm.
+
+        Raises ``DependencyUnavailable`` when not confirmed (broker down, timeout, no such queue).
+        """
+        message = self._message(body, message_id=message_id, headers=headers)
+        channel = self._require_publish_channel()
+        await self._publish(channel.default_exchange, self._name(queue), message, mandatory=True)
+        log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
+        """Run ``handler`` on ``queue``'s messages, up to ``prefetch`` at a time.
+
+        Returning acks the message; ``RequeueMessage`` returns it to the queue (dead-letters it on
+        the ``delivery_limit``-th delivery); any other exception dead-letters it at once.
+        Raises ``DependencyUnavailable`` for a queue outside the topology or a broker that is down.
+        """
+        if queue not in WORK_QUEUES and queue != DEAD_LETTER_QUEUE:
+            raise DependencyUnavailable(_UNAVAILABLE)
+        channel = await self._open_channel(prefetch)
+        try:
+            amqp_queue = await self._declare_queue(channel, queue)
+            consumer = _QueueConsumer(self, queue, channel, amqp_queue, handler)
+            await consumer.start()
+        except _AMQP_FAILURES as exc:
+            await _close_channel(channel)
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        self._subscriptions.add(consumer)
+        log.info("broker.consuming", extra={"queue": queue, "prefetch": prefetch})
+        return consumer
+
+    async def publish_event(self, routing_key: str, body: dict[str, Any]) -> None:
+        """Publish on the job-events topic exchange; with no subscriber the event is dropped.
+
+        Raises ``DependencyUnavailable`` when the broker does not confirm it.
+        """
+        message = self._message(body, message_id=uuid.uuid4().hex, headers=None)
+        self._require_publish_channel()
+        assert self._events_exchange is not None
+        await self._publish(self._events_exchange, routing_key, message, mandatory=False)
+
+    async def subscribe_events(self, pattern: str, handler: EventHandler) -> Subscription:
+        """Call ``handler(routing_key, body)`` for each event matching ``pattern``, in order.
+
+        A handler that raises is logged and the event skipped: events are notifications, and the
+        status service's event log is the durable record. Raises ``DependencyUnavailable``.
+        """
+        channel = await self._open_channel(self._events_prefetch)
+        try:
+            exchange = await channel.declare_exchange(self._name(EVENTS_EXCHANGE),
+                                                      aio_pika.ExchangeType.TOPIC, durable=True)
+            # Named here rather than by the server: a robust channel re-declares it after a
+            # reconnect, and server-chosen ``amq.gen-`` names cannot be declared by clients.
+            queue = await channel.declare_queue(f"{self._name(EVENTS_EXCHANGE)}.sub.{uuid.uuid4().hex}",
+                                                exclusive=True, auto_delete=True)
+            await queue.bind(exchange, routing_key=pattern)
+        except _AMQP_FAILURES as exc:
+            await _close_channel(channel)
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        subscriber = _EventSubscriber(self, pattern, channel, queue, handler)
+        subscriber.start()
+        self._subscriptions.add(subscriber)
+        return subscriber
+
+    async def dead_letters(self, queue: str = DEAD_LETTER_QUEUE) -> list[Delivery]:
+        """Take every message now in ``queue`` (the dead-letter queue by default), acking each.
+
+        Broker-added ``x-`` headers (``x-death`` and the like) are left out of ``headers``.
+        Raises ``DependencyUnavailable``.
+        """
+        if queue not in WORK_QUEUES and queue != DEAD_LETTER_QUEUE:
+            raise DependencyUnavailable(_UNAVAILABLE)
+        channel = await self._open_channel(0)
+        drained: list[Delivery] = []
+        try:
+            amqp_queue = await self._declare_queue(channel, queue, robust=False)
+            while (message := await amqp_queue.get(no_ack=False, fail=False)) is not None:
+                drained.append(_decode(message, lenient=True))
+                await message.ack()
+        except _AMQP_FAILURES as exc:
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        finally:
+            await _close_channel(channel)
+        return drained
+
+    async def ping(self) -> bool:
+        """Whether RabbitMQ answers now: a passive round trip on the publishing channel."""
+        if self._connection is None or self._connection.is_closed or self._publish_channel is None:
+            return False
+        try:
+            await self._publish_channel.declare_exchange(
+                self._name(EVENTS_EXCHANGE), aio_pika.ExchangeType.TOPIC, durable=True,
+                timeout=self._connect_timeout, robust=False)
+        except _AMQP_FAILURES:
+            return False
+        return True
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _name(self, name: str) -> str:
+        return f"{self.namespace}{name}"
+
+    def _queue_arguments(self, queue: str) -> dict[str, Any]:
+        if queue == DEAD_LETTER_QUEUE:
+            return {"x-queue-type": "quorum"}
+        return {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self._name(DEAD_LETTER_EXCHANGE),
+            # The consumer dead-letters on the delivery_limit-th RequeueMessage itself; the
+            # queue's own limit catches messages whose handler kills the worker every time.
+            "x-delivery-limit": self.delivery_limit,
+        }
+
+    async def _open_channel(self, prefetch: int) -> AbstractRobustChannel:
+        connection = self._require_connection()
+        try:
+            channel = await connection.channel()
+            if prefetch:
+                await channel.set_qos(prefetch_count=prefetch)
+        except _AMQP_FAILURES as exc:
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        return channel
+
+    async def _declare_queue(self, channel: AbstractRobustChannel, queue: str, *,
+                             robust: bool = True) -> AbstractQueue:
+        # robust=False for a one-off use: the channel would otherwise re-declare it on reconnect.
+        return await channel.declare_queue(self._name(queue), durable=True,
+                                           arguments=self._queue_arguments(queue), robust=robust)
+
+    async def _declare_topology(self, channel: AbstractRobustChannel) -> AbstractExchange:
+        """Declare everything; the events exchange is returned for publishing."""
+        dead_letter_exchange = await channel.declare_exchange(
+            self._name(DEAD_LETTER_EXCHANGE), aio_pika.ExchangeType.FANOUT, durable=True)
+        dead_letter_queue = await self._declare_queue(channel, DEAD_LETTER_QUEUE)
+        await dead_letter_queue.bind(dead_letter_exchange, routing_key="")
+        for queue in WORK_QUEUES:
+            await self._declare_queue(channel, queue)
+        return await channel.declare_exchange(self._name(EVENTS_EXCHANGE), aio_pika.ExchangeType.TOPIC,
+                                              durable=True)
+
+    def _message(self, body: dict[str, Any], *, message_id: str,
+                 headers: dict[str, Any] | None) -> aio_pika.Message:
+        return aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                message_id=message_id, headers=dict(headers or {}))
+
+    async def _publish(self, exchange: AbstractExchange, routing_key: str,
+                       message: aio_pika.Message, *, mandatory: bool) -> None:
+        try:
+            await exchange.publish(message, routing_key=routing_key, mandatory=mandatory,
+                                   timeout=self._publish_timeout)
+        except (DeliveryError, PublishError) as exc:
+            # Returned (no queue took it) or nacked by the broker.
+            log.warning("broker.publish_refused",
+                        extra={"routing_key": routing_key, "message_id": message.message_id})
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        except _AMQP_FAILURES as exc:
+            log.warning("broker.publish_failed", extra={"routing_key": routing_key,
+                                                         "message_id": message.message_id,
+                                                         "error": repr(exc)})
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+
+    def _require_connection(self) -> AbstractRobustConnection:
+        if self._connection is None or self._connection.is_closed:
+            raise DependencyUnavailable(_UNAVAILABLE)
+        return self._connection
+
+    def _require_publish_channel(self) -> AbstractRobustChannel:
+        self._require_connection()
+        assert self._publish_channel is not None
+        return self._publish_channel
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self._publish_channel = self._events_exchange = None
+        if connection is not None:
+            try:
+                await connection.close()
+            except _AMQP_FAILURES:
+                log.warning("broker.close_failed", exc_info=True)
+
+    def _forget(self, subscription: _QueueConsumer | _EventSubscriber) -> None:
+        self._subscriptions.discard(subscription)
+
+
+class _QueueConsumer:
+    """One ``consume`` call: a channel, its consumer tag and the handlers running now."""
+
+    def __init__(self, broker: RabbitMQBroker, queue_name: str, channel: AbstractChannel,
+                 queue: AbstractQueue, handler: Handler) -> None:
+        self._broker = broker
+        self._queue_name = queue_name
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._tag: str | None = None
+        self._running: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        # aiormq runs each delivery in a task of its own, so up to ``prefetch`` handlers overlap.
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def cancel(self) -> None:
+        """Stop taking messages, let running handlers finish for the broker's shutdown grace,
+        cancel the rest (their messages go back to the queue) and close the channel."""
+        self._broker._forget(self)
+        if self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except _AMQP_FAILURES:
+                log.warning("broker.cancel_failed", extra={"queue": self._queue_name}, exc_info=True)
+        await _finish(self._running, self._broker._grace, self._queue_name)
+        await _close_channel(self._channel)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        try:
+            await self._process(message)
+        finally:
+            self._running.discard(task)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        fields: dict[str, Any] = {"queue": self._queue_name, "message_id": message.message_id}
+        try:
+            delivery = _decode(message)
+        except ValueError:
+            log.error("broker.undecodable_message", extra=fields)
+            await _settle(message.reject(requeue=False), fields)
+            return
+        fields["delivery_count"] = delivery.delivery_count
+        try:
+            await self._handler(delivery)
+        except RequeueMessage:
+            if delivery.delivery_count >= self._broker.delivery_limit:
+                log.warning("broker.dead_lettered", extra={**fields, "reason": "delivery_limit"})
+                await _settle(message.reject(requeue=False), fields)
+            else:
+                log.info("broker.requeued", extra=fields)
+                await _settle(message.nack(requeue=True), fields)
+        except Exception:
+            log.exception("broker.dead_lettered", extra={**fields, "reason": "handler_error"})
+            await _settle(message.reject(requeue=False), fields)
+        else:
+            await _settle(message.ack(), fields)
+
+
+class _EventSubscriber:
+    """One ``subscribe_events`` call: its queue, read in order by one task."""
+
+    def __init__(self, broker: RabbitMQBroker, pattern: str, channel: AbstractChannel,
+                 queue: AbstractQueue, handler: EventHandler) -> None:
+        self._broker = broker
+        self._pattern = pattern
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._reader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read(), name=f"events:{self._pattern}")
+
+    async def cancel(self) -> None:
+        """Stop the reader (an event being handled is interrupted) and drop the queue."""
+        self._broker._forget(self)
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await _close_channel(self._channel)
+
+    async def _read(self) -> None:
+        async with self._queue.iterator() as messages:
+            async for message in messages:
+                try:
+                    body = json.loads(message.body)
+                    await self._handler(message.routing_key or "", body)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("broker.event_handler_failed",
+                                  extra={"pattern": self._pattern, "routing_key": message.routing_key})
+                await _settle(message.ack(), {"pattern": self._pattern})
+
+
+def _decode(message: AbstractIncomingMessage, *, lenient: bool = False) -> Delivery:
+    """The ``Delivery`` of an AMQP message. Raises ``ValueError`` for a body that is not a JSON
+    object, unless ``lenient`` (then the text is kept under ``"raw"``)."""
+    try:
+        body = json.loads(message.body)
+        if not isinstance(body, dict):
+            raise ValueError("message body is not a JSON object")
+    except ValueError:
+        if not lenient:
+            raise
+        body = {"raw": message.body.decode("utf-8", "replace")}
+    raw_headers = dict(message.headers or {})
+    # Quorum queues count earlier deliveries in x-delivery-count (absent on the first one).
+    previous = raw_headers.get("x-delivery-count")
+    headers = {k: v.decode() if isinstance(v, bytes) else v
+               for k, v in raw_headers.items() if not k.startswith("x-")}
+    return Delivery(body=body, message_id=message.message_id or "",
+                    delivery_count=(previous if isinstance(previous, int) else 0) + 1, headers=headers)
+
+
+async def _settle(outcome: Any, fields: dict[str, Any]) -> None:
+    """Await an ack/nack/reject; if the channel died first, RabbitMQ redelivers the message."""
+    try:
+        await outcome
+    except _AMQP_FAILURES:
+        log.warning("broker.settle_failed", extra=fields, exc_info=True)
+
+
+async def _finish(running: set[asyncio.Task[Any]], grace: float, queue_name: str) -> None:
+    if not running:
+        return
+    _, pending = await asyncio.wait(set(running), timeout=grace)
+    if pending:
+        log.warning("broker.handlers_cancelled", extra={"queue": queue_name, "count": len(pending)})
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _close_channel(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except _AMQP_FAILURES:
+        log.warning("broker.channel_close_failed", exc_info=True)

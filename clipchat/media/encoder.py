@@ -1,0 +1,72 @@
+"""Pick the H.264 encoder (NVENC where it really works, libx264 otherwise) and its arguments.
+
+Data-centre GPUs (H100, H200) list ``h264_nvenc`` yet have no NVENC unit, so the only honest test
+is a real one-second encode. Both encoders get the same GOP rules: every segment starts on an IDR
+frame with a closed GOP, so segments encoded separately join by stream copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
+
+log = logging.getLogger("clipchat.composer")
+
+LIBX264 = "libx264"
+H264_NVENC = "h264_nvenc"
+PREFERENCES = ("auto", LIBX264, H264_NVENC)
+
+# Longer than any segment: the only keyframe of a segment is its first frame, forced at 0.
+GOP_FRAMES = 300
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                "veryslow", "placebo")
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    name: str  # an ffmpeg encoder name: "libx264" or "h264_nvenc"
+    reason: str  # why it was chosen, for the logs
+
+
+async def detect_encoder(ffmpeg: FfmpegRunner, preference: str) -> EncoderChoice:
+    """The encoder to use for ``preference`` ("auto", "libx264" or "h264_nvenc").
+
+    "auto" and "h264_nvenc" try a real NVENC encode of a generated test picture and fall back to
+    libx264 (logging why) when it fails. Raises ``ValueError`` for an unknown preference, which
+    is a configuration mistake.
+    """
+    if preference not in PREFERENCES:
+        raise ValueError(f"Unknown encoder preference {preference!r}; expected one of {PREFERENCES}")
+    if preference == LIBX264:
+        return EncoderChoice(LIBX264, "configured")
+    try:
+        await ffmpeg.run(["-f", "lavfi", "-i", "testsrc=size=1280x720:rate=30:duration=1",
+                          "-pix_fmt", "yuv420p", *video_encoder_args(H264_NVENC, x264_preset="veryfast"),
+                          "-f", "null", "-"])
+    except FfmpegError as exc:
+        last_line = exc.detail.strip().splitlines()[-1:] or ["no error output"]
+        reason = f"h264_nvenc test encode failed: {last_line[0][:200]}"
+        log.info("encoder.fallback", extra={"encoder": LIBX264, "preference": preference, "reason": reason})
+        return EncoderChoice(LIBX264, reason)
+    log.info("encoder.selected", extra={"encoder": H264_NVENC, "preference": preference})
+    return EncoderChoice(H264_NVENC, "h264_nvenc test encode succeeded")
+
+
+def video_encoder_args(encoder: str, *, x264_preset: str) -> list[str]:
+    """Output arguments for ``encoder``: identical for every segment so they concatenate by copy.
+
+    Raises ``ValueError`` for an unknown encoder or x264 preset (a configuration mistake).
+    """
+    if encoder == LIBX264:
+        if x264_preset not in X264_PRESETS:
+            raise ValueError(f"Unknown x264 preset {x264_preset!r}; expected one of {X264_PRESETS}")
+        return ["-c:v", LIBX264, "-preset", x264_preset, "-profile:v", "high", "-crf", "20",
+                "-g", str(GOP_FRAMES), "-sc_threshold", "0",
+                "-bf", "2", "-x264-params", "open-gop=0", "-force_key_frames", "0"]
+    if encoder == H264_NVENC:
+        return ["-c:v", H264_NVENC, "-preset", "p4", "-tune", "hq", "-rc", "vbr", "-cq", "23",
+                "-b:v", "0", "-profile:v", "high", "-g", str(GOP_FRAMES), "-bf", "0",
+                "-no-scenecut", "1", "-forced-idr", "1", "-force_key_frames", "0"]
+    raise ValueError(f"Unsupported encoder {encoder!r}")

@@ -1,0 +1,59 @@
+"""A typed client of JobStatusService for workers: every call has a deadline."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from clipchat.rpc import call, insecure_channel
+from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+
+
+class StatusClient:
+    def __init__(self, addr: str, *, deadline: float) -> None:
+        self.channel = insecure_channel(addr)
+        self.stub = jobs_pb2_grpc.JobStatusServiceStub(self.channel)
+        self.deadline = deadline
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def get_job(self, job_id: str, owner: str = "") -> common_pb2.Job:
+        response = await call(self.stub.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
+                              timeout=self.deadline)
+        return response.job
+
+    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[common_pb2.Regeneration,
+                                                                                 dict[str, Any]]:
+        response = await call(self.stub.GetRegeneration, jobs_pb2.GetRegenerationRequest(
+            job_id=job_id, regeneration_id=regeneration_id), timeout=self.deadline)
+        return response.regeneration, json.loads(response.checkpoints_json or "{}")
+
+    async def renew(self, job_id: str, token: str) -> None:
+        await call(self.stub.RenewLease, jobs_pb2.RenewLeaseRequest(job_id=job_id, lease_token=token),
+                   timeout=self.deadline)
+
+    async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
+                       eta_seconds: float = 0.0) -> None:
+        await call(self.stub.RecordProgress, jobs_pb2.RecordProgressRequest(
+            job_id=job_id, lease_token=token, stage=common_pb2.Stage.Value(f"STAGE_{stage.upper()}"),
+            fraction=fraction, message=message, eta_seconds=eta_seconds), timeout=self.deadline)
+
+    async def record_step(self, job_id: str, token: str, step: str, *, cost: str = "",
+                          modified_prompt: str = "", change_summary: str = "", rewriter: str = "",
+                          checkpoint: dict[str, Any] | None = None) -> common_pb2.Regeneration:
+        response = await call(self.stub.RecordStep, jobs_pb2.RecordStepRequest(
+            job_id=job_id, lease_token=token, step=step, cost=cost, modified_prompt=modified_prompt,
+            change_summary=change_summary, rewriter=rewriter,
+            checkpoint_json=json.dumps(checkpoint) if checkpoint is not None else ""), timeout=self.deadline)
+        return response.regeneration
+
+    async def succeed(self, request: jobs_pb2.SucceedRegenerationRequest) -> common_pb2.Job:
+        response = await call(self.stub.SucceedRegeneration, request, timeout=self.deadline)
+        return response.job
+
+    async def fail(self, job_id: str, token: str, *, code: str, message: str, detail: str = "",
+                   retryable: bool = True) -> None:
+        await call(self.stub.FailRegeneration, jobs_pb2.FailRegenerationRequest(
+            job_id=job_id, lease_token=token, error_code=code, error_message=message,
+            technical_detail=detail, retryable=retryable), timeout=self.deadline)

@@ -1,0 +1,311 @@
+"""The ``clipchat`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import click
+import httpx
+import typer
+
+from clipchat.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="ClipChat: change one clip of a music video by chatting.")
+
+UrlOption = typer.Option(None, "--url", envvar="CLIPCHAT_API_URL", help="Gateway URL.")
+TokenOption = typer.Option(None, "--token", envvar="CLIPCHAT_API_TOKEN", help="API token.")
+TERMINAL = {"regeneration.completed", "regeneration.failed", "regeneration.cancelled"}
+
+
+class CliError(Exception):
+    """A mistake or failure to report as one line."""
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.UsageError as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the ClipChat API ({type(exc).__name__}); is it running?", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:
+        raise CliError(f"invalid CLIPCHAT_* configuration: {str(exc).splitlines()[0]}") from exc
+
+
+def _client(url: str | None, token: str | None, settings: Settings | None = None) -> httpx.AsyncClient:
+    settings = settings or _settings()
+    base = url or f"http://127.0.0.1:{settings.gateway_port}"
+    token = token or next(iter(settings.token_owners()), "")
+    return httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def _check(response: httpx.Response, *expected: int) -> Any:
+    if response.status_code not in expected:
+        from launcher.demo import error_line
+
+        raise CliError(error_line(response))
+    return response.json()
+
+
+def _configure_logging(settings: Settings, service: str) -> None:
+    from clipchat import telemetry
+
+    telemetry.configure(service, otlp_endpoint=settings.otlp_endpoint, log_level=settings.log_level)
+
+
+@app.command()
+def up(port: int = typer.Option(None, help="Gateway port (default CLIPCHAT_GATEWAY_PORT or 8000)."),
+       demo: bool = typer.Option(True, help="Create the demo job when there is no job yet.")) -> None:
+    """Embedded mode: every service and the gateway on localhost, with a demo job."""
+    settings = _settings()
+    if port is not None:
+        settings = settings.model_copy(update={"gateway_port": port})
+    if not settings.page_token:
+        settings = settings.model_copy(update={"page_token": next(iter(settings.token_owners()), "")})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _configure_logging(settings, "clipchat-embedded")
+    asyncio.run(_up(settings, demo))
+
+
+async def _up(settings: Settings, demo: bool) -> None:
+    from launcher.system import start_embedded
+
+    stop = _stop_event()
+    print("Starting ClipChat (embedded: SQLite, in-process broker, local storage)…", flush=True)
+    try:
+        system = await start_embedded(settings)
+    except OSError as exc:
+        raise CliError(f"could not start: {exc.strerror or exc}") from exc
+    try:
+        if demo:
+            await _ensure_demo(system.url, settings)
+        print(f"\nClipChat is running: {system.url}/\n"
+              f"API: {system.url}/api/v1 (token: {settings.page_token})  ·  Ctrl-C to stop", flush=True)
+        await stop.wait()
+    finally:
+        print("Stopping…", flush=True)
+        await system.stop()
+
+
+async def _ensure_demo(url: str, settings: Settings) -> None:
+    from clipchat.media.ffmpeg import FfmpegRunner
+    from launcher.demo import create_demo_job
+
+    async with _client(url, settings.page_token, settings) as client:
+        jobs = _check(await client.get("/api/v1/jobs"), 200)
+        items = jobs["jobs"] if isinstance(jobs, dict) else jobs
+        if items:
+            return
+        print("Creating the demo job (6 clips, a music track) and composing it…", flush=True)
+        job = await create_demo_job(client, FfmpegRunner(settings.ffmpeg_path or None))
+        job_id = job["id"]
+        for _ in range(600):
+            current = _check(await client.get(f"/api/v1/jobs/{job_id}"), 200)
+            if current["status"] != "composing":
+                print(f"Demo job {job_id}: {current['status']}", flush=True)
+                return
+            await asyncio.sleep(0.5)
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@app.command()
+def serve(service: str = typer.Argument(..., help="status, regenerator, composer or gateway")) -> None:
+    """Distributed mode: run one service, configured by CLIPCHAT_* environment variables."""
+    from launcher.system import SERVICES, serve_one
+
+    if service not in SERVICES:
+        raise CliError(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+    settings = _settings()
+    _configure_logging(settings, f"clipchat-{service}")
+
+    async def run() -> None:
+        await serve_one(service, settings, _stop_event())
+
+    asyncio.run(run())
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations."""
+    from clipchat.db.migrate import upgrade_sync
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        upgrade_sync(settings.resolved_database_url)
+    except Exception as exc:
+        raise CliError(f"migration failed: {str(exc).splitlines()[0]}") from exc
+    print("database is up to date")
+
+
+@app.command()
+def demo(url: str = UrlOption, token: str = TokenOption) -> None:
+    """Create a demo job through the API."""
+    from clipchat.media.ffmpeg import FfmpegRunner
+    from launcher.demo import create_demo_job
+
+    async def run() -> None:
+        settings = _settings()
+        async with _client(url, token, settings) as client:
+            job = await create_demo_job(client, FfmpegRunner(settings.ffmpeg_path or None))
+            print(f"{job['id']}  {job['status']}  {job.get('title', '')}")
+
+    asyncio.run(run())
+
+
+@app.command()
+def jobs(url: str = UrlOption, token: str = TokenOption) -> None:
+    """List your jobs."""
+    async def run() -> None:
+        async with _client(url, token) as client:
+            data = _check(await client.get("/api/v1/jobs"), 200)
+            for job in data["jobs"] if isinstance(data, dict) else data:
+                print(f"{job['id']}  {job['status']:<12} v{job.get('current_version') or '-':<3} "
+                      f"${job['total_cost']:<9} {job.get('title', '')}")
+
+    asyncio.run(run())
+
+
+@app.command()
+def watch(job_id: str, url: str = UrlOption, token: str = TokenOption,
+          after: int = typer.Option(0, help="Start after this event sequence number.")) -> None:
+    """Follow a job's events."""
+    async def run() -> None:
+        async with _client(url, token) as client:
+            _check(await client.get(f"/api/v1/jobs/{job_id}"), 200)
+            async for event in sse_events(client, job_id, after):
+                print(_describe(event), flush=True)
+
+    asyncio.run(run())
+
+
+@app.command()
+def regenerate(job_id: str, clip: str, instruction: str, url: str = UrlOption, token: str = TokenOption,
+               watch: bool = typer.Option(False, "--watch", help="Follow progress until it finishes."),
+               history: str = typer.Option("", help="Conversation history as a JSON list of turns.")) -> None:
+    """Regenerate one clip of a job from an instruction."""
+    try:
+        clip_index = int(clip)
+    except ValueError:
+        raise CliError(f"clip index must be a whole number, not {clip!r}") from None
+    if clip_index < 0:
+        raise CliError("clip index must be 0 or more")
+    body: dict[str, Any] = {"instruction": instruction}
+    if history:
+        try:
+            body["conversation_history"] = json.loads(history)
+        except ValueError:
+            raise CliError("--history is not valid JSON") from None
+
+    async def run() -> None:
+        async with _client(url, token) as client:
+            started = _check(await client.post(f"/api/v1/jobs/{job_id}/clips/{clip_index}/regenerate",
+                                               json=body), 202)
+            regeneration_id = started["regeneration_id"]
+            print(f"queued {regeneration_id} (estimated ${started['estimated_cost']})", flush=True)
+            if started.get("budget_warning"):
+                print("warning: this job is at 80 % or more of its budget", flush=True)
+            if not watch:
+                return
+            await _follow(client, job_id, regeneration_id)
+
+    asyncio.run(run())
+
+
+async def _follow(client: httpx.AsyncClient, job_id: str, regeneration_id: str) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeRemainingColumn(), transient=True, disable=not sys.stdout.isatty()) as bar:
+        task = bar.add_task("queued", total=1.0)
+        async for event in sse_events(client, job_id, 0):
+            payload = event.get("payload") or {}
+            if payload.get("regeneration_id") != regeneration_id:
+                continue
+            if event["type"] == "progress":
+                bar.update(task, completed=event.get("fraction", 0.0), description=event.get("stage", ""))
+                if not sys.stdout.isatty():
+                    print(f"{event.get('stage', ''):<12} {event.get('fraction', 0.0) * 100:5.1f}%", flush=True)
+            if event["type"] in TERMINAL:
+                bar.update(task, completed=1.0)
+                break
+    job = _check(await client.get(f"/api/v1/jobs/{job_id}"), 200)
+    if event["type"] == "regeneration.completed":
+        print(f"completed: version {job['current_version']}, cost ${payload.get('cost')}, "
+              f"total ${job['total_cost']}\n{job.get('video_url', '')}")
+    elif event["type"] == "regeneration.cancelled":
+        raise CliError("the regeneration was cancelled; the original video is kept")
+    else:
+        raise CliError(f"regeneration failed: {payload.get('message', 'unknown error')}")
+
+
+async def sse_events(client: httpx.AsyncClient, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+    """The job's events from ``GET /events``, resuming with ``Last-Event-ID`` after a dropped connection."""
+    last = after
+    failures = 0
+    while True:
+        try:
+            async with client.stream("GET", f"/api/v1/jobs/{job_id}/events",
+                                     headers={"Last-Event-ID": str(last), "Accept": "text/event-stream"},
+                                     timeout=httpx.Timeout(30, read=None)) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    _check(response, 200)
+                data: list[str] = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif line.startswith("id:"):
+                        last = int(line[3:].strip() or last)
+                    elif line == "" and data:
+                        failures = 0
+                        yield json.loads("\n".join(data))
+                        data = []
+        except (httpx.TransportError, httpx.RemoteProtocolError):
+            failures += 1
+            if failures > 5:
+                raise
+            await asyncio.sleep(min(2 ** failures, 10) * 0.2)
+
+
+def _describe(event: dict[str, Any]) -> str:
+    stage = event.get("stage") or ""
+    fraction = event.get("fraction") or 0.0
+    payload = json.dumps(event.get("payload") or {}, separators=(",", ":"))
+    return f"#{event['sequence']:<5} {event['type']:<24} {stage:<12} {fraction * 100:5.1f}%  {payload}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,463 @@
+"""A ``VideoGenerator`` backed by an asynchronous prediction API (Replicate-style).
+
+The protocol: ``POST {base_url}/predictions`` starts a prediction, ``GET /predictions/{id}`` is
+polled until its status is terminal, and a succeeded prediction's ``output`` is the URL of an MP4
+that is downloaded next to ``dest`` and renamed into place once checked.
+
+Errors, in the terms of ``clipchat.errors``:
+
+- ``TransientGenerationError`` (a ``TransientError``, retryable): connect/read timeouts, transport
+  errors, HTTP 408/429/5xx (with ``retry_after`` from ``Retry-After``), malformed answers, a
+  corrupt or truncated download, a prediction cancelled by the provider, a failed prediction whose
+  error text says it is transient, and the overall ``generation_timeout`` (code
+  ``generation_timeout``).
+- ``GenerationRejected`` (an ``InvalidInput``, permanent): any other HTTP 4xx, and a failed
+  prediction whose error text does not say it is transient. Its code is ``content_policy`` when
+  the provider's answer mentions a policy refusal, else ``invalid_prompt``; 401/403 (a bad API
+  token, which rephrasing cannot fix) get ``generator_unauthorized`` and a message saying so.
+- ``MediaError`` (permanent): an output URL (or a redirect) that leaves the API's origin and the
+  allowed output hosts, uses another scheme, or redirects too often.
+
+There is no retry loop here: the caller declares its retry policy around ``generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import re
+import secrets
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import anyio
+import httpx
+
+from clipchat.errors import InvalidInput, MediaError, TransientError
+from services.regenerator.generator import GeneratedClip, ProgressFn
+
+logger = logging.getLogger("clipchat.regenerator.http_generator")
+
+_CENT_FRACTION = Decimal("0.0001")
+_DETAIL_CHARS = 2000  # enough of a provider's error body for support, not a whole HTML page
+_CANCEL_TIMEOUT = 5.0  # the remote cancel is best effort; it must not hold up a cancelled task
+_MAX_REDIRECTS = 3
+_MAX_CLIP_BYTES = 1 << 30  # a few seconds of 1080p is tens of MB; more means something is wrong
+_PENDING = frozenset({"starting", "processing"})
+
+# How a failed prediction's error text is classified: a retry can fix capacity problems and
+# timeouts on the provider's side, so those are transient; everything else (bad input, a model
+# error, a policy refusal) would fail the same way again, so it is permanent.
+_TRANSIENT_FAILURE_MARKERS = ("timeout", "timed out", "capacity", "overloaded", "unavailable",
+                              "temporar", "try again", "rate limit", "interrupted")
+_POLICY_MARKERS = ("content_policy", "content policy", "nsfw", "safety", "flagged", "moderation")
+_PERCENT_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
+
+TIMEOUT_MESSAGE = "Video generation timed out. Please retry."
+REJECTED_MESSAGE = "The video generator refused this prompt. Try rephrasing the instruction."
+_UNAUTHORIZED_MESSAGE = "The video generator refused ClipChat's credentials. Please contact support."
+_DOWNLOAD_MESSAGE = "The generated video could not be downloaded intact. Please retry."
+_UNTRUSTED_OUTPUT_MESSAGE = "The video generator returned a video that cannot be used."
+
+
+class TransientGenerationError(TransientError):
+    """The provider could not answer usefully right now; a later attempt may succeed.
+
+    ``retry_after`` is the wait (seconds) the provider asked for, when it said; ``detail`` is
+    technical context for logs, never shown to users.
+    """
+
+    code = "generator_unavailable"
+    default_message = "The video generator is unavailable right now. Please retry."
+
+    def __init__(self, message: str | None = None, *, code: str | None = None,
+                 retry_after: float | None = None, detail: str = "") -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+        self.detail = detail
+
+
+class GenerationRejected(InvalidInput):
+    """The provider refused the request for good (content policy, invalid prompt); do not retry.
+
+    ``detail`` carries the provider's response body (or failure text) for support.
+    """
+
+    code = "invalid_prompt"
+    default_message = REJECTED_MESSAGE
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, detail: str = "") -> None:
+        super().__init__(message, code=code)
+        self.detail = detail
+
+
+class _Prediction:
+    """What is known about the remote prediction, so that failures can cancel it."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.get_url = ""
+        self.cancel_url = ""
+        self.finished = False  # terminal on the provider's side: nothing left to cancel
+
+
+class HttpVideoGenerator:
+    """Generates clips through an asynchronous prediction API.
+
+    ``output_hosts`` names extra hosts (e.g. the provider's CDN) that outputs may be downloaded
+    from over HTTPS; by default only the API's own origin is trusted. The bearer token is only
+    ever sent to the API's origin. When ``http`` is not given, the generator owns its client and
+    ``aclose`` closes it.
+    """
+
+    name = "http"
+
+    def __init__(self, base_url: str, api_token: str, model: str, *, price_per_second: Decimal,
+                 request_timeout: float = 30, generation_timeout: float = 600,
+                 poll_initial: float = 0.5, poll_max: float = 5.0,
+                 http: httpx.AsyncClient | None = None, output_hosts: Collection[str] = ()) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("base_url must be an http(s) URL with a host")
+        if not 0 < poll_initial <= poll_max:
+            raise ValueError("poll intervals must satisfy 0 < poll_initial <= poll_max")
+        self._base_url = base_url.rstrip("/")
+        self._origin = _origin(base_url)
+        self._auth = {"Authorization": f"Bearer {api_token}"}
+        self._model = model
+        self._price_per_second = price_per_second
+        self._request_timeout = request_timeout
+        self._generation_timeout = generation_timeout
+        self._poll_initial = poll_initial
+        self._poll_max = poll_max
+        self._output_hosts = frozenset(h.lower() for h in output_hosts)
+        self._owns_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=request_timeout, follow_redirects=False)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this generator created it."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> HttpVideoGenerator:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def estimate_cost(self, duration: float) -> Decimal:
+        """``duration`` × the configured price per second, to 0.0001."""
+        return (Decimal(str(duration)) * self._price_per_second).quantize(_CENT_FRACTION, ROUND_HALF_UP)
+
+    async def generate(self, prompt: str, duration: float, dest: Path, *,
+                       on_progress: ProgressFn | None = None) -> GeneratedClip:
+        """Generate a clip of ``duration`` seconds for ``prompt`` and write it to ``dest``.
+
+        ``dest`` is written whole or not at all. Raises ``TransientGenerationError`` or
+        ``GenerationRejected`` as the module describes, ``MediaError`` for an untrusted output
+        URL, and ``InvalidInput`` for a non-positive duration. Cancelling the awaiting task
+        cancels the remote prediction (best effort) before the cancellation propagates.
+        """
+        if not (math.isfinite(duration) and duration > 0):
+            raise InvalidInput("The clip duration must be a positive number of seconds.")
+        if not prompt.strip():
+            raise GenerationRejected(code="invalid_prompt", detail="empty prompt")
+        prediction = _Prediction()
+        deadline = asyncio.timeout(self._generation_timeout)
+        try:
+            async with deadline:
+                body = await self._create(prediction, prompt, duration)
+                body = await self._wait(prediction, body, on_progress)
+                clip = await self._fetch(prediction, body, duration, dest)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            await self._cancel_remote(prediction)
+            logger.warning("generation.timed_out", extra={"prediction_id": prediction.id,
+                                                           "timeout_s": self._generation_timeout})
+            raise TransientGenerationError(TIMEOUT_MESSAGE, code="generation_timeout") from None
+        except BaseException:
+            # Covers task cancellation as well as errors while polling: an abandoned prediction
+            # would keep running (and billing) while the caller retries with a new one.
+            await self._cancel_remote(prediction)
+            raise
+        if on_progress is not None:
+            await on_progress(1.0)
+        return clip
+
+    async def _create(self, prediction: _Prediction, prompt: str, duration: float) -> dict[str, Any]:
+        request = {"model": self._model, "input": {"prompt": prompt, "duration": duration}}
+        body = await self._call("POST", f"{self._base_url}/predictions", json=request)
+        prediction_id = body.get("id")
+        if not isinstance(prediction_id, str) or not prediction_id:
+            raise _malformed("create answer without an id")
+        prediction.id = prediction_id
+        own = f"{self._base_url}/predictions/{quote(prediction_id, safe='')}"
+        urls = _mapping(body.get("urls"))
+        # URLs that leave the API's origin are ignored so the bearer token goes nowhere else.
+        prediction.get_url = self._same_origin_or(urls.get("get"), own)
+        prediction.cancel_url = self._same_origin_or(urls.get("cancel"), f"{own}/cancel")
+        logger.info("generation.created", extra={"prediction_id": prediction_id, "model": self._model})
+        return body
+
+    async def _wait(self, prediction: _Prediction, body: dict[str, Any],
+                    on_progress: ProgressFn | None) -> dict[str, Any]:
+        """Poll until the prediction is terminal; return the succeeded body or raise."""
+        interval = self._poll_initial
+        reported = 0.0
+        while True:
+            status = body.get("status")
+            if status == "succeeded":
+                prediction.finished = True
+                return body
+            if status == "failed":
+                prediction.finished = True
+                raise _failure(prediction.id, body.get("error"))
+            if status == "canceled":
+                prediction.finished = True
+                raise TransientGenerationError(code="generation_canceled",
+                                               detail=f"prediction {prediction.id} was canceled remotely")
+            if status not in _PENDING:
+                raise _malformed(f"unknown prediction status {status!r}")
+            fraction = _progress_of(body)
+            if on_progress is not None and fraction is not None and fraction > reported:
+                reported = fraction
+                await on_progress(fraction)
+            # Jitter spreads the polls of many workers; the cap keeps latency bounded.
+            await asyncio.sleep(random.uniform(interval / 2, interval))
+            interval = min(interval * 2, self._poll_max)
+            body = await self._call("GET", prediction.get_url)
+
+    async def _fetch(self, prediction: _Prediction, body: dict[str, Any], requested: float,
+                     dest: Path) -> GeneratedClip:
+        output = body.get("output")
+        if isinstance(output, list) and len(output) == 1:
+            output = output[0]
+        if not isinstance(output, str) or not output:
+            raise _malformed("succeeded prediction without an output URL")
+        await self._download(output, dest)
+        metrics = _mapping(body.get("metrics"))
+        duration = _positive_number(metrics.get("duration")) or requested
+        cost = self._cost_of(body, duration)
+        logger.info("generation.succeeded", extra={
+            "prediction_id": prediction.id, "predict_time_s": _positive_number(metrics.get("predict_time")),
+            "duration_s": duration, "cost": str(cost)})
+        return GeneratedClip(path=dest, duration=duration, cost=cost, provider_id=prediction.id)
+
+    def _cost_of(self, body: dict[str, Any], duration: float) -> Decimal:
+        raw = body.get("cost")
+        if raw is None:
+            return self.estimate_cost(duration)
+        try:
+            cost = Decimal(str(raw))
+        except InvalidOperation:
+            cost = Decimal("NaN")
+        if cost.is_finite() and cost >= 0:
+            return cost.quantize(_CENT_FRACTION, ROUND_HALF_UP)
+        # The clip exists and was paid for; an estimate is a better record than losing it.
+        logger.warning("generation.cost_unreadable", extra={"cost": str(raw)[:50]})
+        return self.estimate_cost(duration)
+
+    async def _download(self, url: str, dest: Path) -> None:
+        """Stream ``url`` into a temporary file beside ``dest``, check it, then rename it.
+
+        Redirects are followed by hand so every hop passes the same origin check.
+        """
+        await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+        partial = anyio.Path(dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part")
+        try:
+            for _ in range(_MAX_REDIRECTS + 1):
+                self._check_output_url(url)
+                headers = dict(self._auth) if _origin(url) == self._origin else {}
+                headers["Accept-Encoding"] = "identity"  # so Content-Length is the file size
+                try:
+                    async with self._http.stream("GET", url, headers=headers, follow_redirects=False,
+                                                 timeout=self._request_timeout) as response:
+                        if response.is_redirect:
+                            url = urljoin(url, response.headers.get("location", ""))
+                            continue
+                        if not response.is_success:
+                            await response.aread()
+                            raise _download_failed(f"HTTP {response.status_code}",
+                                                   _retry_after(response.headers.get("retry-after")))
+                        await _write_checked(response, partial)
+                except httpx.HTTPError as exc:
+                    raise _download_failed(f"{type(exc).__name__}: {exc}") from exc
+                await partial.replace(dest)
+                return
+            raise MediaError(_UNTRUSTED_OUTPUT_MESSAGE, code="untrusted_output_url")
+        finally:
+            # Synchronous on purpose: it must run even if this task is cancelled again here.
+            Path(partial).unlink(missing_ok=True)  # noqa: ASYNC240
+
+    def _check_output_url(self, url: str) -> None:
+        """Refuse anything but http(s) on the API's origin or, over HTTPS, an allowed output host."""
+        parts = urlsplit(url)
+        trusted = parts.scheme in ("http", "https") and (
+            _origin(url) == self._origin
+            or (parts.scheme == "https" and (parts.hostname or "") in self._output_hosts))
+        if not trusted:
+            logger.warning("generation.output_url_refused",
+                           extra={"scheme": parts.scheme, "host": parts.hostname})
+            raise MediaError(_UNTRUSTED_OUTPUT_MESSAGE, code="untrusted_output_url")
+
+    async def _cancel_remote(self, prediction: _Prediction) -> None:
+        """Ask the provider to stop a prediction that is still running; never raises for it."""
+        if not prediction.id or prediction.finished:
+            return
+        prediction.finished = True
+        try:
+            # Shielded so that a second cancellation of the caller cannot abort the request.
+            await asyncio.shield(self._http.post(prediction.cancel_url, headers=self._auth,
+                                                 timeout=min(_CANCEL_TIMEOUT, self._request_timeout),
+                                                 follow_redirects=False))
+            logger.info("generation.cancelled", extra={"prediction_id": prediction.id})
+        except (httpx.HTTPError, OSError) as exc:
+            logger.warning("generation.cancel_failed", extra={"prediction_id": prediction.id,
+                                                              "error": type(exc).__name__})
+
+    async def _call(self, method: str, url: str, *, json: Any = None) -> dict[str, Any]:
+        """One API request; its JSON object answer, or the error the response maps to."""
+        try:
+            response = await self._http.request(method, url, json=json, headers=self._auth,
+                                                timeout=self._request_timeout, follow_redirects=False)
+        except httpx.TimeoutException as exc:
+            raise TransientGenerationError(code="generator_timeout",
+                                           detail=f"{type(exc).__name__} on {method}") from exc
+        except httpx.HTTPError as exc:
+            raise TransientGenerationError(detail=f"{type(exc).__name__}: {exc}") from exc
+        if not response.is_success:
+            raise _error_for(response)
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise _malformed(f"invalid JSON from {method}") from exc
+        if not isinstance(body, dict):
+            raise _malformed(f"JSON answer from {method} is not an object")
+        return body
+
+    def _same_origin_or(self, url: object, fallback: str) -> str:
+        return url if isinstance(url, str) and _origin(url) == self._origin else fallback
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        port = -1  # an unparseable port matches no origin
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def _error_for(response: httpx.Response) -> TransientGenerationError | GenerationRejected:
+    """Map a non-2xx API answer: 408/429/5xx (and stray 3xx) are transient, other 4xx permanent."""
+    status = response.status_code
+    body = response.text[:_DETAIL_CHARS]
+    logger.warning("generation.http_error", extra={"status": status})
+    if status == 429:
+        return TransientGenerationError(code="rate_limited", detail=body,
+                                        retry_after=_retry_after(response.headers.get("retry-after")))
+    if status == 408 or status >= 500 or status < 400:
+        return TransientGenerationError(detail=f"HTTP {status}: {body}",
+                                        retry_after=_retry_after(response.headers.get("retry-after")))
+    if status in (401, 403):
+        return GenerationRejected(_UNAUTHORIZED_MESSAGE, code="generator_unauthorized", detail=body)
+    return GenerationRejected(code=_rejection_code(body), detail=body)
+
+
+def _failure(prediction_id: str, error: object) -> TransientGenerationError | GenerationRejected:
+    """Classify a failed prediction by its error text (see ``_TRANSIENT_FAILURE_MARKERS``)."""
+    text = str(error or "")[:_DETAIL_CHARS]
+    logger.warning("generation.failed", extra={"prediction_id": prediction_id})
+    if any(marker in text.lower() for marker in _TRANSIENT_FAILURE_MARKERS):
+        return TransientGenerationError(code="generation_failed", detail=text)
+    return GenerationRejected(code=_rejection_code(text), detail=text)
+
+
+def _rejection_code(text: str) -> str:
+    lowered = text.lower()
+    return "content_policy" if any(m in lowered for m in _POLICY_MARKERS) else "invalid_prompt"
+
+
+def _malformed(detail: str) -> TransientGenerationError:
+    return TransientGenerationError(code="malformed_response", detail=detail)
+
+
+def _download_failed(detail: str, retry_after: float | None = None) -> TransientGenerationError:
+    return TransientGenerationError(_DOWNLOAD_MESSAGE, code="download_failed", detail=detail,
+                                    retry_after=retry_after)
+
+
+async def _write_checked(response: httpx.Response, partial: anyio.Path) -> None:
+    """Write the body to ``partial``; raise ``TransientGenerationError`` unless it is a whole MP4."""
+    declared = response.headers.get("content-length")
+    # With a Content-Encoding the declared length is that of the encoded body, not of the file.
+    encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+    expected = int(declared) if declared and declared.isdigit() and not encoded else None
+    if expected is not None and expected > _MAX_CLIP_BYTES:
+        raise _download_failed(f"declared size {expected} over the limit")
+    head = b""
+    size = 0
+    async with await partial.open("wb") as file:
+        async for chunk in response.aiter_bytes():
+            if len(head) < 8:
+                head += chunk[: 8 - len(head)]
+            size += len(chunk)
+            if size > _MAX_CLIP_BYTES:
+                raise _download_failed("download over the size limit")
+            await file.write(chunk)
+    if expected is not None and size != expected:
+        raise _download_failed(f"got {size} of {expected} bytes")
+    # Every MP4 starts with an ``ftyp`` box: 4-byte big-endian size (at least 8), then the type.
+    if size == 0 or head[4:8] != b"ftyp" or int.from_bytes(head[:4], "big") < 8:
+        raise _download_failed(f"not an MP4 ({size} bytes)")
+
+
+def _progress_of(body: Mapping[str, Any]) -> float | None:
+    """The fraction done from ``progress`` (0..1) or else the last percentage in ``logs``."""
+    progress = body.get("progress")
+    if isinstance(progress, int | float) and not isinstance(progress, bool) and math.isfinite(progress):
+        return min(max(float(progress), 0.0), 0.99)
+    logs = body.get("logs")
+    if isinstance(logs, str):
+        found = _PERCENT_RE.findall(logs[-2000:])
+        if found:
+            return min(max(float(found[-1]) / 100, 0.0), 0.99)
+    return None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _positive_number(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP-date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(seconds, 0.0) if math.isfinite(seconds) else None

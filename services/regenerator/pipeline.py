@@ -1,0 +1,202 @@
+"""One regeneration's steps: rewrite the prompt → generate the clip → hand it to the composer.
+
+Each step's result is checkpointed on the regeneration row (through the status service), so a
+redelivered message does not pay for a step twice. Every write carries the lease token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from clipchat.broker import COMPOSE_QUEUE, Broker
+from clipchat.errors import ClipChatError, StaleLease
+from clipchat.lease import LeaseKeeper, LeaseLost
+from clipchat.media.ffmpeg import FfmpegRunner
+from clipchat.media.probe import probe
+from clipchat.media.thumbnail import render_thumbnail
+from clipchat.retry import RetryPolicy
+from clipchat.settings import Settings
+from clipchat.status_client import StatusClient
+from clipchat.storage import Storage, job_prefix, new_key
+from clipchat.telemetry import inject_headers, tracer
+from clipchat.v1 import common_pb2
+from services.regenerator.generator import VideoGenerator
+from services.regenerator.rewrite import PromptRewriter, RewriteRequest
+
+log = logging.getLogger("clipchat.regenerator")
+
+USER_MESSAGES = {
+    "rewrite": "Regeneration failed. Please try again.",
+    "generate": "Video generation failed. Please try again.",
+    "generation_timeout": "Video generation timed out. Please retry.",
+    "publish": "Regeneration failed. Please try again.",
+}
+ACTIVE = (common_pb2.REGENERATION_STATE_QUEUED, common_pb2.REGENERATION_STATE_RUNNING)
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, cause: BaseException) -> None:
+        super().__init__(f"{step} failed: {cause!r}")
+        self.step = step
+        self.cause = cause
+
+
+@dataclass
+class RegenerationTask:
+    job_id: str
+    regeneration_id: str
+    lease_token: str
+
+
+class RegenerationPipeline:
+    def __init__(self, *, status: StatusClient, storage: Storage, broker: Broker, rewriter: PromptRewriter,
+                 generator: VideoGenerator, ffmpeg: FfmpegRunner, settings: Settings) -> None:
+        self.status = status
+        self.storage = storage
+        self.broker = broker
+        self.rewriter = rewriter
+        self.generator = generator
+        self.ffmpeg = ffmpeg
+        self.settings = settings
+        self.policy = RetryPolicy(attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds,
+                                  max_seconds=settings.retry_max_seconds)
+
+    async def run(self, task: RegenerationTask) -> None:
+        """Do the regeneration's steps; record a failure with a user message when one fails for good.
+
+        Returns quietly when the regeneration is no longer active (already done, cancelled, or its
+        lease taken over): redelivered messages are harmless.
+        """
+        try:
+            regeneration, checkpoints = await self.status.get_regeneration(task.job_id, task.regeneration_id)
+        except ClipChatError as exc:
+            if exc.code in ("not_found", "job_not_found"):
+                return
+            raise
+        if regeneration.state not in ACTIVE:
+            log.info("regeneration.skip_inactive", extra=self._ids(task))
+            return
+        with tracer("clipchat.regenerator").start_as_current_span("regenerate") as span:
+            span.set_attribute("clipchat.job_id", task.job_id)
+            span.set_attribute("clipchat.regeneration_id", task.regeneration_id)
+            try:
+                async with LeaseKeeper(self.status, task.job_id, task.lease_token,
+                                       interval=self.settings.heartbeat_seconds):
+                    await self._steps(task, regeneration, checkpoints)
+            except (LeaseLost, StaleLease):
+                log.info("regeneration.dropped_lease_lost", extra=self._ids(task))
+            except StepFailed as failed:
+                await self._record_failure(task, failed, format(span.get_span_context().trace_id, "032x"))
+
+    async def _steps(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
+                     checkpoints: dict[str, Any]) -> None:
+        job = await self.status.get_job(task.job_id)
+        index = regeneration.clip_index
+        clips = list(job.clips)
+        clip = clips[index]
+        await self._progress(task, "rewriting", 0.02, "Rewriting the prompt")
+
+        if "rewrite" in checkpoints:
+            prompt = checkpoints["rewrite"]["prompt"]
+        else:
+            history = json.loads(regeneration.conversation_history_json or "[]")
+            request = RewriteRequest(
+                original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
+                history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
+                next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None)
+            result = await self._step("rewrite", lambda: self._rewrite(request))
+            prompt = result.prompt
+            await self.status.record_step(task.job_id, task.lease_token, "rewrite", cost=str(result.cost),
+                                          modified_prompt=result.prompt, change_summary=result.summary,
+                                          rewriter=result.rewriter, checkpoint={"prompt": result.prompt})
+
+        await self._progress(task, "generating", 0.1, "Generating the new clip")
+        if "generate" in checkpoints:
+            generated = checkpoints["generate"]
+        else:
+            generated = await self._step("generate", lambda: self._generate(task, prompt, clip.duration))
+            await self.status.record_step(task.job_id, task.lease_token, "generate",
+                                          cost=generated.pop("cost"), checkpoint=generated)
+
+        await self._step("publish", lambda: self._hand_to_composer(task, index, prompt, generated))
+
+    async def _rewrite(self, request: RewriteRequest) -> Any:
+        result = await self.rewriter.rewrite(request)
+        if result is None:  # a chain always ends with a rewriter that answers
+            raise ClipChatError("No rewriter handled the instruction.")
+        return result
+
+    async def _generate(self, task: RegenerationTask, prompt: str, duration: float) -> dict[str, Any]:
+        started = time.monotonic()
+
+        async def on_progress(fraction: float) -> None:
+            elapsed = time.monotonic() - started
+            eta = elapsed / fraction - elapsed if fraction > 0.05 else 0.0
+            await self._progress(task, "generating", 0.1 + 0.5 * fraction, "Generating the new clip", eta)
+
+        with tempfile.TemporaryDirectory(prefix="clipchat-gen-") as tmp:
+            video = Path(tmp) / "clip.mp4"
+            clip = await self.generator.generate(prompt, duration, video, on_progress=on_progress)
+            info = await probe(clip.path, label="The generated clip")
+            thumb = Path(tmp) / "thumb.jpg"
+            await render_thumbnail(self.ffmpeg, clip.path, thumb)
+            prefix = f"{job_prefix(task.job_id)}/clips"
+            video_key = new_key(prefix, ".mp4")
+            thumb_key = new_key(prefix, ".jpg")
+            await self.storage.put_file(video_key, clip.path, content_type="video/mp4")
+            await self.storage.put_file(thumb_key, thumb, content_type="image/jpeg")
+        return {"video_key": video_key, "thumbnail_key": thumb_key, "duration": duration,
+                "probed_duration": info.duration, "prompt": prompt, "cost": str(Decimal(clip.cost)),
+                "provider": self.generator.name, "provider_id": clip.provider_id}
+
+    async def _hand_to_composer(self, task: RegenerationTask, index: int, prompt: str,
+                                generated: dict[str, Any]) -> None:
+        await self._progress(task, "queued", 0.6, "Waiting for the composer")
+        await self.broker.publish(COMPOSE_QUEUE, {
+            "job_id": task.job_id, "regeneration_id": task.regeneration_id, "lease_token": task.lease_token,
+            "new_clip": {"clip_index": index, "prompt": prompt, "duration": generated["duration"],
+                         "video_key": generated["video_key"], "thumbnail_key": generated["thumbnail_key"]},
+        }, message_id=f"compose-{task.regeneration_id}", headers=inject_headers())
+
+    async def _step(self, name: str, fn: Any) -> Any:
+        try:
+            return await self.policy.run(fn, what=name)
+        except (LeaseLost, StaleLease):
+            raise
+        except Exception as exc:
+            raise StepFailed(name, exc) from exc
+
+    async def _progress(self, task: RegenerationTask, stage: str, fraction: float, message: str,
+                        eta: float = 0.0) -> None:
+        await self.status.progress(task.job_id, task.lease_token, stage, fraction, message=message,
+                                   eta_seconds=eta)
+
+    async def _record_failure(self, task: RegenerationTask, failed: StepFailed, trace_id: str) -> None:
+        cause = failed.cause
+        code = getattr(cause, "code", "") or failed.step
+        message = USER_MESSAGES.get(code) or USER_MESSAGES.get(failed.step, USER_MESSAGES["rewrite"])
+        if isinstance(cause, ClipChatError) and cause.code in ("content_policy", "invalid_prompt",
+                                                                 "rewrite_rejected", "invalid_input"):
+            message = cause.message
+        detail = {"step": failed.step, "trace_id": trace_id,
+                  "provider_response": str(getattr(cause, "detail", ""))[:4000],
+                  "exception": "".join(traceback.format_exception(cause))[-8000:]}
+        log.warning("regeneration.step_failed", extra={**self._ids(task), "step": failed.step, "code": code})
+        try:
+            await self.status.fail(task.job_id, task.lease_token, code=f"{failed.step}_failed"
+                                   if code == failed.step else code, message=message,
+                                   detail=json.dumps(detail), retryable=True)
+        except StaleLease:
+            pass
+
+    @staticmethod
+    def _ids(task: RegenerationTask) -> dict[str, str]:
+        return {"job_id": task.job_id, "regeneration_id": task.regeneration_id}

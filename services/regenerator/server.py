@@ -1,0 +1,102 @@
+"""RegeneratorService: accepts a regeneration, takes the job's lease, queues the work."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from typing import Any
+
+import grpc
+
+from clipchat.broker import REGENERATE_QUEUE, Broker
+from clipchat.errors import DependencyUnavailable, InvalidInput
+from clipchat.rpc import call, rpc_method
+from clipchat.settings import Settings
+from clipchat.status_client import StatusClient
+from clipchat.telemetry import inject_headers
+from clipchat.v1 import common_pb2, jobs_pb2, regenerator_pb2, regenerator_pb2_grpc
+from services.regenerator.generator import VideoGenerator
+from services.regenerator.rewrite import sanitize_instruction
+
+log = logging.getLogger("clipchat.regenerator")
+SERVICE_NAME = "clipchat.v1.RegeneratorService"
+MAX_HISTORY_TURNS = 50
+MAX_TURN_CHARS = 4000
+
+
+def parse_history(text: str) -> list[dict[str, str]]:
+    """Validate a conversation history: a list of ``{"role": "user"|"assistant", "content": str}``."""
+    if not text:
+        return []
+    try:
+        turns = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput("Conversation history is not valid JSON.") from exc
+    if not isinstance(turns, list) or len(turns) > MAX_HISTORY_TURNS:
+        raise InvalidInput(f"Conversation history must be a list of at most {MAX_HISTORY_TURNS} turns.")
+    clean = []
+    for turn in turns:
+        if (not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant")
+                or not isinstance(turn.get("content"), str) or len(turn["content"]) > MAX_TURN_CHARS):
+            raise InvalidInput("Each conversation turn needs a role (user or assistant) and its text "
+                               f"(at most {MAX_TURN_CHARS} characters).")
+        clean.append({"role": turn["role"], "content": turn["content"]})
+    return clean
+
+
+class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
+    def __init__(self, *, status: StatusClient, broker: Broker, generator: VideoGenerator,
+                 settings: Settings) -> None:
+        self.status = status
+        self.broker = broker
+        self.generator = generator
+        self.settings = settings
+
+    def estimate(self, clip_duration: float, video_duration: float) -> Decimal:
+        """What a regeneration is expected to cost, before anything is spent."""
+        llm = self.settings.llm_estimated_cost if self.settings.llm_base_url else Decimal("0")
+        composition = self.settings.composition_price_per_second * Decimal(str(round(video_duration, 3)))
+        return (llm + self.generator.estimate_cost(clip_duration) + composition).quantize(Decimal("0.0001"))
+
+    @rpc_method
+    async def StartRegeneration(self, request: regenerator_pb2.StartRegenerationRequest,
+                                context: Any) -> regenerator_pb2.StartRegenerationResponse:
+        instruction = sanitize_instruction(request.instruction, self.settings.max_instruction_chars)
+        history = parse_history(request.conversation_history_json)
+        if request.clip_index < 0:
+            raise InvalidInput("Clip index must be 0 or more.", code="clip_index_out_of_range")
+        job = await self.status.get_job(request.job_id, request.owner)
+        if request.clip_index >= len(job.clips):
+            raise InvalidInput(f"Clip index {request.clip_index} is out of range: this video has clips "
+                               f"0 to {len(job.clips) - 1}.", code="clip_index_out_of_range")
+        estimate = self.estimate(job.clips[request.clip_index].duration, sum(c.duration for c in job.clips))
+        began = await call(self.status.stub.BeginRegeneration, jobs_pb2.BeginRegenerationRequest(
+            job_id=request.job_id, owner=request.owner, clip_index=request.clip_index,
+            user_instruction=instruction, conversation_history_json=json.dumps(history),
+            estimated_cost=str(estimate)), timeout=self.status.deadline)
+        regeneration_id = began.regeneration.regeneration_id
+        try:
+            await self.broker.publish(REGENERATE_QUEUE, {
+                "job_id": request.job_id, "regeneration_id": regeneration_id,
+                "lease_token": began.lease_token}, message_id=regeneration_id, headers=inject_headers())
+        except Exception as exc:
+            await self.status.fail(request.job_id, began.lease_token, code="unavailable",
+                                   message="The regeneration could not be queued. Please try again.",
+                                   detail=repr(exc), retryable=True)
+            raise DependencyUnavailable("The work queue is unavailable. Please try again shortly.") from exc
+        log.info("regeneration.queued", extra={"job_id": request.job_id, "regeneration_id": regeneration_id})
+        return regenerator_pb2.StartRegenerationResponse(
+            regeneration_id=regeneration_id, state=common_pb2.REGENERATION_STATE_QUEUED,
+            estimated_cost=str(estimate), budget_warning=began.budget_warning)
+
+    @rpc_method
+    async def ListRegenerations(self, request: regenerator_pb2.ListJobRegenerationsRequest,
+                                context: Any) -> regenerator_pb2.ListJobRegenerationsResponse:
+        response = await call(self.status.stub.ListRegenerations, jobs_pb2.ListRegenerationsRequest(
+            job_id=request.job_id, owner=request.owner), timeout=self.status.deadline)
+        return regenerator_pb2.ListJobRegenerationsResponse(regenerations=response.regenerations)
+
+
+def add_to_server(servicer: RegeneratorServicer, server: grpc.aio.Server) -> None:
+    regenerator_pb2_grpc.add_RegeneratorServiceServicer_to_server(servicer, server)

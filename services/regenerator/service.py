@@ -1,0 +1,87 @@
+"""Wires the regenerator: rewriters, generator, pipeline, gRPC server and queue consumer."""
+
+from __future__ import annotations
+
+import logging
+
+from clipchat.broker import REGENERATE_QUEUE, Broker, Subscription
+from clipchat.media.ffmpeg import FfmpegRunner
+from clipchat.rpc import GrpcServer, create_server
+from clipchat.settings import Settings
+from clipchat.status_client import StatusClient
+from clipchat.storage import Storage
+from services.regenerator import server as regenerator_server
+from services.regenerator.generator import VideoGenerator
+from services.regenerator.pipeline import RegenerationPipeline
+from services.regenerator.rewrite import (
+    ChainRewriter,
+    LLMRewriter,
+    ModifierRewriter,
+    PromptRewriter,
+    TemplateRewriter,
+)
+from services.regenerator.worker import RegenerateWorker
+
+log = logging.getLogger("clipchat.regenerator")
+
+
+def build_rewriter(settings: Settings) -> PromptRewriter:
+    """Templates first; then the LLM when one is configured, else the honest modifier fallback."""
+    rewriters: list[PromptRewriter] = [TemplateRewriter()]
+    if settings.llm_base_url:
+        rewriters.append(LLMRewriter(
+            base_url=settings.llm_base_url, model=settings.llm_model, api_key=settings.llm_api_key,
+            timeout_seconds=settings.llm_timeout_seconds,
+            price_per_1k_input=settings.llm_price_per_1k_input,
+            price_per_1k_output=settings.llm_price_per_1k_output,
+            history_turns=settings.llm_history_turns))
+    else:
+        rewriters.append(ModifierRewriter())
+    return ChainRewriter(rewriters)
+
+
+def build_generator(settings: Settings, ffmpeg: FfmpegRunner) -> VideoGenerator:
+    if settings.generator == "http":
+        from services.regenerator.http_generator import HttpVideoGenerator
+
+        return HttpVideoGenerator(settings.generator_url, settings.generator_api_token, settings.generator_model,
+                                  price_per_second=settings.generation_price_per_second,
+                                  generation_timeout=settings.generator_timeout_seconds)
+    from services.regenerator.local_generator import LocalVideoGenerator
+
+    return LocalVideoGenerator(ffmpeg)
+
+
+class RegeneratorService:
+    def __init__(self, settings: Settings, *, storage: Storage, broker: Broker,
+                 rewriter: PromptRewriter | None = None, generator: VideoGenerator | None = None) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds)
+        ffmpeg = FfmpegRunner(settings.ffmpeg_path or None)
+        self.generator = generator or build_generator(settings, ffmpeg)
+        self.pipeline = RegenerationPipeline(status=self.status, storage=storage, broker=broker,
+                                             rewriter=rewriter or build_rewriter(settings),
+                                             generator=self.generator, ffmpeg=ffmpeg, settings=settings)
+        self.worker = RegenerateWorker(self.pipeline)
+        self.servicer = regenerator_server.RegeneratorServicer(status=self.status, broker=broker,
+                                                               generator=self.generator, settings=settings)
+        self.grpc: GrpcServer | None = None
+        self._consumer: Subscription | None = None
+
+    async def start(self, *, host: str = "127.0.0.1", port: int = 0, consume: bool = True) -> GrpcServer:
+        self.grpc = await create_server(
+            [(regenerator_server.add_to_server, self.servicer, regenerator_server.SERVICE_NAME)],
+            host=host, port=port)
+        if consume:
+            self._consumer = await self.broker.consume(REGENERATE_QUEUE, self.worker.handle,
+                                                       prefetch=self.settings.worker_concurrency)
+        log.info("regenerator.started", extra={"port": self.grpc.port})
+        return self.grpc
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.cancel()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=2.0)
+        await self.status.close()
