@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     # Backends. Empty database_url / storage_url mean "under data_dir".
     database_url: str = ""
     broker_url: str = "memory://"
+    # Prefix of every queue and exchange name, to share one RabbitMQ between deployments.
+    broker_namespace: str = ""
     storage_url: str = ""
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"

@@ -90,4 +90,5 @@ def create_broker(settings: object) -> Broker:
         return InMemoryBroker(delivery_limit=settings.delivery_limit)
     from clipchat.broker.rabbitmq import RabbitMQBroker
 
-    return RabbitMQBroker(settings.broker_url, delivery_limit=settings.delivery_limit)
+    return RabbitMQBroker(settings.broker_url, delivery_limit=settings.delivery_limit,
+                          namespace=settings.broker_namespace)

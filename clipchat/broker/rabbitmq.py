@@ -82,6 +82,8 @@ class RabbitMQBroker:
         Raises ``DependencyUnavailable`` when RabbitMQ cannot be reached or refuses the topology
         (for example a queue of the same name declared with other arguments).
         """
+        if self._connection is not None and not self._connection.is_closed:
+            return
         try:
             self._connection = await aio_pika.connect_robust(self._url, timeout=self._connect_timeout)
             self._publish_channel = await self._connection.channel(publisher_confirms=True,
@@ -117,8 +119,7 @@ class RabbitMQBroker:
         the ``delivery_limit``-th delivery); any other exception dead-letters it at once.
         Raises ``DependencyUnavailable`` for a queue outside the topology or a broker that is down.
         """
-        if queue not in WORK_QUEUES and queue != DEAD_LETTER_QUEUE:
-            raise DependencyUnavailable(_UNAVAILABLE)
+        self._require_topology_queue(queue)
         channel = await self._open_channel(prefetch)
         try:
             amqp_queue = await self._declare_queue(channel, queue)
@@ -170,9 +171,8 @@ class RabbitMQBroker:
         Broker-added ``x-`` headers (``x-death`` and the like) are left out of ``headers``.
         Raises ``DependencyUnavailable``.
         """
-        if queue not in WORK_QUEUES and queue != DEAD_LETTER_QUEUE:
-            raise DependencyUnavailable(_UNAVAILABLE)
-        channel = await self._open_channel(0)
+        self._require_topology_queue(queue)
+        channel = await self._open_channel()
         drained: list[Delivery] = []
         try:
             amqp_queue = await self._declare_queue(channel, queue, robust=False)
@@ -186,7 +186,8 @@ class RabbitMQBroker:
         return drained
 
     async def ping(self) -> bool:
-        """Whether RabbitMQ answers now: a passive round trip on the publishing channel."""
+        """Whether RabbitMQ answers now: an idempotent declare, a round trip on the publishing
+        channel. Never raises."""
         if self._connection is None or self._connection.is_closed or self._publish_channel is None:
             return False
         try:
@@ -213,11 +214,18 @@ class RabbitMQBroker:
             "x-delivery-limit": self.delivery_limit,
         }
 
-    async def _open_channel(self, prefetch: int) -> AbstractRobustChannel:
+    def _require_topology_queue(self, queue: str) -> None:
+        # Only the topology's queues are declared with the arguments that make them work queues;
+        # any other name is refused like an unroutable publish.
+        if queue not in WORK_QUEUES and queue != DEAD_LETTER_QUEUE:
+            log.warning("broker.unknown_queue", extra={"queue": queue})
+            raise DependencyUnavailable(_UNAVAILABLE)
+
+    async def _open_channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
         connection = self._require_connection()
         try:
             channel = await connection.channel()
-            if prefetch:
+            if prefetch is not None:
                 await channel.set_qos(prefetch_count=prefetch)
         except _AMQP_FAILURES as exc:
             raise DependencyUnavailable(_UNAVAILABLE) from exc

@@ -1,4 +1,4 @@
-"""Object storage in a local folder (embedded mode, and the composer's segment cache).
+"""Object storage in a local folder (embedded mode, and local caches).
 
 An object is the file ``root/<key>``. Writes go to a temporary file under ``root/.tmp`` (the same
 file system, and a name no key can take since keys start with a letter or digit) and are then
@@ -45,7 +45,8 @@ class LocalStorage:
     async def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> None:
         """Copy the local file ``path`` to ``key``. Raises ``Conflict`` when ``key`` exists.
 
-        If reading ``path`` fails half-way, nothing becomes visible under ``key``.
+        If reading ``path`` fails half-way (the ``OSError`` propagates), nothing becomes visible
+        under ``key``. ``content_type`` is not kept: a folder has nowhere to store it.
         """
         target = self._path(key)
 

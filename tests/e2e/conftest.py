@@ -1,0 +1,162 @@
+"""The whole system as a user runs it: ``clipchat up`` (embedded) or one process per service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, missing
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIPCHAT = str(Path(sys.executable).with_name("clipchat"))
+TOKEN = "e2e-token"
+
+
+@dataclass
+class RunningClipChat:
+    url: str
+    token: str
+    data_dir: Path
+    env: dict[str, str]
+    output: list[str]
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"},
+                            timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLIPCHAT, *args, "--url", self.url, "--token", self.token], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _pump(proc: subprocess.Popen[str], sink: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sink.append(line)
+
+
+def start_process(args: list[str], env: dict[str, str], sink: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    threading.Thread(target=_pump, args=(proc, sink), daemon=True).start()
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def wait_until(predicate, what: str, procs: list[subprocess.Popen[str]], output: list[str],
+               limit: float = 300) -> None:
+    """Readiness wait (not a speed check): fail with the processes' output if they die or hang."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"{what}: a process exited\n{''.join(output[-60:])}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not ready after {limit:.0f} s\n{''.join(output[-60:])}")
+        time.sleep(0.2)
+
+
+def base_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPCHAT_")}
+    env.update({"CLIPCHAT_DATA_DIR": str(data_dir), "CLIPCHAT_AUTH_TOKENS": f"{TOKEN}=e2e,other-token=other",
+                "CLIPCHAT_LEASE_SECONDS": "30", "CLIPCHAT_HEARTBEAT_SECONDS": "1",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str) -> Iterator[RunningClipChat]:
+    """``clipchat up`` on a free port with a fresh data folder: the demo job is composed when ready."""
+    data_dir = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    env = base_env(data_dir)
+    output: list[str] = []
+    proc = start_process([CLIPCHAT, "up", "--port", str(port)], env, output)
+    try:
+        wait_until(lambda: any("ClipChat is running" in line for line in output), "clipchat up", [proc], output)
+        yield RunningClipChat(f"http://127.0.0.1:{port}", TOKEN, data_dir, env, output)
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postgres_admin_dsn: str,
+                rabbitmq_url: str, moto_s3: str) -> Iterator[RunningClipChat]:
+    """Each service its own process, with PostgreSQL, RabbitMQ and moto S3."""
+    import asyncio
+    import uuid
+
+    import boto3
+
+    from tests.conftest import _create_database, _drop_database
+
+    data_dir = tmp_path_factory.mktemp("distributed")
+    db_name = f"clipchat_e2e_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_create_database(postgres_admin_dsn, db_name))
+    bucket = f"clipchat-e2e-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket=bucket)
+    ports = {name: free_port() for name in ("status", "regenerator", "composer", "gateway")}
+    env = base_env(data_dir)
+    pg_base = postgres_admin_dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    env.update({
+        "CLIPCHAT_DATABASE_URL": f"{pg_base}/{db_name}",
+        "CLIPCHAT_BROKER_URL": rabbitmq_url,
+        "CLIPCHAT_BROKER_NAMESPACE": f"e2e-{uuid.uuid4().hex[:8]}",
+        "CLIPCHAT_STORAGE_URL": f"s3://{bucket}",
+        "CLIPCHAT_S3_ENDPOINT_URL": moto_s3,
+        "CLIPCHAT_S3_ACCESS_KEY_ID": "test", "CLIPCHAT_S3_SECRET_ACCESS_KEY": "test",
+        "CLIPCHAT_STATUS_ADDR": f"127.0.0.1:{ports['status']}",
+        "CLIPCHAT_REGENERATOR_ADDR": f"127.0.0.1:{ports['regenerator']}",
+        "CLIPCHAT_COMPOSER_ADDR": f"127.0.0.1:{ports['composer']}",
+        "CLIPCHAT_GATEWAY_PORT": str(ports["gateway"]),
+    })
+    migrated = subprocess.run([CLIPCHAT, "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert migrated.returncode == 0, migrated.stderr
+    output: list[str] = []
+    procs = [start_process([CLIPCHAT, "serve", name], env, output)
+             for name in ("status", "composer", "regenerator", "gateway")]
+    url = f"http://127.0.0.1:{ports['gateway']}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/api/v1/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, "distributed services", procs, output, limit=120)
+        yield RunningClipChat(url, TOKEN, data_dir, env, output)
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+        asyncio.run(_drop_database(postgres_admin_dsn, db_name))
+
+
+def wait_for_job(client: httpx.Client, job_id: str, statuses: set[str], limit: float = 300) -> dict:
+    deadline = time.monotonic() + limit
+    while True:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} stayed {job['status']}")
+        time.sleep(0.3)
