@@ -1,0 +1,141 @@
+"""JobStatusService over real gRPC: status codes, WatchJob resume, the lease sweeper, health."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clipchat.broker.memory import InMemoryBroker
+from clipchat.db import Database
+from clipchat.db.migrate import upgrade
+from clipchat.settings import Settings
+from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
+from services.status.service import StatusService
+
+
+@pytest.fixture
+async def service(database_url: str, tmp_path: Path) -> AsyncIterator[StatusService]:
+    await upgrade(database_url)
+    settings = Settings(data_dir=tmp_path, database_url=database_url, lease_seconds=1.0,
+                        sweep_interval_seconds=0.1)
+    broker = InMemoryBroker()
+    await broker.connect()
+    db = Database(database_url)
+    status = StatusService(settings, db, broker)
+    await status.start(port=0)
+    yield status
+    await status.stop()
+    await broker.close()
+    await db.dispose()
+
+
+@pytest.fixture
+async def stub(service: StatusService) -> AsyncIterator[jobs_pb2_grpc.JobStatusServiceStub]:
+    assert service.grpc is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:
+        yield jobs_pb2_grpc.JobStatusServiceStub(channel)
+
+
+async def composed(stub: jobs_pb2_grpc.JobStatusServiceStub) -> str:
+    created = await stub.CreateJob(jobs_pb2.CreateJobRequest(
+        owner="alice", audio_key="jobs/a/music.m4a",
+        clips=[jobs_pb2.ClipInput(prompt=f"p{i}", duration=2, video_key=f"jobs/a/{i}.mp4") for i in range(3)]),
+        timeout=10)
+    await stub.SucceedRegeneration(jobs_pb2.SucceedRegenerationRequest(
+        job_id=created.job.job_id, lease_token=created.lease_token, video_key="jobs/a/v1.mp4",
+        video_duration=6), timeout=10)
+    return created.job.job_id
+
+
+async def test_status_codes(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetJob(jobs_pb2.GetJobRequest(job_id="00000000-0000-0000-0000-000000000000"), timeout=10)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    job_id = await composed(stub)
+    begin = jobs_pb2.BeginRegenerationRequest(job_id=job_id, owner="alice", clip_index=1,
+                                              user_instruction="make it nighttime", estimated_cost="0.1")
+    first = await stub.BeginRegeneration(begin, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as second:
+        await stub.BeginRegeneration(begin, timeout=10)
+    assert second.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await stub.RenewLease(jobs_pb2.RenewLeaseRequest(job_id=job_id, lease_token="not-the-token"), timeout=10)
+    assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await stub.RenewLease(jobs_pb2.RenewLeaseRequest(job_id=job_id, lease_token=first.lease_token), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as out_of_range:
+        await stub.BeginRegeneration(jobs_pb2.BeginRegenerationRequest(
+            job_id=job_id, owner="bob", clip_index=1, user_instruction="x"), timeout=10)
+    assert out_of_range.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_worker_without_heartbeat_is_failed_and_fenced(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
+    job_id = await composed(stub)
+    began = await stub.BeginRegeneration(jobs_pb2.BeginRegenerationRequest(
+        job_id=job_id, owner="alice", clip_index=0, user_instruction="make it nighttime"), timeout=10)
+    job = None
+    for _ in range(200):  # the lease is 1 s; the sweeper runs every 0.1 s
+        job = (await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10)).job
+        if job.state == common_pb2.JOB_STATE_FAILED:
+            break
+        await asyncio.sleep(0.05)
+    assert job is not None and job.state == common_pb2.JOB_STATE_FAILED
+    assert job.error_retryable and job.error_code == "lease_expired"
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await stub.SucceedRegeneration(jobs_pb2.SucceedRegenerationRequest(
+            job_id=job_id, lease_token=began.lease_token, regeneration_id=began.regeneration.regeneration_id,
+            new_clip=jobs_pb2.ClipInput(prompt="late", duration=2, video_key="jobs/a/late.mp4"),
+            video_key="jobs/a/late-version.mp4", video_duration=6), timeout=10)
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    after = (await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10)).job
+    assert after.current_version == 1 and len(after.versions) == 1
+    assert after.clips[0].prompt == "p0"
+
+
+async def test_watch_resumes_without_gap_or_duplicate(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
+    job_id = await composed(stub)
+    began = await stub.BeginRegeneration(jobs_pb2.BeginRegenerationRequest(
+        job_id=job_id, owner="alice", clip_index=0, user_instruction="rain"), timeout=10)
+    replay = [e async for e in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, replay_only=True),
+                                             timeout=10)]
+    sequences = [e.sequence for e in replay]
+    assert sequences == list(range(1, len(sequences) + 1))
+    n = sequences[-1]
+
+    seen: list[int] = []
+    call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, after_sequence=n - 1), timeout=30)
+
+    async def follow() -> None:
+        async for event in call:
+            seen.append(event.sequence)
+            if event.type == "regeneration.cancelled":
+                return
+
+    follower = asyncio.create_task(follow())
+    for i in range(5):
+        await stub.RecordProgress(jobs_pb2.RecordProgressRequest(
+            job_id=job_id, lease_token=began.lease_token, stage=common_pb2.STAGE_GENERATING,
+            fraction=i / 5), timeout=10)
+    await stub.CancelRegeneration(jobs_pb2.CancelRegenerationRequest(
+        job_id=job_id, owner="alice", regeneration_id=began.regeneration.regeneration_id), timeout=10)
+    await asyncio.wait_for(follower, 30)
+    assert seen == list(range(n, n + 7))
+
+
+async def test_health_and_reflection(service: StatusService) -> None:
+    assert service.grpc is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="clipchat.v1.JobStatusService"),
+                                   timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+        assert "clipchat.v1.JobStatusService" in names
