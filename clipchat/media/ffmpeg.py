@@ -152,10 +152,14 @@ async def _read_progress(stream: asyncio.StreamReader, expected_duration: float 
 
 
 async def _read_lines(stream: asyncio.StreamReader, tail: deque[str]) -> None:
-    async for raw in stream:
-        line = raw.decode("utf-8", "replace").rstrip()
-        if line:
-            tail.append(line)
+    """Keep the last lines of ``stream``; read in chunks, since a line may pass any length limit."""
+    pending = b""
+    while chunk := await stream.read(65_536):
+        *lines, pending = (pending + chunk).replace(b"\r", b"\n").split(b"\n")
+        tail.extend(text for line in lines if (text := line.decode("utf-8", "replace").rstrip()))
+        pending = pending[-65_536:]
+    if pending.strip():
+        tail.append(pending.decode("utf-8", "replace").rstrip())
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:

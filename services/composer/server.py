@@ -50,7 +50,7 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
                 eta_seconds=eta or 0.0))
 
         task: asyncio.Task[CompositionResult] = asyncio.create_task(
-            self.composer.compose(spec, output_key, on_progress))
+            self.composer.compose(spec, output_key, on_progress=on_progress))
         try:
             while not task.done() or not updates.empty():
                 getter = asyncio.ensure_future(updates.get())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from clipchat.broker import COMPOSE_QUEUE, Broker, Subscription
-from clipchat.media.encoder import detect_encoder
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.rpc import GrpcServer, create_server
 from clipchat.settings import Settings
@@ -31,7 +30,7 @@ class ComposerService:
         self.encoder = ""
 
     async def start(self, *, host: str = "127.0.0.1", port: int = 0, consume: bool = True) -> GrpcServer:
-        choice = await detect_encoder(self.ffmpeg, self.settings.encoder)
+        choice = await self.composer.encoder()
         self.encoder = choice.name
         log.info("composer.encoder", extra={"encoder": choice.name, "reason": choice.reason})
         self.grpc = await create_server(

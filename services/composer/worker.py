@@ -93,7 +93,7 @@ class ComposeWorker:
             await self.status.progress(job.job_id, token, stage, overall, message=f"Composer: {stage}",
                                        eta_seconds=eta or 0.0)
 
-        result = await self.policy.run(lambda: self.composer.compose(spec, output_key, on_progress),
+        result = await self.policy.run(lambda: self.composer.compose(spec, output_key, on_progress=on_progress),
                                        what="compose")
         cost = (self.settings.composition_price_per_second
                 * type(self.settings.composition_price_per_second)(str(round(result.duration, 3))))
