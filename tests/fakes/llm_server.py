@@ -1,0 +1,309 @@
+"""A local OpenAI-compatible Chat Completions server, for tests and demos.
+
+``POST /v1/chat/completions`` answers like the real API: a ``chat.completion`` whose message
+content is a JSON object ``{"prompt", "summary"}`` (what a ``json_schema`` response format asks
+for) and a ``usage`` block with token counts derived from the text lengths (about 4 characters a
+token). The rewritten prompt is deterministic: when the user message is the JSON document
+``LLMRewriter`` sends, it is ``"<clip_prompt>, <instruction>"``; otherwise the last user message.
+``GET /v1/models`` lists the one model. It runs uvicorn in a background thread on 127.0.0.1 and
+an OS-chosen port; ``url`` is the base URL, ending in ``/v1``.
+
+Answers are scripted as a queue of actions, one consumed per completion request (an empty queue
+means ``"ok"``). An action is a word, optionally followed by ``:argument``:
+
+- ``ok``, or ``ok:<prompt_tokens>,<completion_tokens>`` to report exactly that usage;
+  ``no_usage`` (ok, without a ``usage`` block);
+- an HTTP status such as ``500`` / ``408`` / ``401``, or ``429:<Retry-After>`` (seconds or an
+  HTTP-date), with OpenAI's error body;
+- ``timeout`` (waits ``hang_seconds``, longer than any client timeout, then answers) and
+  ``slow:<seconds>`` (answers ``ok`` after that delay);
+- ``malformed`` (200 with a broken JSON body);
+- ``content_policy`` (400, ``{"error": {"code": "content_policy_violation", ...}}``);
+- ``refusal`` (200 whose message carries a ``refusal`` instead of content);
+- ``echo_system`` (200 whose prompt repeats the system message, as a prompt-injected model would);
+- ``content:<text>`` (200 whose message content is exactly ``<text>``).
+
+Example::
+
+    with FakeLLMServer(api_key="test-key") as server:
+        server.script(["500", "429:3", "ok"])
+        ...
+        assert len(server.calls) == 3
+
+As a pytest fixture::
+
+    @pytest.fixture
+    def llm_server() -> Iterator[FakeLLMServer]:
+        yield from serve_fake_llm()
+
+Run ``python -m tests.fakes.llm_server --port 8089`` to serve it for a demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+MODEL = "fake-llm-1"
+MALFORMED_JSON = b'{"id": "chatcmpl-oops", "choices": [{"message": '
+CONTENT_POLICY_BODY = {"error": {
+    "message": "Your request was rejected as a result of our safety system.",
+    "type": "invalid_request_error", "param": None, "code": "content_policy_violation"}}
+REFUSAL_TEXT = "I'm sorry, I can't help with that request."
+_CREATED = 1_700_000_000  # a fixed timestamp keeps answers byte-for-byte deterministic
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """One completion request the fake received."""
+
+    body: Any  # the parsed JSON body (or the raw text when it was not JSON)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        messages = self.body.get("messages") if isinstance(self.body, dict) else None
+        return [m for m in messages or [] if isinstance(m, dict)]
+
+    def contents(self, role: str) -> list[str]:
+        """The text of every message with ``role``, in order."""
+        return [m["content"] for m in self.messages
+                if m.get("role") == role and isinstance(m.get("content"), str)]
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """The last user message parsed as a JSON object, when it is one."""
+        users = self.contents("user")
+        try:
+            parsed = json.loads(users[-1]) if users else None
+        except ValueError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+
+
+class FakeLLMServer:
+    """The fake API; use as a context manager, or call ``start`` and ``stop``.
+
+    With ``api_key`` set, requests without ``Authorization: Bearer <api_key>`` get 401.
+    ``hang_seconds`` is how long a ``timeout`` action waits before answering.
+    """
+
+    def __init__(self, *, api_key: str | None = None, model: str = MODEL, hang_seconds: float = 30.0) -> None:
+        self.api_key = api_key
+        self.model = model
+        self.hang_seconds = hang_seconds
+        self._lock = threading.Lock()
+        self._script: deque[str] = deque()
+        self._calls: list[ChatCall] = []
+        self._answers: list[dict[str, Any]] = []
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # Scripting and inspection (called from the test's thread).
+
+    def script(self, actions: Iterable[str]) -> None:
+        """Queue actions for the next completion requests (see the module docstring)."""
+        with self._lock:
+            self._script.extend(actions)
+
+    @property
+    def calls(self) -> list[ChatCall]:
+        """Every completion request received, in order."""
+        with self._lock:
+            return list(self._calls)
+
+    @property
+    def answers(self) -> list[dict[str, Any]]:
+        """The bodies of the successful completions sent, in order."""
+        with self._lock:
+            return list(self._answers)
+
+    # Lifecycle.
+
+    def start(self, port: int = 0) -> FakeLLMServer:
+        """Bind ``port`` on 127.0.0.1 (0: a free one) and serve until ``stop``.
+
+        Raises ``RuntimeError`` when the server does not come up within 10 seconds.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=1)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                  name="fake-llm-server", daemon=True)
+        self._server, self._thread = server, thread
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                sock.close()
+                raise RuntimeError("the fake LLM server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> FakeLLMServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # The app (runs on the server's thread).
+
+    def _next(self) -> tuple[str, str]:
+        with self._lock:
+            action = self._script.popleft() if self._script else "ok"
+        word, _, argument = action.partition(":")
+        return word, argument
+
+    def _app(self) -> FastAPI:
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+        @app.get("/v1/models")
+        async def models() -> Response:
+            return JSONResponse({"object": "list", "data": [
+                {"id": self.model, "object": "model", "created": _CREATED, "owned_by": "clipchat-tests"}]})
+
+        @app.post("/v1/chat/completions")
+        async def completions(request: Request) -> Response:
+            raw = await request.body()
+            try:
+                body: Any = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+            call = ChatCall(body, dict(request.headers))
+            with self._lock:
+                self._calls.append(call)
+            if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            if not isinstance(body, dict) or not call.messages:
+                return _error(400, "'messages' is a required property.", "invalid_request_error", None)
+            word, argument = self._next()
+            if word in ("timeout", "slow"):
+                await asyncio.sleep(float(argument) if argument else self.hang_seconds)
+                word = "ok"
+            return self._answer(call, word, argument)
+
+        return app
+
+    def _answer(self, call: ChatCall, word: str, argument: str) -> Response:
+        if word == "malformed":
+            return Response(MALFORMED_JSON, status_code=200, media_type="application/json")
+        if word == "content_policy":
+            return JSONResponse(CONTENT_POLICY_BODY, status_code=400)
+        if word.isdigit():
+            status = int(word)
+            headers = {"Retry-After": argument} if argument else {}
+            return _error(status, f"scripted HTTP {status}", "server_error" if status >= 500 else
+                          "invalid_request_error", None, headers)
+        if word == "refusal":
+            return self._completion(call, None, refusal=REFUSAL_TEXT)
+        if word == "echo_system":
+            system = " ".join(call.contents("system"))
+            return self._completion(call, json.dumps({"prompt": system[:600], "summary": "Done."}))
+        if word == "content":
+            return self._completion(call, argument)
+        if word in ("ok", "no_usage"):
+            prompt, summary = _rewrite(call)
+            usage = tuple(int(n) for n in argument.split(",")) if argument else None
+            return self._completion(call, json.dumps({"prompt": prompt, "summary": summary}),
+                                    with_usage=word == "ok", usage=usage)
+        return _error(500, f"unknown scripted action {word!r}", "server_error", None)
+
+    def _completion(self, call: ChatCall, content: str | None, *, refusal: str | None = None,
+                    with_usage: bool = True, usage: tuple[int, ...] | None = None) -> Response:
+        with self._lock:
+            number = len(self._answers) + 1
+        answer: dict[str, Any] = {
+            "id": f"chatcmpl-fake-{number}",
+            "object": "chat.completion",
+            "created": _CREATED,
+            "model": call.body.get("model") or self.model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": content, "refusal": refusal}}],
+        }
+        if with_usage:
+            if usage:
+                prompt_tokens, completion_tokens = usage
+            else:
+                # Roughly how a BPE tokenizer counts English: ~4 characters a token, plus a few
+                # tokens of framing per message.
+                prompt_tokens = sum(math.ceil(len(_text(m)) / 4) + 4 for m in call.messages)
+                completion_tokens = math.ceil(len(content or refusal or "") / 4)
+            answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}
+        with self._lock:
+            self._answers.append(answer)
+        return JSONResponse(answer)
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+def _rewrite(call: ChatCall) -> tuple[str, str]:
+    """The deterministic "rewrite": the instruction appended to the clip prompt."""
+    data = call.data or {}
+    users = call.contents("user")
+    instruction = str(data.get("instruction") or (users[-1] if users else "")).strip().rstrip(".!")
+    base = str(data.get("clip_prompt") or "").strip().rstrip(".")
+    prompt = f"{base}, {instruction}" if base else instruction
+    return prompt, f"Applied the instruction: {instruction}."
+
+
+def _error(status: int, message: str, kind: str, code: str | None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def serve_fake_llm(**options: Any) -> Iterator[FakeLLMServer]:
+    """A running ``FakeLLMServer`` for the body of a pytest fixture (``yield from``)."""
+    with FakeLLMServer(**options) as server:
+        yield server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the fake OpenAI-compatible LLM for a demo.")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--api-key", default=None)
+    args = parser.parse_args()
+    server = FakeLLMServer(api_key=args.api_key).start(args.port)
+    print(f"fake LLM at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
