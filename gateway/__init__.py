@@ -1,0 +1,1 @@
+"""The REST + SSE gateway for browsers (see ``gateway.app.create_app``)."""

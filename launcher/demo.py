@@ -38,7 +38,7 @@ async def render_demo_media(folder: Path, ffmpeg: FfmpegRunner) -> tuple[list[Pa
     # A kick drum (decaying 55 Hz sine) on each beat over a soft chord; numbers only, no text.
     expression = (f"0.6*sin(2*PI*55*t)*exp(-18*mod(t,{beat}))"
                   f"+0.08*sin(2*PI*220*t)+0.06*sin(2*PI*277.18*t)+0.05*sin(2*PI*329.63*t)")
-    await ffmpeg.run(["-f", "lavfi", "-i", f"aevalsrc={expression}:s=48000:c=stereo:d={total}",
+    await ffmpeg.run(["-f", "lavfi", "-i", f"aevalsrc=exprs='{expression}':s=48000:c=stereo:d={total}",
                       "-c:a", "aac", "-b:a", "160k", str(music)], expected_duration=total)
     beats = [round(i * beat, 3) for i in range(int(total / beat))]
     return clips, music, beats

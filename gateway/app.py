@@ -1,0 +1,94 @@
+"""The gateway application: REST + SSE for browsers in front of the gRPC services.
+
+``create_app(settings)`` does no I/O; the gRPC channels (and storage, unless one is handed in) are
+opened by the lifespan when a server starts the app, and closed when it stops. ``serve(settings)``
+runs it with uvicorn on ``settings.gateway_host:gateway_port``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl, urlencode
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from clipchat.rpc import insecure_channel
+from clipchat.settings import Settings
+from clipchat.storage import Storage, create_storage
+from gateway.deps import QUERY_TOKEN_SCOPE_KEY, Downstream
+from gateway.errors import install_error_handlers
+from gateway.ratelimit import TokenBucketLimiter
+from gateway.routes import api_router
+from gateway.routes.page import STATIC_DIR
+from gateway.signing import MediaSigner
+
+API_DESCRIPTION = """Change one clip of an AI music video by chatting with it, and get the whole video
+back, recomposed.
+
+Authenticate with `Authorization: Bearer <token>`. Errors always have the shape
+`{"error": {"code", "message", "retryable"}}`. Money is a decimal string. Media URLs in the JSON are
+signed and expire; fetch the job again for fresh ones."""
+
+
+class GatewayApp(FastAPI):
+    """FastAPI that keeps a ``?access_token=`` out of the URL everything else sees.
+
+    EventSource cannot send headers, so the page passes its token in the query string. FastAPI's
+    telemetry records the query of each request in its span; the token is moved into the ASGI
+    scope before that happens, where the authentication dependency finds it.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and b"access_token=" in scope.get("query_string", b""):
+            pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+            tokens = [value for key, value in pairs if key == "access_token"]
+            if tokens:
+                scope = {**scope, QUERY_TOKEN_SCOPE_KEY: tokens[0],
+                         "query_string": urlencode([(k, v) for k, v in pairs if k != "access_token"])
+                         .encode("latin-1")}
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI:
+    """Build the gateway for ``settings``; ``storage`` overrides the one ``settings`` names."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        downstream = Downstream.connect(insecure_channel(settings.status_addr),
+                                        insecure_channel(settings.regenerator_addr))
+        owned_storage = storage is None
+        app.state.downstream = downstream
+        app.state.storage = create_storage(settings) if storage is None else storage
+        try:
+            yield
+        finally:
+            await downstream.close()
+            if owned_storage:
+                await app.state.storage.close()
+
+    app = GatewayApp(title="ClipChat API", version="1.0.0", description=API_DESCRIPTION,
+                     lifespan=lifespan)
+    app.state.settings = settings
+    app.state.signer = MediaSigner(settings.media_signing_key, settings.media_url_ttl_seconds,
+                                   base_url=settings.public_url)
+    app.state.limiter = TokenBucketLimiter(settings.rate_limit_per_minute)
+    install_error_handlers(app)
+    app.include_router(api_router())
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+async def serve(settings: Settings, *, storage: Storage | None = None) -> None:
+    """Run the gateway with uvicorn until the process is asked to stop (SIGINT/SIGTERM)."""
+    config = uvicorn.Config(
+        create_app(settings, storage=storage), host=settings.gateway_host, port=settings.gateway_port,
+        # Logging is configured by clipchat.telemetry; uvicorn's access log would print the query
+        # strings that carry EventSource tokens, and request spans already record each request.
+        log_config=None, access_log=False,
+        # Open SSE streams must not hold a rolling restart for long; EventSource reconnects.
+        timeout_graceful_shutdown=5)
+    await uvicorn.Server(config).serve()

@@ -1,0 +1,139 @@
+"""What routes get from FastAPI's dependency injection, as ``Annotated`` aliases.
+
+Everything lives on ``app.state`` (set up by ``gateway.app.create_app`` and its lifespan), so the
+routes never reach for globals.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+import grpc
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from grpc_health.v1 import health_pb2_grpc
+
+from clipchat.errors import NotFound
+from clipchat.settings import Settings
+from clipchat.storage import Storage
+from clipchat.v1 import jobs_pb2_grpc, regenerator_pb2_grpc
+from gateway.errors import ApiError
+from gateway.ratelimit import TokenBucketLimiter
+from gateway.signing import MediaSigner
+
+# Where ``GatewayApp`` puts a ``?access_token=`` it took out of the query string.
+QUERY_TOKEN_SCOPE_KEY = "clipchat.access_token"
+
+
+@dataclass
+class Downstream:
+    """The gRPC channels and stubs of the services behind the gateway."""
+
+    status_channel: grpc.aio.Channel
+    regenerator_channel: grpc.aio.Channel
+    status: jobs_pb2_grpc.JobStatusServiceStub
+    regenerator: regenerator_pb2_grpc.RegeneratorServiceStub
+    status_health: health_pb2_grpc.HealthStub
+    regenerator_health: health_pb2_grpc.HealthStub
+
+    @classmethod
+    def connect(cls, status_channel: grpc.aio.Channel, regenerator_channel: grpc.aio.Channel) -> Downstream:
+        return cls(status_channel, regenerator_channel,
+                   jobs_pb2_grpc.JobStatusServiceStub(status_channel),
+                   regenerator_pb2_grpc.RegeneratorServiceStub(regenerator_channel),
+                   health_pb2_grpc.HealthStub(status_channel),
+                   health_pb2_grpc.HealthStub(regenerator_channel))
+
+    async def close(self) -> None:
+        await self.status_channel.close()
+        await self.regenerator_channel.close()
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _downstream(request: Request) -> Downstream:
+    downstream: Downstream = request.app.state.downstream
+    return downstream
+
+
+def _storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def _signer(request: Request) -> MediaSigner:
+    signer: MediaSigner = request.app.state.signer
+    return signer
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+DownstreamDep = Annotated[Downstream, Depends(_downstream)]
+StorageDep = Annotated[Storage, Depends(_storage)]
+SignerDep = Annotated[MediaSigner, Depends(_signer)]
+
+_bearer = HTTPBearer(auto_error=False, description="A ClipChat API token.")
+_query_token = APIKeyQuery(name="access_token", auto_error=False,
+                           description="The API token, for EventSource which cannot send headers.")
+
+
+def _owner_of(token: str | None, settings: Settings) -> str:
+    if not token:
+        raise ApiError(401, "unauthenticated", "Sign in: send your API token as 'Authorization: Bearer "
+                                               "<token>'.", headers={"WWW-Authenticate": "Bearer"})
+    owner = None
+    # Compare with every token in constant time so response timing says nothing about the tokens.
+    for known, known_owner in settings.token_owners().items():
+        if hmac.compare_digest(known.encode(), token.encode()):
+            owner = known_owner
+    if owner is None:
+        raise ApiError(401, "invalid_token", "This API token is not valid. Check it and sign in again.",
+                       headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return owner
+
+
+def _current_owner(settings: SettingsDep,
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
+    return _owner_of(credentials.credentials if credentials else None, settings)
+
+
+def _stream_owner(request: Request, settings: SettingsDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+                  query_token: Annotated[str | None, Security(_query_token)]) -> str:
+    # GatewayApp moves ?access_token= out of the URL before telemetry records it, so the token is
+    # normally found in the scope; the query parameter covers the app run without that wrapper.
+    token = (credentials.credentials if credentials else None) \
+        or request.scope.get(QUERY_TOKEN_SCOPE_KEY) or query_token
+    return _owner_of(token, settings)
+
+
+def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current_owner)]) -> str:
+    limiter: TokenBucketLimiter = request.app.state.limiter
+    retry_after = limiter.acquire(owner)
+    if retry_after is not None:
+        raise ApiError(429, "rate_limited", f"Too many requests. Try again in {retry_after} s.",
+                       retryable=True, headers={"Retry-After": str(retry_after)})
+    return owner
+
+
+def _job_id(job_id: Annotated[str, Path(description="The job's id (a UUID).")]) -> str:
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        # Not a UUID cannot be anyone's job: the same answer as for someone else's job.
+        raise NotFound("This video does not exist or is not yours.") from None
+
+
+Owner = Annotated[str, Depends(_current_owner)]
+"""The caller's owner id, from ``Authorization: Bearer``."""
+StreamOwner = Annotated[str, Depends(_stream_owner)]
+"""The caller's owner id, from the header or ``?access_token=`` (for EventSource)."""
+LimitedOwner = Annotated[str, Depends(_rate_limited_owner)]
+"""The caller's owner id, after taking a token from their rate-limit bucket."""
+JobId = Annotated[str, Depends(_job_id)]
+"""The ``job_id`` path parameter in canonical UUID form."""

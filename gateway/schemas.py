@@ -1,0 +1,329 @@
+"""The JSON the gateway speaks, and the translation from the services' protobuf messages.
+
+Money is a decimal string, never a float. Storage keys never leave the gateway: every object is a
+signed media URL. Technical detail (stack traces, lease tokens) is never copied out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from clipchat.v1 import common_pb2
+from gateway.errors import ErrorBody
+from gateway.signing import MediaSigner
+
+MAX_CLIPS = 100
+MIN_CLIP_SECONDS = 0.2
+MAX_CLIP_SECONDS = 60.0
+MAX_PROMPT_CHARS = 2000
+MAX_TURN_CHARS = 4000
+MAX_TURNS = 50
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+class ClipSpec(BaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="What the clip shows (the prompt it was generated from).")
+    duration: float = Field(ge=MIN_CLIP_SECONDS, le=MAX_CLIP_SECONDS, allow_inf_nan=False,
+                            description="Seconds of this clip used in the video.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip()
+
+
+class TransitionSpec(BaseModel):
+    kind: str = Field(pattern=r"^[a-z][a-z_]{0,31}$", description='"cut", "crossfade", "fade_black", …')
+    duration: float = Field(ge=0, le=10, allow_inf_nan=False, description="Seconds.")
+
+
+class JobManifest(BaseModel):
+    """The ``manifest`` field of ``POST /jobs``: what the uploaded files are and how to join them."""
+
+    title: str | None = Field(default=None, max_length=200)
+    clips: list[ClipSpec] = Field(min_length=1, max_length=MAX_CLIPS)
+    transitions: list[TransitionSpec] | None = Field(
+        default=None, description="One between each pair of clips (len(clips) - 1).")
+    beat_timestamps: list[float] | None = Field(default=None, max_length=100_000,
+                                                description="Seconds, sorted, non-negative.")
+    aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
+    fit: Literal["pad", "crop"] = "pad"
+    budget_limit: Decimal | None = Field(default=None, gt=0, max_digits=14, decimal_places=4,
+                                         description='A decimal string, e.g. "25.00".')
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobManifest:
+        if self.transitions is not None:
+            if len(self.transitions) != len(self.clips) - 1:
+                raise ValueError(f"transitions must have one entry between each pair of clips: "
+                                 f"{len(self.clips) - 1} for {len(self.clips)} clips, "
+                                 f"got {len(self.transitions)}")
+            for i, transition in enumerate(self.transitions):
+                shorter = min(self.clips[i].duration, self.clips[i + 1].duration)
+                if transition.duration >= shorter:
+                    raise ValueError(f"transition {i} ({transition.duration} s) must be shorter than "
+                                     f"the clips it joins ({shorter} s)")
+        beats = self.beat_timestamps or []
+        if any(not math.isfinite(b) or b < 0 for b in beats):
+            raise ValueError("beat_timestamps must be non-negative seconds")
+        if any(a > b for a, b in itertools.pairwise(beats)):
+            raise ValueError("beat_timestamps must be sorted")
+        return self
+
+
+class Turn(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=MAX_TURN_CHARS)
+
+
+class RegenerateRequest(BaseModel):
+    instruction: str = Field(description="What to change, e.g. 'make it nighttime'. 1 to "
+                                         "CLIPCHAT_MAX_INSTRUCTION_CHARS characters (2,000 by default).",
+                             examples=["make it nighttime"])
+    conversation_history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+class VersionOut(BaseModel):
+    version: int
+    url: str
+    duration: float
+    created_at: datetime | None
+    created_by_regeneration_id: str | None
+    encoder: str | None
+
+
+class ClipOut(BaseModel):
+    index: int
+    prompt: str
+    duration: float
+    video_url: str | None
+    thumbnail_url: str | None
+    revision: int
+
+
+class JobOut(BaseModel):
+    id: str
+    title: str
+    status: Literal["composing", "completed", "regenerating", "failed", "unknown"]
+    current_version: int
+    video_url: str | None
+    versions: list[VersionOut]
+    clips: list[ClipOut]
+    total_cost: str
+    budget_limit: str
+    budget_used_fraction: float
+    budget_warning: bool
+    active_regeneration_id: str | None
+    error: ErrorBody | None
+    aspect_ratio: str
+    created_at: datetime | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class ClipList(BaseModel):
+    clips: list[ClipOut]
+
+
+class VersionList(BaseModel):
+    current_version: int
+    versions: list[VersionOut]
+
+
+class RegenerationAccepted(BaseModel):
+    regeneration_id: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "unknown"]
+    estimated_cost: str
+    budget_warning: bool
+
+
+class StepCostsOut(BaseModel):
+    llm: str
+    generation: str
+    composition: str
+
+
+class RegenerationOut(BaseModel):
+    id: str
+    clip_index: int
+    instruction: str
+    original_prompt: str
+    modified_prompt: str | None
+    change_summary: str | None
+    rewriter: str | None
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "unknown"]
+    stage: str | None
+    progress: float
+    cost: str
+    step_costs: StepCostsOut
+    estimated_cost: str
+    attempts: int
+    error: ErrorBody | None
+    created_at: datetime | None
+    finished_at: datetime | None
+
+
+class RegenerationList(BaseModel):
+    regenerations: list[RegenerationOut]
+
+
+class EventOut(BaseModel):
+    """The ``data:`` of one Server-Sent Event."""
+
+    sequence: int
+    type: str
+    stage: str | None
+    fraction: float
+    payload: dict[str, Any]
+    created_at: datetime | None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, str]
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Protobuf → JSON
+
+_FAILED_MESSAGE = "This did not work. Please try again."
+# Payload fields that are for operators or other services, never for the browser.
+_HIDDEN_PAYLOAD_KEYS = frozenset({"lease_token", "technical_detail", "traceback", "trace", "stack",
+                                  "exception", "owner"})
+
+
+def _money(value: str) -> Decimal:
+    try:
+        amount = Decimal(value or "0")
+    except InvalidOperation:
+        return Decimal(0)
+    return amount if amount.is_finite() else Decimal(0)
+
+
+def _time(ts: Timestamp) -> datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _enum_name(value: int, enum: Any, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return "unknown"
+    return name.removeprefix(prefix).lower()
+
+
+def stage_name(stage: int) -> str | None:
+    """``STAGE_GENERATING`` → ``"generating"``; unspecified → ``None``."""
+    if stage == common_pb2.STAGE_UNSPECIFIED:
+        return None
+    return _enum_name(stage, common_pb2.Stage, "STAGE_")
+
+
+def regeneration_status(state: int) -> Any:
+    if state == common_pb2.REGENERATION_STATE_UNSPECIFIED:
+        return "unknown"
+    return _enum_name(state, common_pb2.RegenerationState, "REGENERATION_STATE_")
+
+
+def version_out(version: common_pb2.VideoVersion, signer: MediaSigner) -> VersionOut:
+    return VersionOut(version=version.version, url=signer.url(version.storage_key),
+                      duration=version.duration, created_at=_time(version.created_at),
+                      created_by_regeneration_id=version.created_by_regeneration_id or None,
+                      encoder=version.encoder or None)
+
+
+def clips_out(clips: Any, signer: MediaSigner) -> list[ClipOut]:
+    """The current clip at each index (the highest revision), in timeline order."""
+    latest: dict[int, common_pb2.Clip] = {}
+    for clip in clips:
+        if clip.clip_index not in latest or clip.revision > latest[clip.clip_index].revision:
+            latest[clip.clip_index] = clip
+    return [ClipOut(index=c.clip_index, prompt=c.prompt, duration=c.duration,
+                    video_url=signer.optional_url(c.video_key),
+                    thumbnail_url=signer.optional_url(c.thumbnail_key), revision=c.revision)
+            for _, c in sorted(latest.items())]
+
+
+def job_out(job: common_pb2.Job, signer: MediaSigner, warning_fraction: Decimal) -> JobOut:
+    """The job JSON: state, current video, versions, clips, costs and the active regeneration."""
+    total, limit = _money(job.total_cost), _money(job.budget_limit)
+    used = total / limit if limit > 0 else Decimal(0)
+    versions = sorted((version_out(v, signer) for v in job.versions), key=lambda v: v.version)
+    current = next((v for v in versions if v.version == job.current_version), None)
+    error = None
+    if job.error_code:
+        error = ErrorBody(code=job.error_code, message=job.error_message or _FAILED_MESSAGE,
+                          retryable=job.error_retryable)
+    status = "unknown" if job.state == common_pb2.JOB_STATE_UNSPECIFIED else \
+        _enum_name(job.state, common_pb2.JobState, "JOB_STATE_")
+    return JobOut(id=job.job_id, title=job.title, status=status,  # type: ignore[arg-type]
+                  current_version=job.current_version, video_url=current.url if current else None,
+                  versions=versions, clips=clips_out(job.clips, signer),
+                  total_cost=str(total), budget_limit=str(limit),
+                  budget_used_fraction=round(float(used), 4),
+                  budget_warning=limit > 0 and used >= warning_fraction,
+                  active_regeneration_id=job.active_regeneration_id or None, error=error,
+                  aspect_ratio=job.aspect_ratio, created_at=_time(job.created_at))
+
+
+def regeneration_out(regen: common_pb2.Regeneration) -> RegenerationOut:
+    """One row of the regeneration history, without any technical detail."""
+    status = regeneration_status(regen.state)
+    error = None
+    if regen.error_code or status == "failed":
+        error = ErrorBody(code=regen.error_code or "failed",
+                          message=regen.error_message or _FAILED_MESSAGE, retryable=regen.retryable)
+    steps = regen.step_costs
+    return RegenerationOut(
+        id=regen.regeneration_id, clip_index=regen.clip_index, instruction=regen.user_instruction,
+        original_prompt=regen.original_prompt, modified_prompt=regen.modified_prompt or None,
+        change_summary=regen.change_summary or None, rewriter=regen.rewriter or None,
+        status=status, stage=stage_name(regen.stage), progress=regen.progress,
+        cost=str(_money(regen.cost)),
+        step_costs=StepCostsOut(llm=str(_money(steps.llm)), generation=str(_money(steps.generation)),
+                                composition=str(_money(steps.composition))),
+        estimated_cost=str(_money(regen.estimated_cost)), attempts=regen.attempts, error=error,
+        created_at=_time(regen.created_at), finished_at=_time(regen.finished_at))
+
+
+def event_out(event: common_pb2.JobEvent, signer: MediaSigner) -> EventOut:
+    """One job event for SSE. Storage keys in the payload become signed ``*_url`` fields."""
+    try:
+        raw = json.loads(event.payload_json) if event.payload_json else {}
+    except ValueError:
+        raw = {}
+    payload: dict[str, Any] = {}
+    for key, value in (raw.items() if isinstance(raw, dict) else ()):
+        if key in _HIDDEN_PAYLOAD_KEYS:
+            continue
+        if key.endswith("_key") and isinstance(value, str):
+            payload[key.removesuffix("_key") + "_url"] = signer.optional_url(value)
+        else:
+            payload[key] = value
+    return EventOut(sequence=event.sequence, type=event.type, stage=stage_name(event.stage),
+                    fraction=event.fraction, payload=payload, created_at=_time(event.created_at))

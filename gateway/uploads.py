@@ -1,0 +1,215 @@
+"""Receiving a job's uploads: a streaming multipart reader with size limits, and content sniffing.
+
+Files are streamed to a private temporary folder as they arrive, so a large upload never sits in
+memory and an oversized one is refused as soon as it passes the limit. The client's filename and
+declared content type are ignored: what a file is comes from its first bytes, and its storage key
+is made by the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import anyio
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from gateway.errors import ApiError, invalid_input
+
+SNIFF_BYTES = 64
+MAX_FIELD_BYTES = 1024 * 1024
+
+MediaKind = Literal["video", "audio"]
+
+
+@dataclass(frozen=True)
+class Sniffed:
+    """What a file's first bytes say it is."""
+
+    kind: MediaKind
+    suffix: str
+    content_type: str
+
+
+@dataclass
+class ReceivedFile:
+    """One uploaded file, written completely to ``path``."""
+
+    name: str
+    path: Path
+    size: int = 0
+    head: bytes = b""
+
+
+@dataclass
+class ReceivedForm:
+    fields: dict[str, str] = field(default_factory=dict)
+    files: list[ReceivedFile] = field(default_factory=list)
+
+    def files_named(self, name: str) -> list[ReceivedFile]:
+        return [f for f in self.files if f.name == name]
+
+
+def sniff(head: bytes, expected: MediaKind) -> Sniffed | None:
+    """Recognise the containers ClipChat accepts from a file's first bytes, or ``None``.
+
+    Video: MP4/MOV (``ftyp`` box or a QuickTime atom), WebM/Matroska (EBML). Audio: MP3 (ID3 tag or
+    an MPEG frame sync), WAV (RIFF/WAVE), M4A (``ftyp``), FLAC. An MP4-family file is accepted as
+    either kind because the brand alone cannot tell whether it carries video.
+    """
+    box = head[4:8]
+    brand = head[8:12]
+    if box == b"ftyp":
+        if expected == "audio":
+            return Sniffed("audio", ".m4a", "audio/mp4")
+        if brand == b"qt  ":
+            return Sniffed("video", ".mov", "video/quicktime")
+        return Sniffed("video", ".mp4", "video/mp4")
+    if expected == "video":
+        if box in (b"moov", b"mdat", b"wide", b"free") and len(head) >= 8:
+            return Sniffed("video", ".mov", "video/quicktime")
+        if head.startswith(b"\x1a\x45\xdf\xa3"):
+            if b"webm" in head:
+                return Sniffed("video", ".webm", "video/webm")
+            return Sniffed("video", ".mkv", "video/x-matroska")
+        return None
+    if head.startswith(b"ID3") or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return Sniffed("audio", ".mp3", "audio/mpeg")
+    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
+        return Sniffed("audio", ".wav", "audio/wav")
+    if head.startswith(b"fLaC"):
+        return Sniffed("audio", ".flac", "audio/flac")
+    return None
+
+
+class _Collector:
+    """python-multipart callbacks queue what they see; ``receive_multipart`` acts on it in order.
+
+    The parser is synchronous, so file writes and limit checks happen after each chunk, in async
+    code, rather than inside the callbacks.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, bytes]] = []
+        self.header_field = b""
+        self.header_value = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.ended = False
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self.headers = {}
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self.headers[self.header_field.lower()] = self.header_value
+        self.header_field = self.header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.events.append(("begin", options.get(b"name", b"")))
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self.events.append(("data", bytes(data[start:end])))
+
+    def _part_end(self) -> None:
+        self.events.append(("end", b""))
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+async def receive_multipart(request: Request, workdir: Path, *, file_fields: frozenset[str],
+                            text_fields: frozenset[str], max_file_bytes: int, max_files: int) -> ReceivedForm:
+    """Read a ``multipart/form-data`` body, streaming the file parts into ``workdir``.
+
+    Parts named in ``file_fields`` are files whatever their headers say; parts in ``text_fields``
+    are UTF-8 text of at most ``MAX_FIELD_BYTES``. Raises ``ApiError``: 413 for a file over
+    ``max_file_bytes``, 422 for a malformed body, an unexpected part or too many files.
+    """
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise invalid_input("Send the job as multipart/form-data with a 'manifest' field and "
+                            "'clips' and 'audio' files.")
+    collector = _Collector()
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
+    except MultipartParseError:
+        raise invalid_input("The multipart boundary is not valid.") from None
+    form = ReceivedForm()
+    current: ReceivedFile | None = None
+    out: IO[bytes] | None = None
+    text_name = ""
+    text = bytearray()
+    try:
+        async for chunk in request.stream():
+            try:
+                parser.write(chunk)
+            except MultipartParseError:
+                raise invalid_input("The upload is not valid multipart/form-data.") from None
+            events, collector.events = collector.events, []
+            for kind, data in events:
+                if kind == "begin":
+                    name = data.decode("latin-1")
+                    if name in file_fields:
+                        if len(form.files) >= max_files:
+                            raise invalid_input(f"Too many files: at most {max_files} in one job.")
+                        current = ReceivedFile(name, workdir / f"part-{len(form.files)}")
+                        form.files.append(current)
+                        out = await anyio.to_thread.run_sync(current.path.open, "wb")
+                    elif name in text_fields:
+                        text_name, text = name, bytearray()
+                    else:
+                        raise invalid_input(f"Unexpected form part '{name[:40]}'. Send 'manifest', "
+                                            "'clips' and 'audio'.")
+                elif kind == "data" and current is not None and out is not None:
+                    current.size += len(data)
+                    if current.size > max_file_bytes:
+                        raise ApiError(413, "payload_too_large",
+                                       f"A file is larger than {max_file_bytes // (1024 * 1024)} MiB.")
+                    if len(current.head) < SNIFF_BYTES:
+                        current.head = (current.head + data)[:SNIFF_BYTES]
+                    await anyio.to_thread.run_sync(out.write, data)
+                elif kind == "data":
+                    text += data
+                    if len(text) > MAX_FIELD_BYTES:
+                        raise ApiError(413, "payload_too_large", f"The '{text_name}' field is too large.")
+                elif kind == "end":
+                    if out is not None:
+                        await anyio.to_thread.run_sync(out.close)
+                        out, current = None, None
+                    elif text_name:
+                        try:
+                            form.fields[text_name] = text.decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise invalid_input(f"The '{text_name}' field must be UTF-8 text.") from None
+                        text_name = ""
+    except ClientDisconnect:
+        raise invalid_input("The upload was interrupted. Please send it again.") from None
+    finally:
+        if out is not None:
+            await anyio.to_thread.run_sync(out.close)
+    if not collector.ended:
+        raise invalid_input("The upload was cut off before its end. Please send it again.")
+    return form

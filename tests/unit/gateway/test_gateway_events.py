@@ -1,0 +1,144 @@
+"""Server-Sent Events through a real uvicorn server: replay, live events, heartbeats, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from clipchat.storage.local import LocalStorage
+from clipchat.v1 import common_pb2
+from gateway.app import create_app
+from tests.unit.gateway.gateway_rig import (
+    ALICE,
+    Backend,
+    SettingsFactory,
+    error_of,
+    make_job,
+    running,
+    served,
+)
+
+
+@pytest.fixture
+async def base_url(make_settings: SettingsFactory, storage: LocalStorage) -> AsyncIterator[str]:
+    async with served(create_app(make_settings(sse_heartbeat_seconds=0.3), storage=storage)) as url:
+        yield url
+
+
+def _job_with_events(backend: Backend) -> str:
+    job = backend.status.add_job(make_job("alice"))
+    backend.status.add_event(job.job_id, "job.created")
+    backend.status.add_event(job.job_id, "regeneration.queued", stage=common_pb2.STAGE_QUEUED)
+    backend.status.add_event(job.job_id, "progress", stage=common_pb2.STAGE_REWRITING, fraction=0.1)
+    backend.status.add_event(job.job_id, "progress", stage=common_pb2.STAGE_GENERATING, fraction=0.4,
+                             payload=json.dumps({"eta_seconds": 12.5, "lease_token": "secret",
+                                                 "technical_detail": "Traceback ..."}))
+    backend.status.add_event(job.job_id, "regeneration.completed", stage=common_pb2.STAGE_DONE, fraction=1.0,
+                             payload=json.dumps({"video_key": f"jobs/{job.job_id.replace('-', '')}/v3.mp4",
+                                                 "version": 3}))
+    return job.job_id
+
+
+async def _read_stream(lines: AsyncIterator[str], *, events: int,
+                       want_comment: bool) -> tuple[list[dict[str, str]], list[str]]:
+    """Parse SSE frames until ``events`` events (and a comment if wanted) arrived."""
+    frames: list[dict[str, str]] = []
+    comments: list[str] = []
+    current: dict[str, str] = {}
+    async for line in lines:
+        if line.startswith(":"):
+            comments.append(line)
+        elif line == "":
+            if current:
+                frames.append(current)
+                current = {}
+        else:
+            field, _, value = line.partition(":")
+            current[field] = value.removeprefix(" ")
+        if len(frames) >= events and (comments or not want_comment):
+            break
+    return frames, comments
+
+
+async def test_replays_after_last_event_id_then_follows(base_url: str, backend: Backend) -> None:
+    job_id = _job_with_events(backend)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client, client.stream(
+            "GET", f"/api/v1/jobs/{job_id}/events", params={"access_token": ALICE},
+            headers={"Last-Event-ID": "2"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        lines = response.aiter_lines()
+        frames, _ = await _read_stream(lines, events=3, want_comment=False)
+        assert [f["id"] for f in frames] == ["3", "4", "5"]
+        assert [f["event"] for f in frames] == ["progress", "progress", "regeneration.completed"]
+        data = json.loads(frames[1]["data"])
+        assert data == {"sequence": 4, "type": "progress", "stage": "generating", "fraction": 0.4,
+                        "payload": {"eta_seconds": 12.5}, "created_at": data["created_at"]}
+        done = json.loads(frames[2]["data"])
+        assert done["stage"] == "done" and done["payload"]["version"] == 3
+        assert done["payload"]["video_url"].startswith("/api/v1/media/jobs/")
+        assert "video_key" not in done["payload"]
+
+        backend.status.add_event(job_id, "progress", stage=common_pb2.STAGE_ENCODING, fraction=0.7)
+        live, comments = await _read_stream(lines, events=1, want_comment=True)
+        assert live[0]["id"] == "6" and json.loads(live[0]["data"])["stage"] == "encoding"
+        assert comments and comments[0].startswith(": ping")
+    assert backend.status.watch_requests[0].after_sequence == 2
+    assert backend.status.watch_requests[0].owner == "alice"
+    # The client left: the gateway cancels its WatchJob call.
+    await asyncio.wait_for(backend.status.watch_closed.wait(), 5)
+
+
+async def test_after_query_parameter_and_bearer_header(base_url: str, backend: Backend) -> None:
+    job_id = _job_with_events(backend)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client, client.stream(
+            "GET", f"/api/v1/jobs/{job_id}/events?after=4",
+            headers={"Authorization": f"Bearer {ALICE}"}) as response:
+        frames, _ = await _read_stream(response.aiter_lines(), events=1, want_comment=False)
+    assert frames[0]["id"] == "5"
+
+
+async def test_heartbeat_on_a_quiet_stream(base_url: str, backend: Backend) -> None:
+    job_id = _job_with_events(backend)
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client, client.stream(
+            "GET", f"/api/v1/jobs/{job_id}/events", params={"access_token": ALICE, "after": 5}) as response:
+        frames, comments = await _read_stream(response.aiter_lines(), events=0, want_comment=True)
+    assert frames == [] and comments[0].startswith(": ping")
+
+
+async def test_event_stream_errors_are_json(client: httpx.AsyncClient, backend: Backend) -> None:
+    job_id = _job_with_events(backend)
+    unknown = await client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000/events")
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "not_found"
+    other = await client.get(f"/api/v1/jobs/{job_id}/events", headers={"Authorization": "Bearer bob-token"})
+    assert other.status_code == 404
+    bad_resume = await client.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "x"})
+    assert bad_resume.status_code == 422 and error_of(bad_resume)["code"] == "invalid_input"
+    client.headers.pop("Authorization")
+    anonymous = await client.get(f"/api/v1/jobs/{job_id}/events")
+    assert anonymous.status_code == 401
+    wrong = await client.get(f"/api/v1/jobs/{job_id}/events", params={"access_token": "nope"})
+    assert wrong.status_code == 401 and error_of(wrong)["code"] == "invalid_token"
+
+
+async def test_query_token_is_kept_out_of_the_url_seen_by_the_app(make_settings: SettingsFactory,
+                                                                   storage: LocalStorage) -> None:
+    app = create_app(make_settings(), storage=storage)
+    seen: list[str] = []
+
+    @app.middleware("http")
+    async def record(request: httpx.Request, call_next):  # type: ignore[no-untyped-def]
+        seen.append(str(request.url))
+        return await call_next(request)
+
+    async with running(app) as client:
+        client.headers.pop("Authorization")
+        await client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000/events",
+                         params={"access_token": ALICE, "after": 3})
+    assert seen and ALICE not in seen[0] and "after=3" in seen[0]
