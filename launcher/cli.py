@@ -24,21 +24,23 @@ TokenOption = typer.Option(None, "--token", envvar="CLIPCHAT_API_TOKEN", help="A
 TERMINAL = {"regeneration.completed", "regeneration.failed", "regeneration.cancelled"}
 
 
+# Typer may vendor its own copy of click: catch argument errors from either.
+_USAGE_ERRORS: tuple[type[Exception], ...] = (click.ClickException, typer.TyperException)
+
+
 class CliError(Exception):
     """A mistake or failure to report as one line."""
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Abort:
+        result = app(standalone_mode=False)
+    except typer.Abort:
         sys.exit(130)
-    except click.UsageError as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    except _USAGE_ERRORS as exc:  # wrong arguments: one line, not a usage box
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -47,6 +49,8 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    if isinstance(result, int) and result:
+        sys.exit(result)
 
 
 def _settings() -> Settings:
@@ -263,7 +267,7 @@ async def _follow(client: httpx.AsyncClient, job_id: str, regeneration_id: str) 
     job = _check(await client.get(f"/api/v1/jobs/{job_id}"), 200)
     if event["type"] == "regeneration.completed":
         print(f"completed: version {job['current_version']}, cost ${payload.get('cost')}, "
-              f"total ${job['total_cost']}\n{job.get('video_url', '')}")
+              f"total ${job['total_cost']}\n{client.base_url.join(job.get('video_url', ''))}")
     elif event["type"] == "regeneration.cancelled":
         raise CliError("the regeneration was cancelled; the original video is kept")
     else:
