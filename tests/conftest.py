@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -43,31 +44,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    return port_open(parsed.hostname or "127.0.0.1", parsed.port or default_port)
+
+
 @pytest.fixture(scope="session")
 def ffmpeg_exe() -> str:
-    try:
-        import imageio_ffmpeg
+    exe = os.environ.get("CLIPCHAT_TEST_FFMPEG", "")
+    if not exe:
+        try:
+            import imageio_ffmpeg
 
-        exe = imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        missing(f"ffmpeg ({exc})")
-        raise
-    if not Path(exe).exists():
-        missing("ffmpeg")
+            exe = imageio_ffmpeg.get_ffmpeg_exe()
+        except Exception as exc:  # depends on the machine
+            missing(f"ffmpeg ({exc})")
+    if not Path(exe).is_file():
+        missing(f"ffmpeg at {exe}")
     return exe
 
 
 @pytest.fixture(scope="session")
 def rabbitmq_url() -> str:
-    if not port_open("127.0.0.1", 5672):
-        missing("RabbitMQ on 127.0.0.1:5672")
+    if not _reachable(AMQP_URL, 5672):
+        missing(f"RabbitMQ at {urlparse(AMQP_URL).netloc}")
     return AMQP_URL
 
 
 @pytest.fixture(scope="session")
 def postgres_admin_dsn() -> str:
-    if not port_open("127.0.0.1", 5432):
-        missing("PostgreSQL on 127.0.0.1:5432")
+    if not _reachable(PG_ADMIN_DSN, 5432):
+        missing(f"PostgreSQL at {urlparse(PG_ADMIN_DSN).netloc}")
     return PG_ADMIN_DSN
 
 
