@@ -231,11 +231,25 @@ class JobStateMachine:
                     f"This regeneration (about ${estimate:.2f}) would take the video past its budget "
                     f"of ${job.budget_limit:.2f} (${job.total_cost:.2f} spent so far).")
             token = secrets.token_hex(16)
+            last = (await session.execute(
+                select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
+                .order_by(ClipRegeneration.created_at.desc()).limit(1))).scalar_one_or_none()
+            if last is not None and last.created_at >= now:
+                # Keeps (job, clip, created_at) unique and history ordered even if replicas' clocks differ.
+                now = last.created_at + timedelta(microseconds=1)
             regeneration = ClipRegeneration(
                 id=uuid.uuid4(), job_id=job.id, clip_index=clip_index,
                 original_prompt=clips[clip_index].prompt, user_instruction=instruction,
                 conversation_history=history, status=RegenerationStatus.QUEUED, stage="queued",
-                estimated_cost=estimate, base_version=job.current_version, created_at=now)
+                estimated_cost=estimate, base_version=job.current_version, created_at=now, checkpoints={})
+            source = last if self._is_retry_of(last, job, clip_index, instruction) else None
+            if source is not None:
+                regeneration.checkpoints = {step: value for step, value in (source.checkpoints or {}).items()
+                                            if step in ("rewrite", "generate")}
+                if "rewrite" in regeneration.checkpoints:
+                    regeneration.modified_prompt = source.modified_prompt
+                    regeneration.change_summary = source.change_summary
+                    regeneration.rewriter = source.rewriter
             session.add(regeneration)
             job.status = JobStatus.REGENERATING
             job.lease_token = token
@@ -514,6 +528,14 @@ class JobStateMachine:
         if job is None or (owner and job.owner != owner):
             raise NotFound("No such video.", code="job_not_found")
         return job
+
+    @staticmethod
+    def _is_retry_of(last: ClipRegeneration | None, job: Job, clip_index: int, instruction: str) -> bool:
+        """Whether a new regeneration retries ``last``, the job's latest one: same clip, same
+        instruction, same video version, and it failed. Its paid-for steps are then reused, so the
+        LLM and the generator are not paid twice."""
+        return (last is not None and last.status == RegenerationStatus.FAILED and last.clip_index == clip_index
+                and last.user_instruction == instruction and last.base_version == job.current_version)
 
     async def _fenced(self, session: AsyncSession, job_id: str, token: str) -> Job:
         job = await self._lock(session, job_id)

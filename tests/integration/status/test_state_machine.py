@@ -208,3 +208,23 @@ async def test_restore_version(machine: JobStateMachine) -> None:
     assert snap.clips[1].prompt == "prompt 1"
     with pytest.raises(NotFound):
         await machine.restore_version(job_id, "alice", 7)
+
+
+async def test_retry_of_failed_regeneration_reuses_paid_steps(machine: JobStateMachine) -> None:
+    job_id = await composed_job(machine)
+    first = await begin(machine, job_id)
+    await machine.record_step(job_id, first.lease_token, step="rewrite", cost="0.0100",
+                              modified_prompt="night", checkpoint={"prompt": "night"})
+    await machine.record_step(job_id, first.lease_token, step="generate", cost="0.2000",
+                              checkpoint={"video_key": "jobs/x/gen.mp4", "duration": 2.0})
+    await machine.fail(job_id, first.lease_token, error_code="composition_failed",
+                       error_message="Recomposition failed. Original video preserved.")
+    retry = await begin(machine, job_id)
+    assert retry.regeneration.checkpoints == {"rewrite": {"prompt": "night"},
+                                              "generate": {"video_key": "jobs/x/gen.mp4", "duration": 2.0}}
+    assert retry.regeneration.cost == Decimal("0")
+    assert retry.regeneration.modified_prompt == "night"
+    await machine.fail(job_id, retry.lease_token, error_code="x", error_message="x")
+    changed = await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="make it snowy",
+                                  history=[], estimated_cost="0.1")
+    assert changed.regeneration.checkpoints == {}
