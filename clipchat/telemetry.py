@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -29,16 +30,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(service_name: str, *, otlp_endpoint: str = "", log_level: str = "INFO") -> None:
-    """Set up logging and tracing once per process."""
+def configure(service_name: str, *, otlp_endpoint: str = "", log_level: str = "INFO",
+              log_file: Path | None = None) -> None:
+    """Set up logging and tracing once per process.
+
+    Logs go to stderr as JSON lines; with ``log_file`` they go there instead and only warnings
+    reach the terminal (embedded mode, where a person reads the terminal).
+    """
     global _configured
     if _configured:
         return
     _configured = True
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(JsonFormatter())
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        console.setLevel(logging.WARNING)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(JsonFormatter())
+        handlers.append(to_file)
     root = logging.getLogger("clipchat")
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(log_level.upper())
     root.propagate = False
 

@@ -75,10 +75,11 @@ def _check(response: httpx.Response, *expected: int) -> Any:
     return response.json()
 
 
-def _configure_logging(settings: Settings, service: str) -> None:
+def _configure_logging(settings: Settings, service: str, *, to_file: bool = False) -> None:
     from clipchat import telemetry
 
-    telemetry.configure(service, otlp_endpoint=settings.otlp_endpoint, log_level=settings.log_level)
+    telemetry.configure(service, otlp_endpoint=settings.otlp_endpoint, log_level=settings.log_level,
+                        log_file=settings.data_dir / "clipchat.log" if to_file else None)
 
 
 @app.command()
@@ -91,7 +92,7 @@ def up(port: int = typer.Option(None, help="Gateway port (default CLIPCHAT_GATEW
     if not settings.page_token:
         settings = settings.model_copy(update={"page_token": next(iter(settings.token_owners()), "")})
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    _configure_logging(settings, "clipchat-embedded")
+    _configure_logging(settings, "clipchat-embedded", to_file=True)
     asyncio.run(_up(settings, demo))
 
 
@@ -99,7 +100,8 @@ async def _up(settings: Settings, demo: bool) -> None:
     from launcher.system import start_embedded
 
     stop = _stop_event()
-    print("Starting ClipChat (embedded: SQLite, in-process broker, local storage)…", flush=True)
+    print(f"Starting ClipChat (embedded: SQLite, in-process broker, storage in {settings.data_dir}/; "
+          f"logs in {settings.data_dir / 'clipchat.log'})…", flush=True)
     try:
         system = await start_embedded(settings)
     except OSError as exc:

@@ -24,7 +24,8 @@ class ComposerService:
         self.ffmpeg = FfmpegRunner(settings.ffmpeg_path or None)
         self.composer = Composer(storage, self.ffmpeg, settings)
         self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds)
-        self.worker = ComposeWorker(composer=self.composer, status=self.status, settings=settings)
+        self.worker = ComposeWorker(composer=self.composer, status=self.status, storage=storage, ffmpeg=self.ffmpeg,
+                                    settings=settings)
         self.grpc: GrpcServer | None = None
         self._consumer: Subscription | None = None
         self.encoder = ""

@@ -191,7 +191,8 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         snapshot = await self.machine.succeed(
             request.job_id, request.lease_token, regeneration_id=request.regeneration_id,
             new_clip=new_clip, video_key=request.video_key, video_duration=request.video_duration,
-            composition_cost=request.composition_cost, encoder=request.encoder)
+            composition_cost=request.composition_cost, encoder=request.encoder,
+            clip_thumbnail_keys=list(request.clip_thumbnail_keys))
         return jobs_pb2.SucceedRegenerationResponse(job=job_to_proto(snapshot))
 
     @rpc_method

@@ -334,7 +334,8 @@ class JobStateMachine:
 
     async def succeed(self, job_id: str, token: str, *, regeneration_id: str = "",
                       new_clip: NewClip | None = None, video_key: str, video_duration: float,
-                      composition_cost: str = "", encoder: str = "") -> JobSnapshot:
+                      composition_cost: str = "", encoder: str = "",
+                      clip_thumbnail_keys: Sequence[str] = ()) -> JobSnapshot:
         """Publish a finished composition as the job's new current version (fenced by the token)."""
         if not video_key:
             raise InvalidInput("A finished composition needs its video.")
@@ -371,6 +372,10 @@ class JobStateMachine:
                 raise StaleLease()
             else:
                 spent = cost
+                for clip in job.clips:
+                    if clip.revision == 0 and clip.clip_index < len(clip_thumbnail_keys) \
+                            and clip_thumbnail_keys[clip.clip_index] and not clip.thumbnail_key:
+                        clip.thumbnail_key = clip_thumbnail_keys[clip.clip_index]
             number = max((v.version for v in job.versions), default=0) + 1
             session.add(VideoVersion(job_id=job.id, version=number, storage_key=video_key,
                                      duration=video_duration, encoder=encoder, clip_revisions=revisions,
