@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, missing
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIPCHAT = str(Path(sys.executable).with_name("clipchat"))
