@@ -39,14 +39,14 @@ _REGEN_STATES = {
 }
 
 
-def stage_to_proto(stage: str) -> int:
+def stage_to_proto(stage: str) -> common_pb2.Stage.ValueType:
     try:
         return common_pb2.Stage.Value(f"STAGE_{stage.upper()}") if stage else common_pb2.STAGE_UNSPECIFIED
     except ValueError:
         return common_pb2.STAGE_UNSPECIFIED
 
 
-def stage_from_proto(stage: int) -> str:
+def stage_from_proto(stage: common_pb2.Stage.ValueType) -> str:
     if stage == common_pb2.STAGE_UNSPECIFIED:
         raise InvalidInput("A progress report needs a stage.")
     return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
