@@ -113,6 +113,9 @@ _BY_STATUS: dict[grpc.StatusCode, type[ClipChatError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
 }
 
+# Domain errors that share their gRPC status with a more general one, told apart by their code.
+_BY_CODE: dict[str, type[ClipChatError]] = {StaleLease.code: StaleLease}
+
 # Trailing metadata keys that carry the domain code and retryability across gRPC.
 CODE_KEY = "clipchat-error-code"
 RETRYABLE_KEY = "clipchat-retryable"
@@ -123,6 +126,9 @@ def from_rpc_error(error: grpc.aio.AioRpcError | grpc.RpcError) -> ClipChatError
     status = error.code()  # type: ignore[union-attr]
     meta = {k: v for k, v in (error.trailing_metadata() or ())}  # type: ignore[union-attr]
     cls = _BY_STATUS.get(status, ClipChatError)
+    special = _BY_CODE.get(meta.get(CODE_KEY, ""))
+    if special is not None and special.status is status:
+        cls = special
     retryable = meta.get(RETRYABLE_KEY)
     details = error.details() or None  # type: ignore[union-attr]
     if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and CODE_KEY not in meta:
