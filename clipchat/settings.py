@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     generator_api_token: str = ""
     generator_model: str = "video-gen-1"
     generator_timeout_seconds: float = 600.0
+    # One HTTP request to the prediction API, and how often a running prediction is polled
+    # (the interval doubles from the first value up to the second).
+    generator_request_timeout_seconds: float = 30.0
+    generator_poll_initial_seconds: float = 0.5
+    generator_poll_max_seconds: float = 5.0
 
     # Workers.
     worker_concurrency: int = 1

@@ -15,7 +15,6 @@ from clipchat.errors import ClipChatError, MediaError, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.thumbnail import render_thumbnail
-from clipchat.retry import RetryPolicy
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.storage import Storage, job_prefix, new_key
@@ -60,8 +59,6 @@ class ComposeWorker:
         self.storage = storage
         self.ffmpeg = ffmpeg
         self.settings = settings
-        self.policy = RetryPolicy(attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds,
-                                  max_seconds=settings.retry_max_seconds)
 
     async def handle(self, delivery: Delivery) -> None:
         body = delivery.body
@@ -114,8 +111,9 @@ class ComposeWorker:
                                        eta_seconds=eta or 0.0)
 
         try:
-            result = await self.policy.run(
-                lambda: self.composer.compose(spec, output_key, on_progress=on_progress), what="compose")
+            # No retry around the whole composition: the composer retries each download, upload
+            # and killed ffmpeg itself, and nesting retries would multiply them.
+            result = await self.composer.compose(spec, output_key, on_progress=on_progress)
         except StaleLease:
             raise
         except Exception as exc:

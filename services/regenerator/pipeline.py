@@ -1,7 +1,12 @@
 """One regeneration's steps: rewrite the prompt → generate the clip → hand it to the composer.
 
-Each step's result is checkpointed on the regeneration row (through the status service), so a
-redelivered message does not pay for a step twice. Every write carries the lease token.
+Each step runs under the retry policy (capped attempts, exponential backoff with jitter, a
+provider's ``Retry-After``; permanent errors are not retried). Its result and cost are checkpointed
+on the regeneration row through the status service, so neither a redelivered message nor a retry
+of a failed regeneration (same clip, same instruction) pays for it twice. A step that fails for
+good fails the regeneration with a message for the person (``failure_outcome``) and the technical
+detail for operators (``technical_detail``); an LLM answer that was refused is still recorded as
+paid. Every write carries the lease token; a refused one (cancel, expiry) stops the work quietly.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clipchat.broker import COMPOSE_QUEUE, Broker
-from clipchat.errors import ClipChatError, StaleLease
+from clipchat.errors import ClipChatError, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.probe import probe
@@ -33,20 +38,47 @@ from services.regenerator.rewrite import PromptRewriter, RewriteRequest
 
 log = logging.getLogger("clipchat.regenerator")
 
-USER_MESSAGES = {
-    "rewrite": "Regeneration failed. Please try again.",
-    "generate": "Video generation failed. Please try again.",
-    "generation_timeout": "Video generation timed out. Please retry.",
-    "publish": "Regeneration failed. Please try again.",
-}
+FAILED_MESSAGE = "Regeneration failed. Please try again."
+TIMED_OUT_MESSAGE = "Video generation timed out. Please retry."
+# The error code a step's failure is recorded under (the provider's own code goes in the detail).
+FAILED_CODES = {"rewrite": "rewrite_failed", "generate": "generation_failed", "publish": "queue_failed"}
 ACTIVE = (common_pb2.REGENERATION_STATE_QUEUED, common_pb2.REGENERATION_STATE_RUNNING)
 
 
 class StepFailed(Exception):
-    def __init__(self, step: str, cause: BaseException) -> None:
-        super().__init__(f"{step} failed: {cause!r}")
+    """A step failed for good: permanently, or on each of its attempts."""
+
+    def __init__(self, step: str, cause: BaseException, attempts: int = 1) -> None:
+        super().__init__(f"{step} failed after {attempts} attempt(s): {cause!r}")
         self.step = step
         self.cause = cause
+        self.attempts = attempts
+
+
+def failure_outcome(failed: StepFailed) -> tuple[str, str, bool]:
+    """The error code, the message for the person and whether retrying can help.
+
+    A refusal (content policy, an invalid or unusable prompt: ``InvalidInput``) keeps its own
+    message, which says what to change, and is not retryable as it is. The generator's overall
+    timeout has its own message; every other failure is the generic one.
+    """
+    cause = failed.cause
+    if isinstance(cause, InvalidInput):
+        return cause.code, cause.message, False
+    if getattr(cause, "code", "") == "generation_timeout":
+        return "generation_timeout", TIMED_OUT_MESSAGE, True
+    return FAILED_CODES.get(failed.step, "regeneration_failed"), FAILED_MESSAGE, True
+
+
+def technical_detail(failed: StepFailed, trace_id: str) -> str:
+    """JSON for ``clip_regenerations.technical_detail``: for operators, never shown to users."""
+    cause = failed.cause
+    return json.dumps({
+        "step": failed.step, "attempts": failed.attempts, "trace_id": trace_id,
+        "error_type": type(cause).__name__, "error_code": str(getattr(cause, "code", "")),
+        "provider_response": str(getattr(cause, "detail", ""))[:4000],
+        "exception": "".join(traceback.format_exception(cause))[-8000:],
+    })
 
 
 @dataclass
@@ -112,7 +144,11 @@ class RegenerationPipeline:
                 original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
                 history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
                 next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None)
-            result = await self._step("rewrite", lambda: self._rewrite(request))
+            try:
+                result = await self._step("rewrite", lambda: self._rewrite(request))
+            except StepFailed as failed:
+                await self._record_billed_refusal(task, failed)
+                raise
             prompt = result.prompt
             await self.status.record_step(task.job_id, task.lease_token, "rewrite", cost=str(result.cost),
                                           modified_prompt=result.prompt, change_summary=result.summary,
@@ -167,12 +203,26 @@ class RegenerationPipeline:
         }, message_id=f"compose-{task.regeneration_id}", headers=inject_headers())
 
     async def _step(self, name: str, fn: Any) -> Any:
+        """Run one step under the retry policy; ``StepFailed`` when it fails for good."""
+        attempts = 1
+
+        async def on_retry(attempt: int, exc: BaseException) -> None:
+            nonlocal attempts
+            attempts = attempt + 1
+
         try:
-            return await self.policy.run(fn, what=name)
+            return await self.policy.run(fn, what=name, on_retry=on_retry)
         except (LeaseLost, StaleLease):
             raise
         except Exception as exc:
-            raise StepFailed(name, exc) from exc
+            raise StepFailed(name, exc, attempts) from exc
+
+    async def _record_billed_refusal(self, task: RegenerationTask, failed: StepFailed) -> None:
+        """An LLM answer that was refused (unusable prompt, model refusal) was still billed."""
+        cost = getattr(failed.cause, "cost", None)
+        if isinstance(cost, Decimal) and cost > 0:
+            await self.status.record_step(task.job_id, task.lease_token, "rewrite", cost=str(cost),
+                                          rewriter="llm")
 
     async def _progress(self, task: RegenerationTask, stage: str, fraction: float, message: str,
                         eta: float = 0.0) -> None:
@@ -180,20 +230,13 @@ class RegenerationPipeline:
                                    eta_seconds=eta)
 
     async def _record_failure(self, task: RegenerationTask, failed: StepFailed, trace_id: str) -> None:
-        cause = failed.cause
-        code = getattr(cause, "code", "") or failed.step
-        message = USER_MESSAGES.get(code) or USER_MESSAGES.get(failed.step, USER_MESSAGES["rewrite"])
-        if isinstance(cause, ClipChatError) and cause.code in ("content_policy", "invalid_prompt",
-                                                                 "rewrite_rejected", "invalid_input"):
-            message = cause.message
-        detail = {"step": failed.step, "trace_id": trace_id,
-                  "provider_response": str(getattr(cause, "detail", ""))[:4000],
-                  "exception": "".join(traceback.format_exception(cause))[-8000:]}
-        log.warning("regeneration.step_failed", extra={**self._ids(task), "step": failed.step, "code": code})
+        code, message, retryable = failure_outcome(failed)
+        log.warning("regeneration.step_failed", extra={
+            **self._ids(task), "step": failed.step, "code": code, "attempts": failed.attempts,
+            "cause": type(failed.cause).__name__, "cause_code": getattr(failed.cause, "code", "")})
         try:
-            await self.status.fail(task.job_id, task.lease_token, code=f"{failed.step}_failed"
-                                   if code == failed.step else code, message=message,
-                                   detail=json.dumps(detail), retryable=True)
+            await self.status.fail(task.job_id, task.lease_token, code=code, message=message,
+                                   detail=technical_detail(failed, trace_id), retryable=retryable)
         except StaleLease:
             pass
 

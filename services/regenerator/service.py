@@ -34,7 +34,7 @@ def build_rewriter(settings: Settings) -> PromptRewriter:
             timeout_seconds=settings.llm_timeout_seconds,
             price_per_1k_input=settings.llm_price_per_1k_input,
             price_per_1k_output=settings.llm_price_per_1k_output,
-            history_turns=settings.llm_history_turns))
+            history_turns=settings.llm_history_turns, max_instruction_chars=settings.max_instruction_chars))
     else:
         rewriters.append(ModifierRewriter())
     return ChainRewriter(rewriters)
@@ -46,7 +46,10 @@ def build_generator(settings: Settings, ffmpeg: FfmpegRunner) -> VideoGenerator:
 
         return HttpVideoGenerator(settings.generator_url, settings.generator_api_token, settings.generator_model,
                                   price_per_second=settings.generation_price_per_second,
-                                  generation_timeout=settings.generator_timeout_seconds)
+                                  request_timeout=settings.generator_request_timeout_seconds,
+                                  generation_timeout=settings.generator_timeout_seconds,
+                                  poll_initial=settings.generator_poll_initial_seconds,
+                                  poll_max=settings.generator_poll_max_seconds)
     from services.regenerator.local_generator import LocalVideoGenerator
 
     return LocalVideoGenerator(ffmpeg)

@@ -73,6 +73,7 @@ class ChatCall:
 
     body: Any  # the parsed JSON body (or the raw text when it was not JSON)
     headers: dict[str, str] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)  # when it arrived (to check Retry-After waits)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -120,6 +121,11 @@ class FakeLLMServer:
         """Queue actions for the next completion requests (see the module docstring)."""
         with self._lock:
             self._script.extend(actions)
+
+    def clear_script(self) -> None:
+        """Drop the actions not used yet (the call log is kept)."""
+        with self._lock:
+            self._script.clear()
 
     @property
     def calls(self) -> list[ChatCall]:

@@ -22,10 +22,15 @@ Example::
         server.script(create=["500", "ok"], poll=["ok", "failed:CUDA error"])
         ...
         assert len(server.creates) == 2 and not server.cancels
+
+Run ``python -m tests.fakes.prediction_server --port 8090`` to serve it for a demo of the HTTP mode
+(with ``CLIPCHAT_GENERATOR=http``, ``CLIPCHAT_GENERATOR_URL=http://127.0.0.1:8090`` and
+``CLIPCHAT_GENERATOR_API_TOKEN=test-token``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import subprocess
@@ -75,6 +80,7 @@ class Call:
     prediction_id: str | None
     body: Any = None  # the parsed JSON body of a create
     headers: dict[str, str] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)  # when it arrived (to check Retry-After waits)
 
 
 @dataclass
@@ -123,6 +129,12 @@ class PredictionServer:
             for kind, actions in (("create", create), ("poll", poll), ("download", download)):
                 self._scripts[kind].extend(actions or ())
 
+    def clear_script(self) -> None:
+        """Drop the actions not used yet (the call log is kept)."""
+        with self._lock:
+            for queue in self._scripts.values():
+                queue.clear()
+
     @property
     def calls(self) -> list[Call]:
         with self._lock:
@@ -157,12 +169,12 @@ class PredictionServer:
 
     # Lifecycle.
 
-    def start(self) -> PredictionServer:
-        """Load or render the video, bind a free port and serve until ``stop``."""
+    def start(self, port: int = 0) -> PredictionServer:
+        """Load or render the video, bind ``port`` on 127.0.0.1 (0: a free one) and serve until ``stop``."""
         self._video = self._load_video()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=1)
@@ -340,3 +352,27 @@ def _scripted_failure(word: str, argument: str) -> Response:
     status = int(word)
     headers = {"Retry-After": argument} if argument else {}
     return JSONResponse({"detail": f"scripted HTTP {status}"}, status_code=status, headers=headers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the fake prediction API for a demo of the HTTP mode.")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--token", default="test-token")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of the clip every prediction returns")
+    parser.add_argument("--cost", default="0.20", help="what each succeeded prediction reports it cost")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        video = render_sample_mp4(Path(tmp) / "sample.mp4", seconds=args.seconds)
+        server = PredictionServer(video=video, token=args.token, cost=args.cost).start(args.port)
+    print(f"fake prediction API at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""``RegenerationPipeline``: retries, checkpoints, costs and what a failure records.
+
+The status service, the rewriter, the generator and the broker are small in-process fakes that
+record what the pipeline asks of them; storage is a local folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clipchat.errors import StaleLease
+from clipchat.media.ffmpeg import FfmpegRunner
+from clipchat.settings import Settings
+from clipchat.storage.local import LocalStorage
+from clipchat.v1 import common_pb2
+from services.regenerator.generator import GeneratedClip, ProgressFn
+from services.regenerator.http_generator import (
+    REJECTED_MESSAGE,
+    TIMEOUT_MESSAGE,
+    GenerationRejected,
+    TransientGenerationError,
+)
+from services.regenerator.pipeline import (
+    FAILED_MESSAGE,
+    TIMED_OUT_MESSAGE,
+    RegenerationPipeline,
+    RegenerationTask,
+)
+from services.regenerator.rewrite import LLMUnavailable, RewriteRejected, RewriteRequest, RewriteResult
+
+JOB_ID = "6f1c3a52-3d43-4c07-9b7e-2f0d1c1f7a10"
+REGENERATION_ID = "0a4c2b8e-5a3f-4a8e-8c47-1b6a2e9d3c55"
+TOKEN = "lease-token"
+PROMPTS = ["a dancer on a rooftop", "the city skyline", "the dancer bowing"]
+TASK = RegenerationTask(JOB_ID, REGENERATION_ID, TOKEN)
+
+
+class FakeStatus:
+    """The calls a worker makes on the status service; ``cancel()`` makes every later write stale."""
+
+    def __init__(self, checkpoints: dict[str, Any] | None = None) -> None:
+        self.checkpoints = checkpoints or {}
+        self.cancelled = False
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [kwargs for call, kwargs in self.calls if call == name]
+
+    def _write(self, name: str, **kwargs: Any) -> None:
+        if self.cancelled:
+            raise StaleLease()
+        self.calls.append((name, kwargs))
+
+    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[common_pb2.Regeneration,
+                                                                                 dict[str, Any]]:
+        regeneration = common_pb2.Regeneration(
+            regeneration_id=regeneration_id, job_id=job_id, clip_index=1, original_prompt=PROMPTS[1],
+            user_instruction="anime style", conversation_history_json="[]",
+            state=common_pb2.REGENERATION_STATE_QUEUED)
+        return regeneration, self.checkpoints
+
+    async def get_job(self, job_id: str, owner: str = "") -> common_pb2.Job:
+        return common_pb2.Job(job_id=job_id, clips=[
+            common_pb2.Clip(clip_index=i, prompt=p, duration=1.0, video_key=f"jobs/x/clip{i}.mp4")
+            for i, p in enumerate(PROMPTS)])
+
+    async def renew(self, job_id: str, token: str) -> None:
+        self._write("renew")
+
+    async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
+                       eta_seconds: float = 0.0) -> None:
+        self._write("progress", stage=stage, fraction=fraction)
+
+    async def record_step(self, job_id: str, token: str, step: str, **kwargs: Any) -> None:
+        self._write("record_step", step=step, **kwargs)
+
+    async def fail(self, job_id: str, token: str, *, code: str, message: str, detail: str = "",
+                   retryable: bool = True) -> None:
+        self._write("fail", code=code, message=message, detail=json.loads(detail), retryable=retryable)
+
+
+class ScriptedRewriter:
+    """Raises or returns the scripted outcomes in order; the last one repeats."""
+
+    name = "llm"
+
+    def __init__(self, *outcomes: RewriteResult | Exception) -> None:
+        self.outcomes = list(outcomes)
+        self.requests: list[tuple[float, RewriteRequest]] = []
+
+    async def rewrite(self, req: RewriteRequest) -> RewriteResult:
+        self.requests.append((time.monotonic(), req))
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+class ScriptedGenerator:
+    """Raises the scripted errors in order; then copies ``sample`` (or hangs when it is None)."""
+
+    name = "fake"
+
+    def __init__(self, *errors: Exception, sample: Path | None = None) -> None:
+        self.errors = list(errors)
+        self.sample = sample
+        self.prompts: list[str] = []
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    def estimate_cost(self, duration: float) -> Decimal:
+        return Decimal("0.05") * Decimal(str(duration))
+
+    async def generate(self, prompt: str, duration: float, dest: Path, *,
+                       on_progress: ProgressFn | None = None) -> GeneratedClip:
+        self.prompts.append(prompt)
+        self.started.set()
+        if self.errors:
+            raise self.errors.pop(0)
+        if self.sample is None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        assert self.sample is not None
+        shutil.copy(self.sample, dest)
+        return GeneratedClip(path=dest, duration=duration, cost=Decimal("0.1234"), provider_id="pred-1")
+
+
+class RecordingBroker:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict[str, Any], str]] = []
+
+    async def publish(self, queue: str, body: dict[str, Any], *, message_id: str,
+                      headers: dict[str, Any] | None = None) -> None:
+        self.published.append((queue, body, message_id))
+
+
+LLM_RESULT = RewriteResult(prompt="the city skyline, anime style", summary="Anime style.", cost=Decimal("0.0042"),
+                           rewriter="llm")
+
+PipelineFactory = Callable[..., tuple[RegenerationPipeline, FakeStatus, RecordingBroker]]
+
+
+@pytest.fixture
+def make_pipeline(tmp_path: Path) -> PipelineFactory:
+    def make(rewriter: ScriptedRewriter, generator: ScriptedGenerator, *, checkpoints: dict[str, Any] | None = None,
+             retry_max_seconds: float = 0.01) -> tuple[RegenerationPipeline, FakeStatus, RecordingBroker]:
+        status, broker = FakeStatus(checkpoints), RecordingBroker()
+        settings = Settings(retry_attempts=3, retry_base_seconds=0.001, retry_max_seconds=retry_max_seconds,
+                            heartbeat_seconds=0.05)
+        pipeline = RegenerationPipeline(status=status, storage=LocalStorage(tmp_path / "storage"),  # type: ignore[arg-type]
+                                        broker=broker, rewriter=rewriter, generator=generator,  # type: ignore[arg-type]
+                                        ffmpeg=FfmpegRunner(None), settings=settings)
+        return pipeline, status, broker
+    return make
+
+
+async def test_generation_timeout_has_its_own_message(make_pipeline: PipelineFactory) -> None:
+    timeout = TransientGenerationError(TIMEOUT_MESSAGE, code="generation_timeout")
+    generator = ScriptedGenerator(timeout, timeout, timeout)
+    pipeline, status, _ = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+
+    await pipeline.run(TASK)
+
+    assert len(generator.prompts) == 3
+    [failed] = status.named("fail")
+    assert (failed["code"], failed["message"], failed["retryable"]) == ("generation_timeout", TIMED_OUT_MESSAGE, True)
+    assert TIMED_OUT_MESSAGE == "Video generation timed out. Please retry."
+    assert failed["detail"]["step"] == "generate" and failed["detail"]["attempts"] == 3
+    assert "TransientGenerationError" in failed["detail"]["exception"]
+
+
+async def test_transient_failures_are_retried_then_reported_with_the_generic_message(
+        make_pipeline: PipelineFactory) -> None:
+    down = [TransientGenerationError(detail="HTTP 500: upstream exploded") for _ in range(3)]
+    generator = ScriptedGenerator(*down)
+    pipeline, status, broker = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+
+    await pipeline.run(TASK)
+
+    assert len(generator.prompts) == 3 and not broker.published
+    [failed] = status.named("fail")
+    assert (failed["code"], failed["message"], failed["retryable"]) == ("generation_failed", FAILED_MESSAGE, True)
+    assert FAILED_MESSAGE == "Regeneration failed. Please try again."
+    detail = failed["detail"]
+    assert detail["provider_response"] == "HTTP 500: upstream exploded"
+    assert detail["error_code"] == "generator_unavailable" and len(detail["trace_id"]) == 32
+    # The rewrite was paid for and checkpointed before the generation failed.
+    [rewrite] = status.named("record_step")
+    assert rewrite["step"] == "rewrite" and rewrite["cost"] == "0.0042"
+    assert rewrite["checkpoint"] == {"prompt": LLM_RESULT.prompt}
+
+
+async def test_a_content_policy_refusal_is_not_retried(make_pipeline: PipelineFactory) -> None:
+    generator = ScriptedGenerator(GenerationRejected(code="content_policy", detail="flagged (nsfw)"))
+    pipeline, status, _ = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+
+    await pipeline.run(TASK)
+
+    assert len(generator.prompts) == 1
+    [failed] = status.named("fail")
+    assert (failed["code"], failed["message"], failed["retryable"]) == ("content_policy", REJECTED_MESSAGE, False)
+    assert failed["detail"]["provider_response"] == "flagged (nsfw)"
+
+
+async def test_a_rejected_llm_answer_is_still_paid_for(make_pipeline: PipelineFactory) -> None:
+    rejected = RewriteRejected(detail="the answer repeats the system prompt", cost=Decimal("0.0031"))
+    generator = ScriptedGenerator()
+    rewriter = ScriptedRewriter(rejected)
+    pipeline, status, _ = make_pipeline(rewriter, generator)
+
+    await pipeline.run(TASK)
+
+    assert len(rewriter.requests) == 1 and not generator.prompts
+    writes = [name for name, _ in status.calls if name in ("record_step", "fail")]
+    assert writes == ["record_step", "fail"]  # the cost is on the row before the failure adds it up
+    [step] = status.named("record_step")
+    assert step == {"step": "rewrite", "cost": "0.0031", "rewriter": "llm"}
+    [failed] = status.named("fail")
+    assert (failed["code"], failed["message"], failed["retryable"]) == (
+        "rewrite_rejected", RewriteRejected.default_message, False)
+    assert "system prompt" in failed["detail"]["provider_response"]
+
+
+async def test_an_llm_outage_is_retried_then_reported_with_the_generic_message(
+        make_pipeline: PipelineFactory) -> None:
+    rewriter = ScriptedRewriter(LLMUnavailable(detail="HTTP 503"))
+    pipeline, status, _ = make_pipeline(rewriter, ScriptedGenerator())
+
+    await pipeline.run(TASK)
+
+    assert len(rewriter.requests) == 3
+    [failed] = status.named("fail")
+    assert (failed["code"], failed["message"], failed["retryable"]) == ("rewrite_failed", FAILED_MESSAGE, True)
+    assert not status.named("record_step")
+
+
+async def test_retry_after_is_honoured(make_pipeline: PipelineFactory) -> None:
+    rewriter = ScriptedRewriter(LLMUnavailable(code="llm_rate_limited", retry_after=0.3), LLM_RESULT)
+    generator = ScriptedGenerator(GenerationRejected(code="invalid_prompt"))
+    # (RetryPolicy waits at most 4 × retry_max_seconds, even when a provider asks for longer.)
+    pipeline, status, _ = make_pipeline(rewriter, generator, retry_max_seconds=0.1)
+
+    await pipeline.run(TASK)
+
+    (first, _), (second, _) = rewriter.requests
+    assert second - first >= 0.3
+    assert status.named("record_step")[0]["cost"] == "0.0042"
+
+
+async def test_checkpointed_steps_are_not_paid_for_again(make_pipeline: PipelineFactory) -> None:
+    generated = {"video_key": "jobs/x/clips/new.mp4", "thumbnail_key": "jobs/x/clips/new.jpg", "duration": 1.0,
+                 "probed_duration": 1.0, "prompt": "p2", "provider": "http", "provider_id": "pred-9"}
+    rewriter, generator = ScriptedRewriter(LLM_RESULT), ScriptedGenerator()
+    pipeline, status, broker = make_pipeline(rewriter, generator,
+                                             checkpoints={"rewrite": {"prompt": "p2"}, "generate": generated})
+
+    await pipeline.run(TASK)
+
+    assert not rewriter.requests and not generator.prompts
+    assert not status.named("record_step") and not status.named("fail")
+    [(queue, body, message_id)] = broker.published
+    assert queue.endswith("compose") and message_id == f"compose-{REGENERATION_ID}"
+    assert body["new_clip"] == {"clip_index": 1, "prompt": "p2", "duration": 1.0,
+                                "video_key": generated["video_key"], "thumbnail_key": generated["thumbnail_key"]}
+
+
+async def test_a_cancel_stops_the_generation_and_records_nothing(make_pipeline: PipelineFactory) -> None:
+    generator = ScriptedGenerator()  # hangs until cancelled
+    pipeline, status, broker = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+
+    async def cancel_when_generating() -> None:
+        await generator.started.wait()
+        status.cancel()  # the next heartbeat is refused
+
+    async with asyncio.timeout(5):
+        await asyncio.gather(pipeline.run(TASK), cancel_when_generating())
+
+    assert generator.cancelled
+    assert not status.named("fail") and not broker.published
+
+
+async def test_a_generated_clip_is_stored_paid_for_and_handed_to_the_composer(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    sample = render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe)
+    generator = ScriptedGenerator(sample=sample)
+    pipeline, status, broker = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+
+    await pipeline.run(TASK)
+
+    assert generator.prompts == [LLM_RESULT.prompt]
+    rewrite, generate = status.named("record_step")
+    assert rewrite["step"] == "rewrite" and generate["step"] == "generate"
+    assert generate["cost"] == "0.1234" and "cost" not in generate["checkpoint"]
+    assert (tmp_path / "storage" / generate["checkpoint"]["video_key"]).is_file()
+    assert (tmp_path / "storage" / generate["checkpoint"]["thumbnail_key"]).is_file()
+    [(_, body, _)] = broker.published
+    assert body["lease_token"] == TOKEN and body["new_clip"]["video_key"] == generate["checkpoint"]["video_key"]
+    stages = [p["stage"] for p in status.named("progress")]
+    assert stages[0] == "rewriting" and "generating" in stages and stages[-1] == "queued"
