@@ -19,6 +19,13 @@
     publishing: "Publishing",
     done: "Done",
   };
+  // How the new prompt was written, said plainly (no LLM is used without one configured).
+  const REWRITERS = {
+    template: "Prompt rewritten by a template (no LLM used).",
+    llm: "Prompt rewritten by the LLM.",
+    modifier: "No LLM configured: your instruction was added to the prompt as written.",
+  };
+
   // Events after which the job JSON (video, clips, costs, history) is fetched again.
   const REFRESH_ON = [
     "job.created", "job.composed", "job.failed", "regeneration.queued", "regeneration.step",
@@ -297,6 +304,8 @@
           el("span", { class: "hint" }, money(r.cost))),
         el("p", { class: "instruction" }, `“${r.instruction}”`),
         r.change_summary ? el("p", { class: "hint" }, r.change_summary) : "",
+        r.rewriter ? el("p", { class: "hint rewriter" }, REWRITERS[r.rewriter] || "") : "",
+        r.modified_prompt ? el("p", { class: "hint prompt" }, `New prompt: ${r.modified_prompt}`) : "",
         r.error && r.status !== "cancelled" ? el("p", { class: "error-text" }, r.error.message) : "",
         el("p", { class: "hint" },
           `LLM ${money(steps.llm)} · generation ${money(steps.generation)} · ` +

@@ -49,7 +49,9 @@ def test_page_regenerates_a_clip_with_live_progress(embedded: RunningClipChat, b
     page.wait_for_function(f"document.querySelector('#video').getAttribute('src') !== {video_src!r}",
                            timeout=180_000)
     page.wait_for_function("document.querySelectorAll('#history li').length >= 1")
-    assert "snow" in page.inner_text("#history").lower()
+    history = page.inner_text("#history")
+    assert "snow" in history.lower()
+    assert "no LLM used" in history  # the page says honestly how the prompt was written
     page.screenshot(path=str(tmp_path / "after.png"))
     versions = page.locator("#versions li").count()
     assert versions >= 2
