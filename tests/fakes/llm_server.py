@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import json
 import math
-import socket
 import threading
 import time
 from collections import deque
@@ -54,9 +53,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+
+from tests.fakes.threaded_server import ThreadedServer
 
 MODEL = "fake-llm-1"
 MALFORMED_JSON = b'{"id": "chatcmpl-oops", "choices": [{"message": '
@@ -111,8 +111,7 @@ class FakeLLMServer:
         self._script: deque[str] = deque()
         self._calls: list[ChatCall] = []
         self._answers: list[dict[str, Any]] = []
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http = ThreadedServer("fake LLM server")
         self.url = ""
 
     # Scripting and inspection (called from the test's thread).
@@ -146,30 +145,11 @@ class FakeLLMServer:
 
         Raises ``RuntimeError`` when the server does not come up within 10 seconds.
         """
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                  name="fake-llm-server", daemon=True)
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("the fake LLM server did not start")
-            time.sleep(0.01)
+        self.url = self._http.start(self._app(), port) + "/v1"
         return self
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._http.stop()
 
     def __enter__(self) -> FakeLLMServer:
         return self.start()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import tempfile
 import threading
@@ -44,9 +43,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
+
+from tests.fakes.threaded_server import ThreadedServer
 
 MALFORMED_JSON = b'{"id": "oops", "status": '
 CONTENT_POLICY_BODY = {"detail": "The prompt was flagged by the content policy (nsfw).",
@@ -116,8 +116,7 @@ class PredictionServer:
         self._scripts: dict[str, deque[str]] = {"create": deque(), "poll": deque(), "download": deque()}
         self._calls: list[Call] = []
         self._predictions: dict[str, _Prediction] = {}
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http = ThreadedServer("fake prediction server")
         self.url = ""
 
     # Scripting and inspection (called from the test's thread).
@@ -172,30 +171,11 @@ class PredictionServer:
     def start(self, port: int = 0) -> PredictionServer:
         """Load or render the video, bind ``port`` on 127.0.0.1 (0: a free one) and serve until ``stop``."""
         self._video = self._load_video()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                  name="prediction-server", daemon=True)
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("the fake prediction server did not start")
-            time.sleep(0.01)
+        self.url = self._http.start(self._app(), port)
         return self
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._http.stop()
 
     def __enter__(self) -> PredictionServer:
         return self.start()

@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -33,7 +32,8 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import uvicorn
+
+from tests.fakes.threaded_server import ThreadedServer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,8 +79,7 @@ class S3FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self._requests: list[ProxiedRequest] = []
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http = ThreadedServer("S3 fault proxy")
         self.url = ""
 
     # Scripting and inspection (called from the test's thread).
@@ -129,31 +128,12 @@ class S3FaultProxy:
 
     def start(self) -> S3FaultProxy:
         """Bind a free port on 127.0.0.1 and serve until ``stop``; ``RuntimeError`` if it does not start."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(self._app, interface="asgi3", log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=1)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="s3-fault-proxy",
-                                  daemon=True)
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                sock.close()
-                raise RuntimeError("the S3 fault proxy did not start")
-            time.sleep(0.01)
+        self.url = self._http.start(self._app, interface="asgi3")
         return self
 
     def stop(self) -> None:
         self.clear()
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._http.stop()
 
     def __enter__(self) -> S3FaultProxy:
         return self.start()
