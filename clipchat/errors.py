@@ -6,6 +6,9 @@ The gateway maps gRPC status codes to HTTP with one other table (``gateway/error
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from decimal import Decimal
+
 import grpc
 
 
@@ -94,6 +97,39 @@ class TransientError(ClipChatError):
     code = "transient"
     status = grpc.StatusCode.UNAVAILABLE
     retryable = True
+
+
+class ProviderUnavailable(TransientError):
+    """An outside provider (LLM, video generator) could not answer usefully now; a later attempt may succeed.
+
+    ``retry_after`` is the wait in seconds the provider asked for, when it said; ``detail`` is
+    technical context for logs, never shown to users.
+    """
+
+    code = "provider_unavailable"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None,
+                 retry_after: float | None = None, detail: str = "") -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+        self.detail = detail
+
+
+class ProviderRefused(InvalidInput):
+    """An outside provider refused the request for good; retrying the same input will not help.
+
+    ``detail`` carries the provider's response for support; ``cost`` and ``usage`` are what the
+    refusal was billed, when the provider said.
+    """
+
+    code = "provider_refused"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, detail: str = "",
+                 cost: Decimal = Decimal("0"), usage: Mapping[str, int] | None = None) -> None:
+        super().__init__(message, code=code)
+        self.detail = detail
+        self.cost = cost
+        self.usage = dict(usage or {})
 
 
 class Cancelled(ClipChatError):

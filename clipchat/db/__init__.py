@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
@@ -37,26 +37,13 @@ class Database:
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
         self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
+    def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A write transaction, committed on success, rolled back on error."""
-        try:
-            async with self._writes() as session, session.begin():
-                yield session
-        except (OperationalError, DBAPIError) as exc:
-            if _is_connection_error(exc):
-                raise DependencyUnavailable("The database is unavailable. Please try again shortly.") from exc
-            raise
+        return _session(self._writes)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        try:
-            async with self._reads() as session, session.begin():
-                yield session
-        except (OperationalError, DBAPIError) as exc:
-            if _is_connection_error(exc):
-                raise DependencyUnavailable("The database is unavailable. Please try again shortly.") from exc
-            raise
+    def read(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """A read-only transaction."""
+        return _session(self._reads)
 
     async def ping(self) -> bool:
         try:
@@ -70,6 +57,18 @@ class Database:
         await self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             await self.read_engine.dispose()
+
+
+@asynccontextmanager
+async def _session(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in a transaction; a lost connection becomes ``DependencyUnavailable`` (retryable)."""
+    try:
+        async with factory() as session, session.begin():
+            yield session
+    except (OperationalError, DBAPIError) as exc:
+        if _is_connection_error(exc):
+            raise DependencyUnavailable("The database is unavailable. Please try again shortly.") from exc
+        raise
 
 
 def _is_connection_error(exc: Exception) -> bool:

@@ -41,7 +41,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import anyio
 import httpx
 
-from clipchat.errors import InvalidInput, MediaError, TransientError
+from clipchat.errors import InvalidInput, MediaError, ProviderRefused, ProviderUnavailable
 from services.regenerator.generator import GeneratedClip, ProgressFn
 
 logger = logging.getLogger("clipchat.regenerator.http_generator")
@@ -68,7 +68,7 @@ _DOWNLOAD_MESSAGE = "The generated video could not be downloaded intact. Please 
 _UNTRUSTED_OUTPUT_MESSAGE = "The video generator returned a video that cannot be used."
 
 
-class TransientGenerationError(TransientError):
+class TransientGenerationError(ProviderUnavailable):
     """The provider could not answer usefully right now; a later attempt may succeed.
 
     ``retry_after`` is the wait (seconds) the provider asked for, when it said; ``detail`` is
@@ -78,14 +78,8 @@ class TransientGenerationError(TransientError):
     code = "generator_unavailable"
     default_message = "The video generator is unavailable right now. Please retry."
 
-    def __init__(self, message: str | None = None, *, code: str | None = None,
-                 retry_after: float | None = None, detail: str = "") -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
-        self.detail = detail
 
-
-class GenerationRejected(InvalidInput):
+class GenerationRejected(ProviderRefused):
     """The provider refused the request for good (content policy, invalid prompt); do not retry.
 
     ``detail`` carries the provider's response body (or failure text) for support.
@@ -93,10 +87,6 @@ class GenerationRejected(InvalidInput):
 
     code = "invalid_prompt"
     default_message = REJECTED_MESSAGE
-
-    def __init__(self, message: str | None = None, *, code: str | None = None, detail: str = "") -> None:
-        super().__init__(message, code=code)
-        self.detail = detail
 
 
 class _Prediction:

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from clipchat.errors import InvalidInput, TransientError
+from clipchat.errors import InvalidInput, ProviderRefused, ProviderUnavailable
 
 # ---------------------------------------------------------------------------------------------
 # The interface
@@ -140,7 +140,7 @@ def sanitize_instruction(text: str, max_chars: int) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class LLMUnavailable(TransientError):
+class LLMUnavailable(ProviderUnavailable):
     """The LLM could not answer usefully right now; a later attempt may succeed.
 
     ``retry_after`` is the wait (seconds) the provider asked for, when it said; ``detail`` is
@@ -150,14 +150,8 @@ class LLMUnavailable(TransientError):
     code = "llm_unavailable"
     default_message = "The AI prompt service is unavailable right now. Please retry."
 
-    def __init__(self, message: str | None = None, *, code: str | None = None,
-                 retry_after: float | None = None, detail: str = "") -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
-        self.detail = detail
 
-
-class ProviderRejected(InvalidInput):
+class ProviderRejected(ProviderRefused):
     """The provider refused the request for good (content policy, credentials, a bad request).
 
     ``detail`` carries the provider's response body (or refusal text) for support; ``cost`` and
@@ -167,15 +161,8 @@ class ProviderRejected(InvalidInput):
     code = "llm_rejected"
     default_message = "The AI prompt service refused this instruction. Try rephrasing it."
 
-    def __init__(self, message: str | None = None, *, code: str | None = None, detail: str = "",
-                 cost: Decimal = Decimal("0"), usage: Mapping[str, int] | None = None) -> None:
-        super().__init__(message, code=code)
-        self.detail = detail
-        self.cost = cost
-        self.usage = dict(usage or {})
 
-
-class RewriteRejected(InvalidInput):
+class RewriteRejected(ProviderRefused):
     """The model answered, but its prompt cannot be used; retrying the same input will not help.
 
     ``detail`` says why (for logs); ``cost`` and ``usage`` are what the answer was billed, so the
@@ -184,13 +171,6 @@ class RewriteRejected(InvalidInput):
 
     code = "rewrite_rejected"
     default_message = "The AI did not produce a usable prompt for that instruction. Try rephrasing it."
-
-    def __init__(self, message: str | None = None, *, code: str | None = None, detail: str = "",
-                 cost: Decimal = Decimal("0"), usage: Mapping[str, int] | None = None) -> None:
-        super().__init__(message, code=code)
-        self.detail = detail
-        self.cost = cost
-        self.usage = dict(usage or {})
 
 
 # ---------------------------------------------------------------------------------------------
