@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     ffmpeg_path: str = ""
     x264_preset: str = "veryfast"
     encoder: str = "auto"  # auto | libx264 | h264_nvenc
+    # Least-recently-used segments are evicted past this size; encodes run this many at once.
+    segment_cache_max_bytes: int = 20 * 1024**3
+    composer_workers: int = 2
     max_instruction_chars: int = 2000
     max_upload_bytes: int = 512 * 1024 * 1024
 

@@ -1,64 +1,102 @@
-"""Compose a job's clips and music into one H.264/AAC MP4, one cached segment per clip.
+"""Compose a job's clips, transitions and music into one H.264/AAC MP4, re-encoding only what changed.
 
-The timeline is kept in whole frames at 30 fps. Every clip is normalized (size, rate, pixel format,
-colour tags) and encoded on its own as an MP4 segment with identical encoder parameters, starting
-on an IDR frame, so the segments join by stream copy. Segments are cached in storage under a hash
-of everything that determines their bytes: recomposing after one clip changed re-encodes that
-clip only. The music is trimmed to the video's length and encoded once, then everything is muxed
-by copy, checked, and uploaded to a new key.
+**Segments.** The timeline (``timeline.py``) is kept in whole frames at 30 fps and cut into
+segments: clip bodies and transition segments. Each is normalized (size and fit, rate, square
+pixels, yuv420p, BT.709 tags, rotation) and encoded by its own ffmpeg run with the same encoder
+arguments and an IDR frame first, so segments join by stream copy. Each is cached in storage
+under a hash of everything that determines its bytes (``cache.py``): after one clip changed,
+its body and the two transitions touching it are encoded again; after one transition's kind
+changed, that one segment. A first composition is the same code with an empty cache.
 
-No user or model text reaches ffmpeg: its arguments are numbers computed here and paths of files
-this process made (its work folder, or the local store's own files).
+**Runs.** A clip is decoded by one run per body segment, which also writes, as raw frames, the
+windows its transitions need; a transition run blends two raw windows and encodes them
+(``render.py``). A composition with many segments to make runs its encoding runs one at a time
+(one x264 keeps both cores busy; memory stays at one encoder); one with a few, as after a
+change, runs ``composer_workers`` of them at once to finish sooner (see ``_encoders``).
+
+**Length and sound.** The video is exactly as long as its clips' timeline:
+``sum(clip frames) − sum(transition frames)``, each clip ``round(duration × 30)`` frames. Beat
+snapping moves cuts inside the timeline and never changes its length; the music never changes
+it either. The music is the soundtrack: it starts with the video and is cut at its end, or, when
+shorter, is followed by silence; its last second fades out (at the video's end, or at its own).
+The clips' own sound is dropped unless the spec asks to mix it in. The soundtrack is encoded
+once (and cached) as exactly 1,600 samples a frame and muxed with the joined segments by stream
+copy, so audio and video stay aligned to the sample.
+
+**Checks.** The result is validated (streams, High profile, size, rate, length of both streams,
+A/V start, faststart) before it is uploaded to a new key; a file that fails is never published.
+Transient failures (a download, an upload, ffmpeg killed by a signal) are retried with backoff;
+an unreadable or unsupported input fails at once, naming the clip.
+
+No user or model text reaches ffmpeg (see ``render.py``); ffmpeg reads only files this process
+downloaded and probed, or made itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
+import functools
 import logging
-import math
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
 
 from clipchat.errors import Conflict, InvalidInput, MediaError, NotFound
 from clipchat.media.encoder import EncoderChoice, detect_encoder, video_encoder_args
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
-from clipchat.media.probe import probe
+from clipchat.media.probe import MediaInfo, moov_before_mdat, probe
+from clipchat.retry import RetryPolicy
 from clipchat.settings import Settings
 from clipchat.storage import ObjectInfo, Storage, check_key
+from services.composer.cache import CacheStats, SegmentCache
+from services.composer.progress import STAGES, FractionFn, ProgressFn, ProgressTracker, Stage
+from services.composer.render import (
+    AUDIO_BITRATE,
+    AUDIO_SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    SEGMENT_OUTPUT_ARGS,
+    Canvas,
+    ClipOutput,
+    SourceClip,
+    audio_crossfade_command,
+    clip_command,
+    concat_listing,
+    mux_command,
+    soundtrack_command,
+    transition_command,
+    window_audio_command,
+)
+from services.composer.tasks import run_concurrently, settled
+from services.composer.timeline import FPS, ClipWindow, SegmentPlan, Timeline, plan_timeline
+
+__all__ = ["STAGES", "ClipSpec", "Composer", "CompositionResult", "CompositionSpec", "ProgressFn",
+           "Stage", "TransitionSpec"]
 
 log = logging.getLogger("clipchat.composer")
 
-# Bump when a change here alters segment bytes, so stale cached segments are not reused.
-PIPELINE_VERSION = "1"
-FPS = 30
-AUDIO_SAMPLE_RATE = 48_000
-SAMPLES_PER_FRAME = AUDIO_SAMPLE_RATE // FPS  # 1,600: audio and video lengths match exactly
-AUDIO_BITRATE = "192k"
-FADE_OUT_SECONDS = 1.0
-# 512 ticks a frame at 30 fps: every segment shares it, so concatenated timestamps stay exact.
-VIDEO_TIMESCALE = 15_360
-SEGMENT_CACHE_PREFIX = "cache/segments"
-AUDIO_CACHE_PREFIX = "cache/audio"
-MAX_CLIP_SECONDS = 600.0
-
+# Bump when a change here alters the bytes of cached pieces, so stale entries are not reused.
+PIPELINE_VERSION = "3"
 FRAME_SIZES: dict[str, tuple[int, int]] = {"16:9": (1920, 1080), "9:16": (1080, 1920), "1:1": (1080, 1080)}
 FITS = ("pad", "crop")
+DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
+DEFAULT_WORKERS = 2
+# Compositions with at most this many segments to encode run them ``composer_workers`` at a time.
+_PARALLEL_UP_TO = 6
+_DOWNLOADS_AT_ONCE = 4
 
-Stage = Literal["downloading", "normalizing", "transitions", "encoding", "muxing", "uploading"]
-STAGES: tuple[Stage, ...] = ("downloading", "normalizing", "transitions", "encoding", "muxing", "uploading")
-
-# Called with (stage, fraction of the whole composition 0..1, estimated seconds left or None).
-ProgressFn = Callable[[str, float, float | None], Awaitable[None]]
-
-T = TypeVar("T")
+# Rough cost of each piece of work, in "one frame of a clip body encoded", for progress and ETA.
+_COST_DOWNLOAD = 5.0
+_COST_TRANSITION_FRAME = 1.0
+_COST_WINDOW_FRAME = 0.2
+_COST_AUDIO_FRAME = 0.02
+_COST_MUX_FRAME = 0.02
+_COST_FIXED = 5.0
+_MAKING_STAGES: tuple[Stage, ...] = ("normalizing", "transitions", "encoding")
 
 
 @dataclass(frozen=True)
@@ -69,8 +107,8 @@ class ClipSpec:
 
 @dataclass(frozen=True)
 class TransitionSpec:
-    kind: str = "cut"
-    duration: float = 0.0
+    kind: str = "cut"  # a key of timeline.TRANSITIONS, or "cut"
+    duration: float = 0.0  # seconds the two clips overlap
 
 
 @dataclass(frozen=True)
@@ -82,6 +120,7 @@ class CompositionSpec:
     beat_timestamps: list[float]
     aspect_ratio: str = "16:9"
     fit: str = "pad"  # "pad" (letterbox) or "crop" (fill)
+    mix_clip_audio: bool = False  # mix the clips' own sound under the music
 
 
 @dataclass(frozen=True)
@@ -89,54 +128,19 @@ class CompositionResult:
     video_key: str
     duration: float  # seconds
     encoder: str
-    segments_encoded: int
-    segments_reused: int
+    segments_encoded: int  # video segments encoded by this composition
+    segments_reused: int  # video segments taken from the cache
     seconds: float  # wall time of the composition
-
-
-@dataclass(frozen=True)
-class Canvas:
-    """The output picture every segment is normalized to."""
-
-    width: int
-    height: int
-    fit: str
-
-
-@dataclass(frozen=True)
-class SegmentPlan:
-    """One piece of the timeline, encoded on its own and joined to the others by stream copy.
-
-    ``kind`` is "clip" for a clip's body. A transition segment (see
-    ``Composer._transition_segments``) takes ``overlap_before`` frames from the end of the clip
-    before it and ``overlap_after`` from the start of the clip after it; those clips' bodies are
-    shortened by as much.
-    """
-
-    kind: str
-    clip_index: int  # the clip shown (for a transition: the clip before it)
-    start_frame: int  # first frame of the clip used, counted at 30 fps from its start
-    frames: int
-    overlap_before: int = 0
-    overlap_after: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"clip {self.clip_index + 1}"
-
-
-@dataclass
-class _Segment:
-    plan: SegmentPlan
-    cache_key: str
-    cached: bool = False  # found in the cache when the composition started
-    path: Path | None = None  # the local file once encoded or fetched
 
 
 class Composer:
     """Composes jobs; one instance serves many compositions (the encoder is detected once).
 
-    ``work_root`` is where per-composition work folders are made (the system temp folder when None).
+    ``work_root`` is where per-composition work folders are made (the system temp folder when
+    None). Settings read: ``encoder``, ``x264_preset``, ``retry_attempts``/``retry_base_seconds``/
+    ``retry_max_seconds``, ``segment_cache_max_bytes`` (the cache's size cap; default 20 GiB)
+    and ``composer_workers`` (encoding runs at once in a composition with few segments to make;
+    default 2).
     """
 
     def __init__(self, storage: Storage, ffmpeg: FfmpegRunner, settings: Settings, *,
@@ -144,289 +148,502 @@ class Composer:
         self._storage = storage
         self._ffmpeg = ffmpeg
         self._settings = settings
-        self._work_root = work_root
+        # Absolute, because the concat list names the segment files in it.
+        self._work_root = work_root.absolute() if work_root is not None else None
         self._encoder: EncoderChoice | None = None
         self._encoder_lock = asyncio.Lock()
+        # Transient failures (a download, an upload, ffmpeg killed by a signal) are retried here.
+        self._retry = RetryPolicy(attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds,
+                                  max_seconds=settings.retry_max_seconds)
+        self._cache = SegmentCache(
+            storage, max_bytes=settings.segment_cache_max_bytes,
+            retry=self._retry)
+        self._workers = max(1, settings.composer_workers)
+        # Probes decode a frame in this process; one at a time keeps its memory flat.
+        self._probe_lock = asyncio.Lock()
 
     async def encoder(self) -> EncoderChoice:
-        """The encoder this composer uses, detected on first use from ``settings.encoder``."""
+        """The encoder this composer uses and why, detected on first use from ``settings.encoder``."""
         async with self._encoder_lock:
             if self._encoder is None:
                 self._encoder = await detect_encoder(self._ffmpeg, self._settings.encoder)
             return self._encoder
 
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Segment cache hits, misses, stores and evictions since this composer was made."""
+        return self._cache.stats
+
     async def compose(self, spec: CompositionSpec, output_key: str, *,
                       on_progress: ProgressFn | None = None) -> CompositionResult:
         """Compose ``spec`` and upload the MP4 to ``output_key``.
 
-        Raises ``InvalidInput`` for an impossible spec (no clips, bad durations, unknown aspect
-        ratio), ``Conflict`` when ``output_key`` exists, ``MediaError`` naming the clip or track
-        that cannot be read (or when the result fails its checks; nothing is uploaded then),
-        ``FfmpegKilled``/``TransientError`` and storage errors for failures a retry may fix.
-        Cancelling the task stops ffmpeg; the work folder is removed in every case.
+        Raises ``InvalidInput`` for an impossible spec (no clips, bad durations, an unknown
+        transition, aspect ratio or fit), ``Conflict`` when ``output_key`` exists, ``MediaError``
+        naming the clip or track that cannot be read or processed (or when the result fails its
+        checks; nothing is uploaded then), and ``FfmpegKilled`` or storage errors for transient
+        failures that outlasted their retries. Cancelling the task kills ffmpeg; the work folder
+        is removed in every case.
         """
         started = time.monotonic()
         check_key(output_key)
         canvas = _canvas(spec)
-        plans = self._plan_timeline(spec)
-        total_frames = sum(plan.frames for plan in plans)
+        timeline = plan_timeline([clip.duration for clip in spec.clips],
+                                 [(t.kind, t.duration) for t in spec.transitions], spec.beat_timestamps)
         extra = {"job_id": spec.job_id, "output_key": output_key}
         if await self._storage.exists(output_key):
             raise Conflict("This video version already exists.")
         encoder = await self.encoder()
         encoder_args = video_encoder_args(encoder.name, x264_preset=self._settings.x264_preset)
-        log.info("compose.started", extra={**extra, "clips": len(spec.clips), "frames": total_frames,
-                                            "encoder": encoder.name})
-
-        sources = await self._stat_sources(spec)
-        segments = [_Segment(plan, _segment_cache_key(plan, sources, canvas, encoder_args)) for plan in plans]
-        for segment in segments:
-            segment.cached = await self._storage.exists(segment.cache_key)
-        audio_cache_key = _audio_cache_key(sources[-1], total_frames)
-        audio_cached = await self._storage.exists(audio_cache_key)
-        to_encode = [segment for segment in segments if not segment.cached]
-        progress = _Progress(on_progress, started, _stage_weights(
-            frames_to_encode=sum(s.plan.frames for s in to_encode), total_frames=total_frames,
-            audio_cached=audio_cached))
+        log.info("compose.started", extra={**extra, "clips": len(spec.clips), "frames": timeline.total_frames,
+                                            "segments": len(timeline.segments), "encoder": encoder.name})
 
         if self._work_root is not None:
             self._work_root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="clipchat-compose-", dir=self._work_root))
+        run = _Composition(self, spec, timeline, canvas, encoder_args, work,
+                           ProgressTracker(on_progress, started=started))
+        stored_before = self._cache.stats.stores
         try:
-            await progress.report("downloading", 0.0)
-            clip_files = await self._fetch_clips(spec, sorted({s.plan.clip_index for s in to_encode}), work,
-                                                 progress)
-            await progress.report("downloading", 1.0)
-
-            encoded, reused = await self._prepare_segments(spec, segments, clip_files, canvas, encoder_args,
-                                                           work, progress)
-            await progress.report("transitions", 1.0)
-
-            await progress.report("encoding", 0.0)
-            audio = await self._prepare_audio(spec, audio_cache_key, audio_cached, total_frames, work,
-                                              progress.stage("encoding"))
-
-            await progress.report("muxing", 0.0)
-            output = work / "output.mp4"
-            await self._mux(segments, audio, output, total_frames, work, progress.stage("muxing"))
-            duration = await _validate_output(output, canvas, total_frames, spec.job_id)
-
-            await progress.report("uploading", 0.0)
-            await _settled(self._storage.put_file(output_key, output, content_type="video/mp4"))
-            await progress.report("uploading", 1.0)
+            duration = await run.execute(output_key)
         except asyncio.CancelledError:
             log.info("compose.cancelled", extra=extra)
             raise
         except Exception as exc:
             log.warning("compose.failed", extra={**extra, "error": type(exc).__name__,
                                                   "code": getattr(exc, "code", None),
-                                                  "detail": getattr(exc, "detail", "")[-2000:]})
+                                                  "detail": str(getattr(exc, "detail", ""))[-2000:]})
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if self._cache.stats.stores > stored_before:  # only new entries can push it over its cap
+            await self._evict_quietly(spec.job_id)
 
         seconds = time.monotonic() - started
         log.info("compose.finished", extra={**extra, "seconds": round(seconds, 3), "encoder": encoder.name,
-                                             "segments_encoded": encoded, "segments_reused": reused})
+                                             "segments_encoded": run.encoded, "segments_reused": run.reused})
         return CompositionResult(video_key=output_key, duration=duration, encoder=encoder.name,
-                                 segments_encoded=encoded, segments_reused=reused, seconds=seconds)
+                                 segments_encoded=run.encoded, segments_reused=run.reused, seconds=seconds)
 
-    # --- timeline -------------------------------------------------------------------------
+    async def _evict_quietly(self, job_id: str) -> None:
+        # The video is published by now; a cache that cannot be trimmed is for operators, not users.
+        try:
+            await self._cache.evict()
+        except Exception as exc:  # any storage failure here is only logged
+            log.warning("compose.cache_eviction_failed", extra={"job_id": job_id, "error": repr(exc)[:300]})
 
-    def _plan_timeline(self, spec: CompositionSpec) -> list[SegmentPlan]:
-        """The segments of the timeline in order: clip bodies, with transition segments between."""
-        if not spec.clips:
-            raise InvalidInput("A video needs at least one clip.")
-        if spec.transitions and len(spec.transitions) != len(spec.clips) - 1:
-            raise InvalidInput("There must be one transition between each pair of clips.")
-        clip_frames = [_clip_frames(clip.duration, index) for index, clip in enumerate(spec.clips)]
-        transitions = self._transition_segments(spec, clip_frames)
-        plans: list[SegmentPlan] = []
-        for index, frames in enumerate(clip_frames):
-            before = transitions.get(index - 1)
-            after = transitions.get(index)
-            head = before.overlap_after if before else 0
-            tail = after.overlap_before if after else 0
-            plans.append(SegmentPlan("clip", index, start_frame=head, frames=frames - head - tail))
-            if after:
-                plans.append(after)
-        return plans
 
-    def _transition_segments(self, spec: CompositionSpec, clip_frames: list[int]) -> dict[int, SegmentPlan]:
-        """The segment replacing the cut after clip ``i``, for each boundary ``i`` that has one.
+@dataclass
+class _Piece:
+    """A file of the composition found in the cache or made by it: a video segment, the clips'
+    sound under a segment, or the soundtrack."""
 
-        Richer transitions (crossfades, wipes, dips) plug in here: each returns a ``SegmentPlan``
-        of its own kind with the overlaps it borrows from its neighbours. Until then every
-        boundary is a cut, whatever kind the spec names, so the map is empty.
-        """
-        for transition in spec.transitions:
-            if not math.isfinite(transition.duration) or transition.duration < 0:
-                raise InvalidInput("A transition's duration must be zero or more seconds.")
-        return {}
+    key: str
+    cached: bool = False
+    path: Path | None = None
 
-    # --- inputs -----------------------------------------------------------------------------
 
-    async def _stat_sources(self, spec: CompositionSpec) -> list[ObjectInfo]:
+@dataclass
+class _Segment:
+    number: int
+    plan: SegmentPlan
+    video: _Piece
+    sound: _Piece | None = None  # the clips' own sound, when the spec mixes it in
+
+
+@dataclass
+class _Window:
+    """Raw normalized frames of a clip that a transition to be made needs."""
+
+    window: ClipWindow
+    path: Path
+    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class _Composition:
+    """One ``compose`` call: its plan, work folder, downloaded sources and progress."""
+
+    composer: Composer
+    spec: CompositionSpec
+    timeline: Timeline
+    canvas: Canvas
+    encoder_args: list[str]
+    work: Path
+    progress: ProgressTracker
+    encoded: int = 0
+    reused: int = 0
+    _clips: dict[int, SourceClip] = field(default_factory=dict)
+    _clip_locks: defaultdict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    _music: tuple[Path, MediaInfo] | None = None
+    # Encoding runs at once (see ``_encoders``); jobs take a slot in the order they were listed.
+    _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+
+    async def execute(self, output_key: str) -> float:
+        """Make every piece, join them, check the result and upload it; returns its duration."""
+        composer = self.composer
+        objects = await self._stat_sources()
+        segments = self._segments(objects)
+        soundtrack = _Piece(self._soundtrack_key(objects[-1], segments))
+        await self._look_up(segments, soundtrack)
+        sounds = [s for s in segments if s.sound is not None and not s.sound.cached] if not soundtrack.cached else []
+        windows = self._windows(segments)
+        self._plan_progress(segments, windows, sounds, soundtrack)
+        await self.progress.report()
+
+        await run_concurrently(self._downloads(segments, windows, sounds, soundtrack), limit=_DOWNLOADS_AT_ONCE)
+        await self.progress.finish("downloading")
+
+        self._slots = asyncio.Semaphore(self._encoders(segments))
+        jobs: list[Callable[[], Awaitable[None]]] = []
+        if not soundtrack.cached and not sounds:  # one core for a second or two, beside the video
+            jobs.append(functools.partial(self._make_soundtrack, soundtrack, segments))
+        jobs += self._video_jobs(segments, windows)
+        jobs += [functools.partial(self._make_sound, segment) for segment in sounds]
+        await run_concurrently(jobs)
+        if soundtrack.path is None:  # made from the clips' sound just extracted
+            await self._make_soundtrack(soundtrack, segments)
+        for stage in _MAKING_STAGES:
+            await self.progress.finish(stage)
+
+        output = self.work / "output.mp4"
+        listing = self.work / "segments.ffconcat"
+        listing.write_text(concat_listing([s.video.path for s in segments if s.video.path]), encoding="utf-8")
+        assert soundtrack.path is not None
+        await self._ffmpeg(mux_command(listing, soundtrack.path, output), self.timeline.total_frames,
+                           self.progress.piece("muxing", self._mux_cost()))
+        duration = await _validate_output(output, self.canvas, self.timeline.total_frames, self.spec.job_id)
+        await self.progress.finish("muxing")
+
+        await composer._retry.run(
+            lambda: settled(composer._storage.put_file(output_key, output, content_type="video/mp4")),
+            what="upload composition")
+        await self.progress.finish("uploading")
+        return duration
+
+    # --- planning ---------------------------------------------------------------------------
+
+    async def _stat_sources(self) -> list[ObjectInfo]:
         """Size and time of every clip, then of the music (last); cache keys are built from them."""
-        keys = [(clip.video_key, f"clip {i + 1}") for i, clip in enumerate(spec.clips)]
-        keys.append((spec.audio_key, "music track"))
-        infos = []
-        for key, label in keys:
+        labels = [(clip.video_key, f"clip {i + 1}") for i, clip in enumerate(self.spec.clips)]
+        labels.append((self.spec.audio_key, "music track"))
+
+        async def stat(key: str, label: str) -> ObjectInfo:
             try:
-                infos.append(await self._storage.stat(check_key(key)))
+                return await self.composer._retry.run(
+                    lambda: self.composer._storage.stat(check_key(key)), what="stat source")
             except (NotFound, InvalidInput) as exc:
                 raise MediaError(f"{label.capitalize()} could not be found.") from exc
-        return infos
 
-    async def _fetch_clips(self, spec: CompositionSpec, indexes: list[int], work: Path,
-                           progress: _Progress) -> dict[int, Path]:
-        """Download and check the clips that have segments to encode."""
-        files: dict[int, Path] = {}
-        for done, index in enumerate(indexes):
-            files[index] = await self._fetch_clip(spec, index, work)
-            await progress.report("downloading", (done + 1) / (len(indexes) + 1))
-        return files
+        return list(await asyncio.gather(*(stat(key, label) for key, label in labels)))
 
-    async def _fetch_clip(self, spec: CompositionSpec, index: int, work: Path) -> Path:
-        label = f"clip {index + 1}"
-        path = await self._fetch_source(spec.clips[index].video_key, work / f"clip-{index:03d}", label)
-        info = await probe(path, label=label)
-        if not info.has_video:
-            raise MediaError(f"{label.capitalize()} has no video.")
-        return path
+    def _segments(self, objects: list[ObjectInfo]) -> list[_Segment]:
+        segments = []
+        for number, plan in enumerate(self.timeline.segments):
+            windows = [[objects[w.clip_index].key, objects[w.clip_index].size, w.start_frame, w.frames]
+                       for w in plan.windows]
+            video_key = SegmentCache.key("segments", {
+                "version": PIPELINE_VERSION, "kind": plan.kind, "windows": windows, "xfade": plan.xfade,
+                "fps": FPS, "canvas": [self.canvas.width, self.canvas.height, self.canvas.fit],
+                "encoder": self.encoder_args, "output": SEGMENT_OUTPUT_ARGS}, ".mp4")
+            sound = None
+            if self.spec.mix_clip_audio:
+                sound = _Piece(SegmentCache.key("clip-sound", {
+                    "version": PIPELINE_VERSION, "kind": plan.kind, "windows": windows,
+                    "rate": AUDIO_SAMPLE_RATE}, ".pcm"))
+            segments.append(_Segment(number, plan, _Piece(video_key), sound))
+        return segments
+
+    def _soundtrack_key(self, music: ObjectInfo, segments: list[_Segment]) -> str:
+        return SegmentCache.key("soundtrack", {
+            "version": PIPELINE_VERSION, "music": [music.key, music.size], "frames": self.timeline.total_frames,
+            "clip_sound": [s.sound.key for s in segments if s.sound] or None,
+            "codec": ["aac", AUDIO_BITRATE, AUDIO_SAMPLE_RATE, 2]}, ".m4a")
+
+    async def _look_up(self, segments: list[_Segment], soundtrack: _Piece) -> None:
+        """Find the cached pieces and get a local file of each; one gone meanwhile counts as missing.
+
+        The clips' sound only matters when the soundtrack is not cached.
+        """
+        await self._reuse(soundtrack, self.work / "soundtrack.m4a")
+        pieces = [(s.video, self.work / f"segment-{s.number:03d}.mp4") for s in segments]
+        if not soundtrack.cached:
+            pieces += [(s.sound, self.work / f"sound-{s.number:03d}.pcm") for s in segments if s.sound]
+        await asyncio.gather(*(self._reuse(piece, dest) for piece, dest in pieces))
+        self.reused = sum(1 for s in segments if s.video.cached)
+
+    async def _reuse(self, piece: _Piece, dest: Path) -> None:
+        cache = self.composer._cache
+        if await cache.lookup(piece.key):
+            piece.path = await cache.fetch(piece.key, dest)
+            if piece.path is None:
+                cache.forget_hit()
+        piece.cached = piece.path is not None
+
+    def _windows(self, segments: list[_Segment]) -> dict[tuple[int, int], _Window]:
+        """The raw windows the transitions still to be made need, by (clip, first frame)."""
+        windows: dict[tuple[int, int], _Window] = {}
+        for segment in segments:
+            if segment.plan.kind == "transition" and not segment.video.cached:
+                for part, window in enumerate(segment.plan.windows):
+                    windows[(window.clip_index, window.start_frame)] = _Window(
+                        window, self.work / f"window-{segment.number:03d}-{part}.yuv")
+        return windows
+
+    def _video_jobs(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window]
+                    ) -> list[Callable[[], Awaitable[None]]]:
+        """The clip runs, each transition right after the runs of both its clips.
+
+        A clip run reads one chunk of a clip's body and writes that chunk (unless cached) and
+        the raw windows attached to it: the clip's head window to its first chunk, its tail
+        window to its last. Transitions come right after the runs writing their windows, so raw
+        frames are used up soon after they are written; a transition waits for its windows
+        holding its slot, which cannot deadlock because the runs writing them come earlier in
+        the list (or take no slot).
+        """
+        transitions = {s.plan.clip_index: s for s in segments if s.plan.kind == "transition"}
+        chunks: defaultdict[int, list[_Segment]] = defaultdict(list)
+        for segment in segments:
+            if segment.plan.kind == "body":
+                chunks[segment.plan.clip_index].append(segment)
+        jobs: list[Callable[[], Awaitable[None]]] = []
+        for clip_index, clip_chunks in sorted(chunks.items()):
+            clip_windows = sorted((w for (clip, _), w in windows.items() if clip == clip_index),
+                                  key=lambda w: w.window.start_frame)
+            for number, chunk in enumerate(clip_chunks):
+                first, last = number == 0, number == len(clip_chunks) - 1
+                attached = [w for w in clip_windows
+                            if (first and w.window.start_frame == 0) or (last and w.window.start_frame > 0)]
+                anchor = 0 if first else chunk.plan.windows[0].start_frame
+                if not chunk.video.cached or attached:
+                    jobs.append(functools.partial(self._make_clip_pieces, clip_index, anchor,
+                                                  None if chunk.video.cached else chunk, attached))
+            transition = transitions.get(clip_index - 1)
+            if transition is not None and not transition.video.cached:
+                before, after = (windows[(w.clip_index, w.start_frame)] for w in transition.plan.windows)
+                jobs.append(functools.partial(self._make_transition, transition, before, after))
+        return jobs
+
+    def _encoders(self, segments: list[_Segment]) -> int:
+        """How many encoding runs may go at once: ``composer_workers`` for a few, one for many.
+
+        A recomposition after one clip or transition changed encodes a few short segments, and
+        the person is waiting: running them side by side keeps both cores busy from the first
+        frame to the last (one short run alone leaves them idle while it starts and drains). A
+        composition with many segments runs them one at a time: over a long run x264's frame
+        threads keep both cores busy by themselves, and only one encoder's memory (~250 MB at
+        1080p) is held at any moment.
+        """
+        to_encode = sum(1 for s in segments if not s.video.cached)
+        return self.composer._workers if to_encode <= _PARALLEL_UP_TO else 1
+
+    def _plan_progress(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window],
+                       sounds: list[_Segment], soundtrack: _Piece) -> None:
+        progress = self.progress
+        total = self.timeline.total_frames
+        for segment in segments:
+            if not segment.video.cached:
+                progress.plan(_segment_stage(segment.plan), self._segment_cost(segment.plan))
+        for window in windows.values():
+            progress.plan("normalizing", self._window_cost(window.window))
+        for segment in sounds:
+            progress.plan("encoding", self._sound_cost(segment.plan))
+        progress.plan("downloading", _COST_DOWNLOAD * len(self._downloads(segments, windows, sounds, soundtrack)))
+        if not soundtrack.cached:
+            progress.plan("encoding", _COST_FIXED + total * _COST_AUDIO_FRAME)
+        progress.plan("muxing", self._mux_cost())
+        progress.plan("uploading", _COST_FIXED + total * _COST_MUX_FRAME)
+
+    @staticmethod
+    def _segment_cost(plan: SegmentPlan) -> float:
+        return _COST_FIXED + plan.frames * (1.0 if plan.kind == "body" else _COST_TRANSITION_FRAME)
+
+    @staticmethod
+    def _window_cost(window: ClipWindow) -> float:
+        return window.frames * _COST_WINDOW_FRAME
+
+    @staticmethod
+    def _sound_cost(plan: SegmentPlan) -> float:
+        return _COST_FIXED + plan.frames * _COST_AUDIO_FRAME
+
+    def _mux_cost(self) -> float:
+        return _COST_FIXED + self.timeline.total_frames * _COST_MUX_FRAME
+
+    def _downloads(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window],
+                   sounds: list[_Segment], soundtrack: _Piece) -> list[Callable[[], Awaitable[None]]]:
+        """One job for each source a piece still to be made needs: the clips, and the music."""
+        clips = {s.plan.clip_index for s in segments if s.plan.kind == "body" and not s.video.cached}
+        clips |= {clip for clip, _ in windows}
+        clips |= {w.clip_index for s in sounds for w in s.plan.windows}
+        jobs: list[Callable[[], Awaitable[object]]] = [functools.partial(self._clip, i) for i in sorted(clips)]
+        if not soundtrack.cached:
+            jobs.append(self._load_music)
+        return [functools.partial(self._download, job) for job in jobs]
+
+    async def _download(self, job: Callable[[], Awaitable[object]]) -> None:
+        await job()
+        await self.progress.piece("downloading", _COST_DOWNLOAD)(1.0)
+
+    # --- sources ----------------------------------------------------------------------------
+
+    async def _clip(self, index: int) -> SourceClip:
+        """Clip ``index`` on local disk, probed: downloaded once, on first need."""
+        async with self._clip_locks[index]:
+            if index not in self._clips:
+                label = f"clip {index + 1}"
+                path = await self._fetch_source(self.spec.clips[index].video_key, self.work / f"clip-{index:03d}",
+                                                label)
+                info = await self._probe(path, label)
+                if not info.has_video:
+                    raise MediaError(f"{label.capitalize()} has no video.")
+                self._clips[index] = SourceClip(path, info)
+            return self._clips[index]
+
+    async def _load_music(self) -> tuple[Path, MediaInfo]:
+        if self._music is None:
+            path = await self._fetch_source(self.spec.audio_key, self.work / "music", "music track")
+            info = await self._probe(path, "music track")
+            if not info.has_audio:
+                raise MediaError("The music track has no audio.")
+            self._music = (path, info)
+        return self._music
+
+    async def _probe(self, path: Path, label: str) -> MediaInfo:
+        async with self.composer._probe_lock:
+            return await probe(path, label=label)
 
     async def _fetch_source(self, key: str, dest: Path, label: str) -> Path:
-        """``_fetch`` for a job's input: a missing object is the input's fault (``MediaError``)."""
-        try:
-            return await self._fetch(key, dest)
-        except NotFound as exc:
-            raise MediaError(f"{label.capitalize()} could not be found.") from exc
+        """A local file with a job input's bytes: the store's own file when it is a local folder.
 
-    async def _fetch(self, key: str, dest: Path) -> Path:
-        """A local file with ``key``'s bytes: the store's own file when it is a local folder.
-
-        Raises ``NotFound``.
+        A missing object is the input's fault (``MediaError``); transient failures are retried.
         """
-        local = self._storage.local_path(key)
+        storage = self.composer._storage
+        local = storage.local_path(key)
         if local is not None and local.is_file():
             return local
-        await _settled(self._storage.get_file(key, dest))
+        try:
+            await self.composer._retry.run(lambda: settled(storage.get_file(key, dest)), what="download source")
+        except NotFound as exc:
+            raise MediaError(f"{label.capitalize()} could not be found.") from exc
         return dest
 
-    # --- video segments ---------------------------------------------------------------------
+    # --- pieces -----------------------------------------------------------------------------
 
-    async def _prepare_segments(self, spec: CompositionSpec, segments: list[_Segment],
-                                clip_files: dict[int, Path], canvas: Canvas, encoder_args: list[str],
-                                work: Path, progress: _Progress) -> tuple[int, int]:
-        """Give every segment a local file: fetched from the cache, or encoded and cached."""
-        extra = {"job_id": spec.job_id}
-        encoded = reused = 0
-        frames_to_encode = sum(s.plan.frames for s in segments if not s.cached) or 1
-        frames_done = 0
-        await progress.report("normalizing", 0.0)
-        for number, segment in enumerate(segments):
-            plan = segment.plan
-            dest = work / f"segment-{number:03d}.mp4"
-            if segment.cached:
-                segment.path = await self._reuse_segment(segment, dest)
-                if segment.path is not None:
-                    reused += 1
-                    log.info("compose.segment_reused", extra={**extra, "segment": segment.cache_key,
-                                                               "clip": plan.clip_index})
-                    continue
-                # Evicted since it was looked up: encode it after all.
-                frames_to_encode += plan.frames
-            if plan.clip_index not in clip_files:
-                clip_files[plan.clip_index] = await self._fetch_clip(spec, plan.clip_index, work)
-            on_fraction = progress.span("normalizing", frames_done / frames_to_encode,
-                                        plan.frames / frames_to_encode)
-            source = clip_files[plan.clip_index]
-            await self._encode_segment(plan, source, canvas, encoder_args, dest, on_fraction)
-            segment.path = dest
-            encoded += 1
-            frames_done += plan.frames
-            log.info("compose.segment_encoded", extra={**extra, "segment": segment.cache_key,
-                                                        "clip": plan.clip_index, "frames": plan.frames})
-            await self._store_in_cache(segment.cache_key, dest)
-        await progress.report("normalizing", 1.0)
-        return encoded, reused
+    async def _make_clip_pieces(self, clip_index: int, anchor: int, chunk: _Segment | None,
+                                windows: list[_Window]) -> None:
+        """One clip run: encode a body chunk (when given) and write the raw windows attached to it.
 
-    async def _reuse_segment(self, segment: _Segment, dest: Path) -> Path | None:
-        """The cached segment as a local file, or None when it has gone meanwhile."""
-        try:
-            # Marks it recently used, so cache eviction keeps it.
-            await self._storage.touch(segment.cache_key)
-            return await self._fetch(segment.cache_key, dest)
-        except NotFound:
-            return None
-
-    async def _encode_segment(self, plan: SegmentPlan, source: Path, canvas: Canvas, encoder_args: list[str],
-                              dest: Path, on_fraction: Callable[[float], Awaitable[None]]) -> None:
-        """Normalize ``plan.frames`` frames of ``source`` to ``canvas`` and encode them to ``dest``.
-
-        Raises ``FfmpegError`` naming the clip when its picture data breaks off mid-way.
+        A run that only writes windows is light (no encoder) and takes no slot.
         """
+        outputs = [ClipOutput(w.window, w.path, encoded=False) for w in windows]
+        cost = sum(self._window_cost(w.window) for w in windows)
+        if chunk is not None:
+            chunk.video.path = self.work / f"segment-{chunk.number:03d}.mp4"
+            outputs.insert(0, ClipOutput(chunk.plan.windows[0], chunk.video.path, encoded=True))
+            cost += self._segment_cost(chunk.plan)
+        frames = max(o.window.end_frame for o in outputs) - anchor
+        async with self._slots if chunk is not None else contextlib.nullcontext():
+            # Taking the slot first of all, so jobs take slots in the order they were listed.
+            source = await self._clip(clip_index)
+            await self._ffmpeg(clip_command(source, self.canvas, anchor, outputs, self.encoder_args), frames,
+                               self.progress.piece("normalizing", cost), label=f"clip {clip_index + 1}")
+        for window in windows:
+            window.ready.set_result(None)
+        if chunk is not None:
+            await self._encoded(chunk)
+
+    async def _make_transition(self, segment: _Segment, before: _Window, after: _Window) -> None:
+        """Blend the two raw windows the clip runs wrote and encode the transition segment."""
+        plan = segment.plan
+        assert plan.xfade is not None
+        segment.video.path = self.work / f"segment-{segment.number:03d}.mp4"
+        async with self._slots:
+            await asyncio.gather(before.ready, after.ready)
+            await self._ffmpeg(
+                transition_command(plan.xfade, plan.frames, before.path, after.path, self.canvas,
+                                   self.encoder_args, segment.video.path),
+                plan.frames, self.progress.piece("transitions", self._segment_cost(plan)), label=plan.label)
+        for window in (before, after):
+            window.path.unlink(missing_ok=True)  # raw frames are big; each is used by one transition
+        await self._encoded(segment)
+
+    async def _encoded(self, segment: _Segment) -> None:
+        """Check a segment just encoded has every frame, count it and cache it."""
+        plan, piece = segment.plan, segment.video
+        assert piece.path is not None
+        info = await self._probe(piece.path, plan.label)
+        if info.frame_count != plan.frames:
+            log.error("compose.segment_incomplete", extra={
+                "job_id": self.spec.job_id, "segment": segment.number, "frames": info.frame_count,
+                "expected": plan.frames})
+            raise MediaError(f"{_capitalized(plan.label)} could not be processed.")
+        self.encoded += 1
+        log.info("compose.segment_encoded", extra={"job_id": self.spec.job_id, "segment": piece.key,
+                                                    "kind": plan.kind, "clip": plan.clip_index,
+                                                    "frames": plan.frames})
+        await self.composer._cache.store(piece.key, piece.path)
+
+    async def _make_sound(self, segment: _Segment) -> None:
+        """The clips' own sound under the segment as raw PCM, extracted (and cached)."""
+        piece, plan = segment.sound, segment.plan
+        assert piece is not None
+        dest = self.work / f"sound-{segment.number:03d}.pcm"
+        parts = []
+        for part, window in enumerate(plan.windows):
+            source = await self._clip(window.clip_index)
+            path = self.work / f"sound-{segment.number:03d}-{part}.pcm"
+            if source.info.has_audio:
+                await self._ffmpeg(window_audio_command(window, source, path), window.frames, None,
+                                   label=f"clip {window.clip_index + 1}")
+            else:
+                await asyncio.to_thread(_write_silence, path, window.frames * SAMPLES_PER_FRAME)
+            parts.append(path)
+        if plan.kind == "transition":
+            await self._ffmpeg(audio_crossfade_command(parts[0], parts[1], plan.frames, dest), plan.frames,
+                               None, label=plan.label)
+        else:
+            parts[0].replace(dest)
+        piece.path = dest
+        await self.progress.piece("encoding", self._sound_cost(plan))(1.0)
+        await self.composer._cache.store(piece.key, dest)
+
+    async def _make_soundtrack(self, soundtrack: _Piece, segments: list[_Segment]) -> None:
+        """The music fitted to the video (with the clips' sound mixed in if asked) as AAC, cached."""
+        dest = self.work / "soundtrack.m4a"
+        music, info = await self._load_music()
+        clip_sound = None
+        if self.spec.mix_clip_audio:
+            clip_sound = self.work / "clip-sound.pcm"
+            await asyncio.to_thread(_join_files, [s.sound.path for s in segments if s.sound and s.sound.path],
+                                    clip_sound)
+        total = self.timeline.total_frames
+        await self._ffmpeg(soundtrack_command(music, info, total, dest, clip_sound), total,
+                           self.progress.piece("encoding", _COST_FIXED + total * _COST_AUDIO_FRAME),
+                           label="music track")
+        soundtrack.path = dest
+        log.info("compose.soundtrack_encoded", extra={"job_id": self.spec.job_id, "frames": total})
+        await self.composer._cache.store(soundtrack.key, dest)
+
+    async def _ffmpeg(self, args: list[str], frames: int, on_fraction: FractionFn | None, *,
+                      label: str = "") -> None:
+        """Run ffmpeg, retrying when a signal killed it; a failure names ``label`` when given."""
+        ffmpeg = self.composer._ffmpeg
         try:
-            await self._ffmpeg.run(
-                ["-i", str(source), "-map", "0:v:0", "-an", "-sn", "-dn", "-map_metadata", "-1",
-                 "-filter:v", _clip_filter(plan, canvas), "-frames:v", str(plan.frames),
-                 *encoder_args, *_SEGMENT_OUTPUT_ARGS, "-f", "mp4", str(dest)],
-                expected_duration=plan.frames / FPS, on_progress=on_fraction)
+            await self.composer._retry.run(
+                lambda: ffmpeg.run(args, expected_duration=frames / FPS, on_progress=on_fraction), what="ffmpeg")
         except FfmpegError as exc:
-            raise FfmpegError(f"{plan.label.capitalize()} could not be processed.", detail=exc.detail,
+            if not label:
+                raise
+            raise FfmpegError(f"{_capitalized(label)} could not be processed.", detail=exc.detail,
                               returncode=exc.returncode) from exc
 
-    async def _store_in_cache(self, key: str, path: Path) -> None:
-        try:
-            await _settled(self._storage.put_file(key, path, content_type="video/mp4"))
-        except Conflict:
-            pass  # another composition cached the same segment first; the bytes are equivalent
 
-    # --- audio and output -------------------------------------------------------------------
-
-    async def _prepare_audio(self, spec: CompositionSpec, cache_key: str, cached: bool, total_frames: int,
-                             work: Path, on_fraction: Callable[[float], Awaitable[None]]) -> Path:
-        """The music as AAC, exactly ``total_frames`` long with a fade-out: cached or encoded."""
-        dest = work / "music.m4a"
-        if cached:
-            with contextlib.suppress(NotFound):
-                await self._storage.touch(cache_key)
-                return await self._fetch(cache_key, dest)
-        music = await self._fetch_source(spec.audio_key, work / "music", "music track")
-        info = await probe(music, label="music track")
-        if not info.has_audio:
-            raise MediaError("The music track has no audio.")
-        await self._ffmpeg.run(
-            ["-i", str(music), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
-             "-filter:a", _audio_filter(total_frames * SAMPLES_PER_FRAME),
-             "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_SAMPLE_RATE), "-ac", "2",
-             "-movflags", "+faststart", "-f", "mp4", str(dest)],
-            expected_duration=total_frames / FPS, on_progress=on_fraction)
-        log.info("compose.audio_encoded", extra={"job_id": spec.job_id, "frames": total_frames})
-        await self._store_in_cache(cache_key, dest)
-        return dest
-
-    async def _mux(self, segments: list[_Segment], audio: Path, output: Path, total_frames: int, work: Path,
-                   on_fraction: Callable[[float], Awaitable[None]]) -> None:
-        """Join the segments and the music by stream copy into ``output``."""
-        listing = work / "segments.ffconcat"
-        lines = ["ffconcat version 1.0"]
-        for segment in segments:
-            assert segment.path is not None
-            lines.append(f"file {_concat_quote(segment.path)}")
-        listing.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        await self._ffmpeg.run(
-            ["-f", "concat", "-safe", "0", "-i", str(listing), "-i", str(audio),
-             "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-map_metadata", "-1",
-             "-movflags", "+faststart", "-f", "mp4", str(output)],
-            expected_duration=total_frames / FPS, on_progress=on_fraction)
+def _segment_stage(plan: SegmentPlan) -> Stage:
+    return "normalizing" if plan.kind == "body" else "transitions"
 
 
-# Output options every segment shares, so they join by copy and play with the right colours.
-_SEGMENT_OUTPUT_ARGS = [
-    "-pix_fmt", "yuv420p", "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709",
-    "-color_range", "tv", "-video_track_timescale", str(VIDEO_TIMESCALE), "-movflags", "+faststart",
-]
+def _capitalized(label: str) -> str:
+    return label[:1].upper() + label[1:]
 
 
 def _canvas(spec: CompositionSpec) -> Canvas:
@@ -438,76 +655,22 @@ def _canvas(spec: CompositionSpec) -> Canvas:
     return Canvas(width, height, spec.fit)
 
 
-def _clip_frames(duration: float, index: int) -> int:
-    if not math.isfinite(duration) or duration <= 0 or duration > MAX_CLIP_SECONDS:
-        raise InvalidInput(f"Clip {index + 1} needs a duration between 0 and {MAX_CLIP_SECONDS:g} seconds.")
-    return max(1, round(duration * FPS))
+def _write_silence(path: Path, samples: int) -> None:
+    path.write_bytes(bytes(samples * 4))  # 16-bit stereo
 
 
-def _clip_filter(plan: SegmentPlan, canvas: Canvas) -> str:
-    """The filter graph for a clip body: frames ``start_frame`` to ``start_frame + frames`` at 30 fps.
-
-    A source shorter than that holds its last frame (tpad clone) rather than ending early.
-    """
-    w, h = canvas.width, canvas.height
-    if canvas.fit == "crop":
-        fit = (f"scale={w}:{h}:force_original_aspect_ratio=increase:out_color_matrix=bt709:out_range=tv,"
-               f"crop={w}:{h}")
-    else:
-        fit = (f"scale={w}:{h}:force_original_aspect_ratio=decrease:force_divisible_by=2:"
-               f"out_color_matrix=bt709:out_range=tv,pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:color=black")
-    end = plan.start_frame + plan.frames
-    return (f"setpts=PTS-STARTPTS,fps={FPS},{fit},setsar=1,format=yuv420p,"
-            f"tpad=stop_mode=clone:stop={end},trim=start_frame={plan.start_frame}:end_frame={end},"
-            f"setpts=PTS-STARTPTS")
-
-
-def _audio_filter(samples: int) -> str:
-    """Music resampled to 48 kHz stereo, cut or padded with silence to exactly ``samples``."""
-    fade = min(round(FADE_OUT_SECONDS * AUDIO_SAMPLE_RATE), samples // 4)
-    return (f"asetpts=PTS-STARTPTS,aresample={AUDIO_SAMPLE_RATE},"
-            f"aformat=sample_fmts=fltp:channel_layouts=stereo,apad=whole_len={samples},"
-            f"atrim=end_sample={samples},afade=t=out:start_sample={samples - fade}:nb_samples={max(fade, 1)}")
-
-
-def _segment_cache_key(plan: SegmentPlan, sources: list[ObjectInfo], canvas: Canvas,
-                       encoder_args: list[str]) -> str:
-    """Storage key of a segment: a hash of everything that determines its bytes.
-
-    A clip body is made from its clip; a transition segment also from the clip after it.
-    """
-    used = [plan.clip_index] if plan.kind == "clip" else [plan.clip_index, plan.clip_index + 1]
-    material = {
-        "version": PIPELINE_VERSION, "kind": plan.kind,
-        "sources": [[sources[index].key, sources[index].size] for index in used],
-        "start_frame": plan.start_frame, "frames": plan.frames, "fps": FPS,
-        "canvas": [canvas.width, canvas.height, canvas.fit], "filter": _clip_filter(plan, canvas),
-        "encoder": encoder_args, "output": _SEGMENT_OUTPUT_ARGS,
-    }
-    return f"{SEGMENT_CACHE_PREFIX}/{_digest(material)}.mp4"
-
-
-def _audio_cache_key(music: ObjectInfo, total_frames: int) -> str:
-    material = {
-        "version": PIPELINE_VERSION, "source": [music.key, music.size],
-        "filter": _audio_filter(total_frames * SAMPLES_PER_FRAME), "codec": ["aac", AUDIO_BITRATE, 2],
-    }
-    return f"{AUDIO_CACHE_PREFIX}/{_digest(material)}.m4a"
-
-
-def _digest(material: Mapping[str, object]) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-
-
-def _concat_quote(path: Path) -> str:
-    # The concat demuxer's quoting: inside '…' only a quote itself needs escaping.
-    return "'" + str(path).replace("'", "'\\''") + "'"
+def _join_files(parts: list[Path], dest: Path) -> None:
+    with dest.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
 
 
 async def _validate_output(output: Path, canvas: Canvas, total_frames: int, job_id: str) -> float:
     """Check the composed file before anyone sees it; returns its duration in seconds.
 
-    Raises ``MediaError`` when it is not the expected H.264/AAC video of the expected length.
+    Raises ``MediaError`` when it is not the expected H.264 High/AAC video of the expected size,
+    rate and length, with both streams starting together and its index in front.
     """
     expected = total_frames / FPS
     info = await probe(output, label="composed video")
@@ -517,85 +680,24 @@ async def _validate_output(output: Path, canvas: Canvas, total_frames: int, job_
         problems.append(f"size {info.width}x{info.height}")
     if info.fps is None or abs(info.fps - FPS) > 0.01:
         problems.append(f"fps {info.fps}")
-    if info.video_codec != "h264":
-        problems.append(f"video codec {info.video_codec}")
-    if not info.has_audio or info.audio_codec != "aac" or info.sample_rate != AUDIO_SAMPLE_RATE:
-        problems.append(f"audio {info.audio_codec} {info.sample_rate}")
+    if info.video_codec != "h264" or info.pix_fmt != "yuv420p" or info.video_profile != "High":
+        problems.append(f"video {info.video_codec} {info.video_profile} {info.pix_fmt}")
+    if (not info.has_audio or info.audio_codec != "aac" or info.sample_rate != AUDIO_SAMPLE_RATE
+            or info.channels != 2):
+        problems.append(f"audio {info.audio_codec} {info.sample_rate} Hz {info.channels} channels")
     video_duration = info.video_duration if info.video_duration is not None else info.duration
-    if abs(video_duration - expected) > tolerance or abs(info.duration - expected) > tolerance:
-        problems.append(f"duration {video_duration:.3f}/{info.duration:.3f} s, expected {expected:.3f} s")
+    audio_duration = info.audio_duration if info.audio_duration is not None else info.duration
+    if any(abs(d - expected) > tolerance for d in (video_duration, audio_duration, info.duration)):
+        problems.append(f"duration video {video_duration:.3f} s, audio {audio_duration:.3f} s, "
+                        f"file {info.duration:.3f} s, expected {expected:.3f} s")
     if info.frame_count is not None and info.frame_count != total_frames:
         problems.append(f"{info.frame_count} frames, expected {total_frames}")
+    starts = (info.video_start or 0.0, info.audio_start or 0.0)
+    if any(abs(start) > tolerance for start in starts):
+        problems.append(f"starts video {starts[0]:.3f} s, audio {starts[1]:.3f} s")
+    if not await moov_before_mdat(output):
+        problems.append("index not in front (faststart)")
     if problems:
         log.error("compose.output_invalid", extra={"job_id": job_id, "problems": problems})
         raise MediaError("The composed video failed its quality checks.")
     return video_duration
-
-
-async def _settled(operation: Awaitable[T]) -> T:
-    """Await a storage operation; when cancelled, let it finish first, then re-raise.
-
-    Storage backends copy files in worker threads that a cancel cannot stop; letting them end
-    keeps a late write from landing in a work folder that has already been removed.
-    """
-    task = asyncio.ensure_future(operation)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return task.result()
-
-
-def _stage_weights(*, frames_to_encode: int, total_frames: int, audio_cached: bool) -> dict[str, float]:
-    """Rough share of the wall time each stage takes, from the work it has to do."""
-    encode_share = frames_to_encode / max(total_frames, 1)
-    return {
-        "downloading": 0.04 + 0.04 * encode_share,
-        "normalizing": 0.03 + 0.75 * encode_share,
-        "transitions": 0.0,
-        "encoding": 0.01 if audio_cached else 0.06,
-        "muxing": 0.05,
-        "uploading": 0.04,
-    }
-
-
-class _Progress:
-    """Maps (stage, fraction of the stage) to a monotonic overall fraction and an ETA."""
-
-    def __init__(self, on_progress: ProgressFn | None, started: float, weights: dict[str, float]) -> None:
-        self._on_progress = on_progress
-        self._started = started
-        total = sum(weights.values())
-        self._spans: dict[str, tuple[float, float]] = {}
-        offset = 0.0
-        for stage in STAGES:
-            share = weights.get(stage, 0.0) / total
-            self._spans[stage] = (offset, share)
-            offset += share
-        self._last = 0.0
-
-    async def report(self, stage: Stage, fraction: float) -> None:
-        if self._on_progress is None:
-            return
-        offset, share = self._spans[stage]
-        overall = min(1.0, max(self._last, offset + share * min(1.0, max(0.0, fraction))))
-        self._last = overall
-        elapsed = time.monotonic() - self._started
-        eta = elapsed * (1 - overall) / overall if overall >= 0.05 else None
-        await self._on_progress(stage, overall, eta)
-
-    def stage(self, stage: Stage) -> Callable[[float], Awaitable[None]]:
-        """A callback for one ffmpeg run that makes up the whole of ``stage``."""
-        return self.span(stage, 0.0, 1.0)
-
-    def span(self, stage: Stage, start: float, width: float) -> Callable[[float], Awaitable[None]]:
-        """A callback for one ffmpeg run that makes up ``width`` of ``stage`` from ``start``."""
-
-        async def report(fraction: float) -> None:
-            await self.report(stage, start + width * fraction)
-
-        return report

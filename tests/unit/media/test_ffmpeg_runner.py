@@ -18,7 +18,10 @@ SLOW_INPUT = ["-re", "-f", "lavfi", "-i", "testsrc=size=160x90:rate=10:duration=
 
 
 def child_pids() -> list[int]:
-    """Processes whose parent is this test process (read from /proc, no psutil needed)."""
+    """ffmpeg processes whose parent is this test process (read from /proc, no psutil needed).
+
+    Other children (a moto server, the end-to-end systems of a whole-suite run) are not ours.
+    """
     me = os.getpid()
     found = []
     for entry in Path("/proc").iterdir():
@@ -30,7 +33,7 @@ def child_pids() -> list[int]:
             continue
         # The command name may contain spaces and parentheses; fields resume after the last ")".
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == me:
+        if int(fields[1]) == me and "ffmpeg" in stat.split(")", 1)[0]:
             found.append(int(entry.name))
     return found
 

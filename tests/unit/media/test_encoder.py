@@ -1,0 +1,66 @@
+"""Encoder choice and arguments: a real NVENC test encode, libx264 with a logged reason otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from clipchat.media.encoder import (
+    GOP_FRAMES,
+    H264_NVENC,
+    LIBX264,
+    X264_THREADS,
+    _failure_reason,
+    detect_encoder,
+    video_encoder_args,
+)
+from clipchat.media.ffmpeg import FfmpegRunner
+
+
+def test_x264_arguments_make_segments_that_join_by_copy() -> None:
+    args = video_encoder_args(LIBX264, x264_preset="veryfast")
+
+    assert args[args.index("-preset") + 1] == "veryfast"
+    assert args[args.index("-profile:v") + 1] == "high"
+    assert args[args.index("-threads") + 1] == str(X264_THREADS)  # fixed: same bytes on every machine
+    assert args[args.index("-g") + 1] == str(GOP_FRAMES)
+    assert args[args.index("-force_key_frames") + 1] == "0"
+    assert "open-gop=0" in args[args.index("-x264-params") + 1]
+
+
+def test_unknown_presets_and_encoders_are_configuration_errors() -> None:
+    with pytest.raises(ValueError):
+        video_encoder_args(LIBX264, x264_preset="ludicrous")
+    with pytest.raises(ValueError):  # it would make Constrained Baseline, not High
+        video_encoder_args(LIBX264, x264_preset="ultrafast")
+    with pytest.raises(ValueError):
+        video_encoder_args("h265_magic", x264_preset="veryfast")
+
+
+def test_the_reason_is_the_encoders_own_complaint() -> None:
+    detail = ("Stream mapping:\n  Stream #0:0 -> #0:0 (wrapped_avframe (native) -> h264 (h264_nvenc))\n"
+              "[h264_nvenc @ 0x55] Cannot load libcuda.so.1\n[vost#0:0/h264_nvenc @ 0x56] Error while opening "
+              "encoder\nConversion failed!")
+    assert _failure_reason(detail) == "[h264_nvenc @ 0x55] Cannot load libcuda.so.1"
+    assert _failure_reason("") == "no error output"
+    assert _failure_reason("something\nConversion failed!") == "Conversion failed!"
+
+
+async def test_falls_back_to_libx264_with_a_logged_reason(ffmpeg_exe: str,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="clipchat.composer")
+    choice = await detect_encoder(FfmpegRunner(ffmpeg_exe), "auto")
+
+    # NVENC is used only where a real encode works (not without a GPU, nor on an H100).
+    if choice.name == H264_NVENC:
+        pytest.skip("this machine has a working NVENC")
+    assert choice.name == LIBX264
+    assert choice.reason.startswith("h264_nvenc test encode failed: ")
+    fallback = [r for r in caplog.records if r.getMessage() == "encoder.fallback"]
+    assert fallback and getattr(fallback[0], "reason", "") == choice.reason
+
+
+async def test_configured_libx264_needs_no_probe(ffmpeg_exe: str) -> None:
+    choice = await detect_encoder(FfmpegRunner(ffmpeg_exe), LIBX264)
+    assert (choice.name, choice.reason) == (LIBX264, "configured")
