@@ -15,6 +15,7 @@ import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
+from clipchat.aio import settled
 from clipchat.errors import MediaError, TransientError
 
 log = logging.getLogger("clipchat.media")
@@ -176,16 +177,7 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
 
-    task = asyncio.ensure_future(terminate())
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    task.result()
-    if cancelled:
-        raise asyncio.CancelledError
+    await settled(terminate())
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from clipchat.aio import settled
 from clipchat.errors import Conflict, NotFound
 from clipchat.retry import RetryPolicy
 from clipchat.storage import Storage
-from services.composer.tasks import settled
 
 log = logging.getLogger("clipchat.composer")
 

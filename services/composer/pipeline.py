@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipchat.aio import settled
 from clipchat.errors import Conflict, InvalidInput, MediaError, NotFound
 from clipchat.media.encoder import EncoderChoice, detect_encoder, video_encoder_args
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
@@ -71,7 +72,7 @@ from services.composer.render import (
     transition_command,
     window_audio_command,
 )
-from services.composer.tasks import run_concurrently, settled
+from services.composer.tasks import run_concurrently
 from services.composer.timeline import FPS, ClipWindow, SegmentPlan, Timeline, plan_timeline
 
 __all__ = ["STAGES", "ClipSpec", "Composer", "CompositionResult", "CompositionSpec", "ProgressFn",

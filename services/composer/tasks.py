@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from clipchat.aio import settled
+
 T = TypeVar("T")
 
 
@@ -34,22 +36,3 @@ async def run_concurrently(jobs: Sequence[Callable[[], Awaitable[None]]], *, lim
         for task in tasks:
             task.cancel()
         await settled(asyncio.gather(*tasks, return_exceptions=True))
-
-
-async def settled(operation: Awaitable[T]) -> T:
-    """Await ``operation``; when cancelled meanwhile, let it finish first, then re-raise.
-
-    Storage backends copy files in worker threads that a cancel cannot stop, and killing ffmpeg
-    takes a moment; letting both end keeps a late write from landing in a work folder that has
-    already been removed.
-    """
-    task = asyncio.ensure_future(operation)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return task.result()
