@@ -56,7 +56,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from tests.fakes.threaded_server import ThreadedServer
+from tests.fakes.threaded_server import ThreadedServer, serve_until_interrupted
 
 MODEL = "fake-llm-1"
 MALFORMED_JSON = b'{"id": "chatcmpl-oops", "choices": [{"message": '
@@ -281,14 +281,7 @@ def main() -> None:
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
     server = FakeLLMServer(api_key=args.api_key).start(args.port)
-    print(f"fake LLM at {server.url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve_until_interrupted(server, "fake LLM")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from tests.fakes.threaded_server import ThreadedServer
+from tests.fakes.threaded_server import ThreadedServer, serve_until_interrupted
 
 MALFORMED_JSON = b'{"id": "oops", "status": '
 CONTENT_POLICY_BODY = {"detail": "The prompt was flagged by the content policy (nsfw).",
@@ -344,14 +344,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         video = render_sample_mp4(Path(tmp) / "sample.mp4", seconds=args.seconds)
         server = PredictionServer(video=video, token=args.token, cost=args.cost).start(args.port)
-    print(f"fake prediction API at {server.url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    serve_until_interrupted(server, "fake prediction API")
 
 
 if __name__ == "__main__":

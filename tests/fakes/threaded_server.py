@@ -45,3 +45,15 @@ class ThreadedServer:
             self._server.should_exit = True
             self._thread.join(10)
         self._server = self._thread = None
+
+
+def serve_until_interrupted(server: Any, label: str) -> None:
+    """Keep a started fake serving for a demo until Ctrl-C, then stop it."""
+    print(f"{label} at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
