@@ -8,11 +8,13 @@ under a hash of everything that determines its bytes (``cache.py``): after one c
 its body and the two transitions touching it are encoded again; after one transition's kind
 changed, that one segment. A first composition is the same code with an empty cache.
 
-**Runs.** A clip is decoded by one run per body segment, which also writes, as raw frames, the
-windows its transitions need; a transition run blends two raw windows and encodes them
-(``render.py``). A composition with many segments to make runs its encoding runs one at a time
-(one x264 keeps both cores busy; memory stays at one encoder); one with a few, as after a
-change, runs ``composer_workers`` of them at once to finish sooner (see ``_encoders``).
+**Runs.** A clip run encodes one body segment of a clip; the raw frames of the clip that its
+transitions need ("windows") are written by a clip run too; a transition run blends two raw
+windows and encodes them (``render.py``). A composition with many segments to make runs its
+encoding runs one at a time (one x264 keeps both cores busy; memory stays at one encoder) and
+has each clip decoded once, windows included; one with a few, as after a change, runs
+``composer_workers`` of them at once and writes each window by a light run of its own, so the
+transitions are encoded beside the new body, not after it (see ``_encoders``, ``_video_jobs``).
 
 **Length and sound.** The video is exactly as long as its clips' timeline:
 ``sum(clip frames) − sum(transition frames)``, each clip ``round(duration × 30)`` frames. Beat
@@ -66,6 +68,7 @@ from services.composer.render import (
     SourceClip,
     audio_crossfade_command,
     clip_command,
+    clip_transition_command,
     concat_listing,
     mux_command,
     soundtrack_command,
@@ -81,7 +84,7 @@ __all__ = ["STAGES", "ClipSpec", "Composer", "CompositionResult", "CompositionSp
 log = logging.getLogger("clipchat.composer")
 
 # Bump when a change here alters the bytes of cached pieces, so stale entries are not reused.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"
 FRAME_SIZES: dict[str, tuple[int, int]] = {"16:9": (1920, 1080), "9:16": (1080, 1920), "1:1": (1080, 1080)}
 FITS = ("pad", "crop")
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
@@ -288,18 +291,19 @@ class _Composition:
         soundtrack = _Piece(self._soundtrack_key(objects[-1], segments))
         await self._look_up(segments, soundtrack)
         sounds = [s for s in segments if s.sound is not None and not s.sound.cached] if not soundtrack.cached else []
-        windows = self._windows(segments)
+        encoders = self._encoders(segments)
+        windows = self._windows(segments) if encoders == 1 else {}
         self._plan_progress(segments, windows, sounds, soundtrack)
         await self.progress.report()
 
         await run_concurrently(self._downloads(segments, windows, sounds, soundtrack), limit=_DOWNLOADS_AT_ONCE)
         await self.progress.finish("downloading")
 
-        self._slots = asyncio.Semaphore(self._encoders(segments))
+        self._slots = asyncio.Semaphore(encoders)
         jobs: list[Callable[[], Awaitable[None]]] = []
         if not soundtrack.cached and not sounds:  # one core for a second or two, beside the video
             jobs.append(functools.partial(self._make_soundtrack, soundtrack, segments))
-        jobs += self._video_jobs(segments, windows)
+        jobs += self._video_jobs(segments, windows, serial=encoders == 1)
         jobs += [functools.partial(self._make_sound, segment) for segment in sounds]
         await run_concurrently(jobs)
         if soundtrack.path is None:  # made from the clips' sound just extracted
@@ -382,7 +386,8 @@ class _Composition:
         piece.cached = piece.path is not None
 
     def _windows(self, segments: list[_Segment]) -> dict[tuple[int, int], _Window]:
-        """The raw windows the transitions still to be made need, by (clip, first frame)."""
+        """The raw windows the transitions still to be made need, by (clip, first frame), for a
+        composition made one run at a time (see ``_video_jobs``)."""
         windows: dict[tuple[int, int], _Window] = {}
         for segment in segments:
             if segment.plan.kind == "transition" and not segment.video.cached:
@@ -391,38 +396,47 @@ class _Composition:
                         window, self.work / f"window-{segment.number:03d}-{part}.yuv")
         return windows
 
-    def _video_jobs(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window]
-                    ) -> list[Callable[[], Awaitable[None]]]:
-        """The clip runs, each transition right after the runs of both its clips.
+    def _video_jobs(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window], *,
+                    serial: bool) -> list[Callable[[], Awaitable[None]]]:
+        """The clip runs and the transition runs, in the order they take encoding slots.
 
-        A clip run reads one chunk of a clip's body and writes that chunk (unless cached) and
-        the raw windows attached to it: the clip's head window to its first chunk, its tail
-        window to its last. Transitions come right after the runs writing their windows, so raw
-        frames are used up soon after they are written; a transition waits for its windows
-        holding its slot, which cannot deadlock because the runs writing them come earlier in
-        the list (or take no slot).
+        A clip run encodes one chunk of a clip's body, and may write raw windows too; a run that
+        only writes windows is light (no encoder) and takes no slot. Each transition is listed
+        right after the runs of both its clips.
+
+        - ``serial`` (one slot, many segments to make): the windows are written by the run
+          encoding the clip's first chunk (its head window) or last chunk (its tail), so each
+          clip is decoded once, and just before the transition that uses them, so raw frames are
+          used up soon after they are written. A transition waits for its windows holding its
+          slot; that cannot deadlock, as the runs writing them are listed earlier or take no slot.
+        - otherwise (a few segments, as after one change; ``windows`` is empty): each transition
+          reads its windows from the two clips itself, so it runs beside the body chunks from the
+          start instead of after them; it decodes a little of each clip a second time.
         """
         transitions = {s.plan.clip_index: s for s in segments if s.plan.kind == "transition"}
         chunks: defaultdict[int, list[_Segment]] = defaultdict(list)
         for segment in segments:
             if segment.plan.kind == "body":
                 chunks[segment.plan.clip_index].append(segment)
+        attached: defaultdict[int, list[_Window]] = defaultdict(list)  # by the segment number of a chunk
+        alone: defaultdict[int, list[_Window]] = defaultdict(list)  # by clip
+        for (clip_index, start_frame), window in sorted(windows.items()):
+            chunk = chunks[clip_index][0 if start_frame == 0 else -1]
+            if serial and not chunk.video.cached:
+                attached[chunk.number].append(window)
+            else:
+                alone[clip_index].append(window)
         jobs: list[Callable[[], Awaitable[None]]] = []
         for clip_index, clip_chunks in sorted(chunks.items()):
-            clip_windows = sorted((w for (clip, _), w in windows.items() if clip == clip_index),
-                                  key=lambda w: w.window.start_frame)
-            for number, chunk in enumerate(clip_chunks):
-                first, last = number == 0, number == len(clip_chunks) - 1
-                attached = [w for w in clip_windows
-                            if (first and w.window.start_frame == 0) or (last and w.window.start_frame > 0)]
-                anchor = 0 if first else chunk.plan.windows[0].start_frame
-                if not chunk.video.cached or attached:
-                    jobs.append(functools.partial(self._make_clip_pieces, clip_index, anchor,
-                                                  None if chunk.video.cached else chunk, attached))
+            jobs += [functools.partial(self._make_clip_pieces, clip_index, None, [window])
+                     for window in alone[clip_index]]
+            jobs += [functools.partial(self._make_clip_pieces, clip_index, chunk, attached[chunk.number])
+                     for chunk in clip_chunks if not chunk.video.cached]
             transition = transitions.get(clip_index - 1)
             if transition is not None and not transition.video.cached:
-                before, after = (windows[(w.clip_index, w.start_frame)] for w in transition.plan.windows)
-                jobs.append(functools.partial(self._make_transition, transition, before, after))
+                pair = tuple(windows[(w.clip_index, w.start_frame)] for w in transition.plan.windows) if windows \
+                    else None
+                jobs.append(functools.partial(self._make_transition, transition, pair))
         return jobs
 
     def _encoders(self, segments: list[_Segment]) -> int:
@@ -473,7 +487,7 @@ class _Composition:
     def _downloads(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window],
                    sounds: list[_Segment], soundtrack: _Piece) -> list[Callable[[], Awaitable[None]]]:
         """One job for each source a piece still to be made needs: the clips, and the music."""
-        clips = {s.plan.clip_index for s in segments if s.plan.kind == "body" and not s.video.cached}
+        clips = {w.clip_index for s in segments if not s.video.cached for w in s.plan.windows}
         clips |= {clip for clip, _ in windows}
         clips |= {w.clip_index for s in sounds for w in s.plan.windows}
         jobs: list[Callable[[], Awaitable[object]]] = [functools.partial(self._clip, i) for i in sorted(clips)]
@@ -530,8 +544,7 @@ class _Composition:
 
     # --- pieces -----------------------------------------------------------------------------
 
-    async def _make_clip_pieces(self, clip_index: int, anchor: int, chunk: _Segment | None,
-                                windows: list[_Window]) -> None:
+    async def _make_clip_pieces(self, clip_index: int, chunk: _Segment | None, windows: list[_Window]) -> None:
         """One clip run: encode a body chunk (when given) and write the raw windows attached to it.
 
         A run that only writes windows is light (no encoder) and takes no slot.
@@ -542,29 +555,35 @@ class _Composition:
             chunk.video.path = self.work / f"segment-{chunk.number:03d}.mp4"
             outputs.insert(0, ClipOutput(chunk.plan.windows[0], chunk.video.path, encoded=True))
             cost += self._segment_cost(chunk.plan)
-        frames = max(o.window.end_frame for o in outputs) - anchor
         async with self._slots if chunk is not None else contextlib.nullcontext():
             # Taking the slot first of all, so jobs take slots in the order they were listed.
             source = await self._clip(clip_index)
-            await self._ffmpeg(clip_command(source, self.canvas, anchor, outputs, self.encoder_args), frames,
-                               self.progress.piece("normalizing", cost), label=f"clip {clip_index + 1}")
+            args = clip_command(source, self.canvas, outputs, self.encoder_args)
+            frames = max(o.window.frames for o in outputs)  # ffmpeg reports the time written
+            await self._ffmpeg(args, frames, self.progress.piece("normalizing", cost), label=f"clip {clip_index + 1}")
         for window in windows:
             window.ready.set_result(None)
         if chunk is not None:
             await self._encoded(chunk)
 
-    async def _make_transition(self, segment: _Segment, before: _Window, after: _Window) -> None:
-        """Blend the two raw windows the clip runs wrote and encode the transition segment."""
+    async def _make_transition(self, segment: _Segment, windows: tuple[_Window, ...] | None) -> None:
+        """Blend and encode a transition segment: from the raw windows clip runs write, or, when
+        there are none, from windows this run reads from both clips."""
         plan = segment.plan
         assert plan.xfade is not None
-        segment.video.path = self.work / f"segment-{segment.number:03d}.mp4"
+        dest = segment.video.path = self.work / f"segment-{segment.number:03d}.mp4"
         async with self._slots:
-            await asyncio.gather(before.ready, after.ready)
-            await self._ffmpeg(
-                transition_command(plan.xfade, plan.frames, before.path, after.path, self.canvas,
-                                   self.encoder_args, segment.video.path),
-                plan.frames, self.progress.piece("transitions", self._segment_cost(plan)), label=plan.label)
-        for window in (before, after):
+            if windows is None:
+                before, after = [(await self._clip(w.clip_index), w) for w in plan.windows]
+                args = clip_transition_command(plan.xfade, plan.frames, before, after, self.canvas,
+                                               self.encoder_args, dest)
+            else:
+                await asyncio.gather(*(window.ready for window in windows))
+                args = transition_command(plan.xfade, plan.frames, windows[0].path, windows[1].path, self.canvas,
+                                          self.encoder_args, dest)
+            await self._ffmpeg(args, plan.frames, self.progress.piece("transitions", self._segment_cost(plan)),
+                               label=plan.label)
+        for window in windows or ():
             window.path.unlink(missing_ok=True)  # raw frames are big; each is used by one transition
         await self._encoded(segment)
 

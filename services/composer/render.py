@@ -7,11 +7,13 @@ and xfade names from ``timeline.TRANSITIONS``. No text from a user or a model ev
 media are opened only as the containers in ``MEDIA_DEMUXERS``; ``FfmpegRunner`` adds the
 ``file,pipe`` protocol whitelist to every input.
 
-A clip is read by "clip runs", one per chunk of its body: each seeks to its chunk (an accurate
-seek), sets 30 fps, fits the canvas and splits into outputs: the chunk, encoded as a segment,
-and the windows the clip's transitions need (its first frames with the first chunk, its last
-with the last one), written as raw frames. A transition run blends two raw windows with xfade
-and encodes the result. A run holds one decoder and at most one x264 encoder.
+A clip is read by "clip runs": each seeks near the first frame it needs (see ``seek_frame``),
+sets 30 fps, fits the canvas and splits into its outputs: a chunk of the clip's body, encoded
+as a segment, and windows that transitions need, written as raw frames. A transition run blends
+two windows with xfade and encodes the result: raw windows a clip run wrote, or windows it reads
+from the two clips itself. A run holds at most one x264 encoder. A frame's pixels do not depend
+on which run read it, so the composer groups the work into runs as suits it (each clip decoded
+once, or runs that all start at once).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ FADE_OUT_SECONDS = 1.0
 # length to the millisecond, and the joined timestamps would drift by that much per segment.
 TIMESCALE = 48_000
 _TIMESCALES = ["-movie_timescale", str(TIMESCALE)]
+# A run starts reading at a whole second at least this far before the first frame it needs (or
+# at the start). Past that margin the frames it picks are exactly those a read from the start
+# picks: near a seek point an accurate seek drops the source frame just before it, and the fps
+# filter's rounding could go the other way on a tie.
 _SEEK_MARGIN_FRAMES = FPS
 _PCM_FORMAT = ["-f", "s16le", "-ar", str(AUDIO_SAMPLE_RATE), "-ac", "2"]
 _PCM_OUTPUT = ["-c:a", "pcm_s16le", *_PCM_FORMAT]
@@ -82,25 +88,23 @@ class ClipOutput:
     encoded: bool
 
 
-def clip_command(source: SourceClip, canvas: Canvas, anchor: int, outputs: list[ClipOutput],
-                 encoder_args: list[str]) -> list[str]:
-    """Read ``source`` from frame ``anchor`` on, normalize it to ``canvas`` and write ``outputs``.
+def seek_frame(source: SourceClip, first: int) -> int:
+    """Where a run that needs frames from ``first`` on starts reading ``source``: a whole second
+    at least ``_SEEK_MARGIN_FRAMES`` before ``first``, and before the source's end, so a run for
+    frames past the end (held frames) still finds a last frame to hold."""
+    latest = min(first, source.frames) - _SEEK_MARGIN_FRAMES
+    return max(0, latest // FPS * FPS)
 
-    The composer always reads a given frame with the same anchor (the start of the body chunk it
-    belongs to, 0 for the first), so the frames are identical whichever composition reads them.
-    """
-    # A seek lands at least a second before the source's end, so a slot past the end (held frames)
-    # still finds a last frame to hold.
-    seek = min(anchor, max(0, source.frames - _SEEK_MARGIN_FRAMES))
+
+def clip_command(source: SourceClip, canvas: Canvas, outputs: list[ClipOutput],
+                 encoder_args: list[str]) -> list[str]:
+    """Read ``source`` from a little before the first frame ``outputs`` need, normalize it to
+    ``canvas`` and write ``outputs``."""
     first = min(o.window.start_frame for o in outputs)
     last = max(o.window.end_frame for o in outputs)
-    assert first >= anchor
-    args = ["-ss", _seconds(seek)] if seek else []
-    args += _clip_input(source, last - seek)
+    args, chain = _read_clip(source, canvas, ClipWindow(outputs[0].window.clip_index, first, last - first))
     labels = [f"[o{number}]" for number in range(len(outputs))]
-    graph = (f"[0:v:0]fps={FPS}:start_time=0,tpad=stop_mode=clone:stop={last - seek},"
-             f"trim=start_frame={first - seek}:end_frame={last - seek},setpts=PTS-STARTPTS,"
-             f"{fit_filters(source.info, canvas)}")
+    graph = f"[0:v:0]{chain}"
     if len(outputs) == 1 and outputs[0].window.start_frame == first and outputs[0].window.end_frame == last:
         graph += labels[0]
     else:
@@ -121,7 +125,22 @@ def transition_command(xfade: str, frames: int, before: Path, after: Path, canva
     raw = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-video_size", f"{canvas.width}x{canvas.height}",
            "-framerate", str(FPS)]
     return [*raw, "-i", str(before), *raw, "-i", str(after), "-filter_complex",
-            f"[0:v][1:v]xfade=transition={xfade}:duration={_seconds(frames)}:offset=0,{_FRAME_TAGS}[out]",
+            f"[0:v][1:v]{_blend(xfade, frames)}[out]",
+            "-map", "[out]", "-frames:v", str(frames), *_encoded_output(encoder_args, dest)]
+
+
+def clip_transition_command(xfade: str, frames: int, before: tuple[SourceClip, ClipWindow],
+                            after: tuple[SourceClip, ClipWindow], canvas: Canvas, encoder_args: list[str],
+                            dest: Path) -> list[str]:
+    """Read the two windows straight from their clips and blend them as ``transition_command`` does:
+    the same frames, without raw files in between."""
+    args: list[str] = []
+    chains = []
+    for number, (source, window) in enumerate((before, after)):
+        reading, chain = _read_clip(source, canvas, window)
+        args += reading
+        chains.append(f"[{number}:v:0]{chain}[w{number}]")
+    return [*args, "-filter_complex", f"{';'.join(chains)};[w0][w1]{_blend(xfade, frames)}[out]",
             "-map", "[out]", "-frames:v", str(frames), *_encoded_output(encoder_args, dest)]
 
 
@@ -188,6 +207,24 @@ def mux_command(listing: Path, soundtrack: Path, dest: Path) -> list[str]:
 def concat_listing(paths: list[Path]) -> str:
     """An ffconcat file naming ``paths`` in order (paths the composer made, quoted for the demuxer)."""
     return "ffconcat version 1.0\n" + "".join(f"file {_concat_quote(path)}\n" for path in paths)
+
+
+def _read_clip(source: SourceClip, canvas: Canvas, window: ClipWindow) -> tuple[list[str], str]:
+    """The input options and the filter chain giving ``window`` of ``source`` normalized to ``canvas``.
+
+    The chain picks 30 fps frames, holds the last one past the source's end, cuts the window out
+    (before scaling, so frames outside it cost only their decoding) and fits it to the canvas.
+    """
+    seek = seek_frame(source, window.start_frame)
+    first, last = window.start_frame - seek, window.end_frame - seek
+    args = ["-ss", _seconds(seek)] if seek else []
+    chain = (f"fps={FPS}:start_time=0,tpad=stop_mode=clone:stop={last},"
+             f"trim=start_frame={first}:end_frame={last},setpts=PTS-STARTPTS,{fit_filters(source.info, canvas)}")
+    return [*args, *_clip_input(source, last)], chain
+
+
+def _blend(xfade: str, frames: int) -> str:
+    return f"xfade=transition={xfade}:duration={_seconds(frames)}:offset=0,{_FRAME_TAGS}"
 
 
 def _clip_input(source: SourceClip, frames: int) -> list[str]:

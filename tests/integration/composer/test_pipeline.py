@@ -480,6 +480,34 @@ async def test_replacing_a_clip_gives_the_same_frames_as_a_full_recomposition(
         output_path(other, full.video_key))
 
 
+async def test_a_recomposition_matches_a_full_composition_made_one_run_at_a_time(
+        composer: Composer, storage: LocalStorage, sources: Sources, ffmpeg_exe: str, tmp_path: Path) -> None:
+    # Seven segments: a full composition makes them one at a time, each clip decoded once with its
+    # transitions' raw windows; the recomposition after one change runs its three side by side,
+    # the transitions reading both clips themselves (seeking into the first, a 2 s clip held past
+    # its end in a 2.5 s slot).
+    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
+    transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
+    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
+    first = await composer.compose(spec, "jobs/test/videos/v1.mp4")
+    assert first.segments_encoded == 7
+    new_clips = list(spec.clips)
+    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
+    changed = replace(spec, clips=new_clips)
+
+    incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
+    assert (incremental.segments_encoded, incremental.segments_reused) == (3, 4)
+
+    other = LocalStorage(tmp_path / "other")
+    for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
+        await other.put_file(key, output_path(storage, key))
+    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2")
+    full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
+    assert full.segments_encoded == 7
+
+    assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
+
+
 async def test_changing_one_transition_reencodes_exactly_one_segment(composer: Composer, storage: LocalStorage,
                                                                      sources: Sources) -> None:
     spec = await make_spec(storage, [sources.wide, sources.tall, sources.short], sources.music, (0.8, 0.8, 0.8),

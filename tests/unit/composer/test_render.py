@@ -38,12 +38,12 @@ def graph_of(args: list[str]) -> str:
     return args[args.index("-filter_complex") + 1]
 
 
-def test_a_clip_run_reads_from_its_anchor_and_splits_into_its_outputs() -> None:
+def test_a_clip_run_reads_from_the_start_and_splits_into_its_outputs() -> None:
     source = SourceClip(Path("/work/clip-003"), info())
     outputs = [ClipOutput(ClipWindow(3, 15, 120), Path("/work/segment.mp4"), encoded=True),
                ClipOutput(ClipWindow(3, 0, 15), Path("/work/head.yuv"), encoded=False)]
 
-    args = clip_command(source, HD, 0, outputs, ENCODER)
+    args = clip_command(source, HD, outputs, ENCODER)
 
     assert "-ss" not in args
     assert args[args.index("-i") - 2:args.index("-i") + 2] == ["-format_whitelist", MEDIA_DEMUXERS, "-i",
@@ -59,18 +59,19 @@ def test_a_clip_run_reads_from_its_anchor_and_splits_into_its_outputs() -> None:
     assert args[-3:] == ["-f", "rawvideo", "/work/head.yuv"]
 
 
-def test_a_later_chunk_seeks_to_its_anchor() -> None:
+@pytest.mark.parametrize(("first", "seek"), [(0, 0), (59, 0), (60, 30), (240, 210), (250, 210)])
+def test_a_run_seeks_to_a_whole_second_at_least_a_second_before_its_first_frame(first: int, seek: int) -> None:
     source = SourceClip(Path("/work/clip"), info(duration=20.0, video_duration=20.0))
-    args = clip_command(source, HD, 240, [ClipOutput(ClipWindow(0, 240, 200), Path("/work/s.mp4"), True)],
-                        ENCODER)
+    args = clip_command(source, HD, [ClipOutput(ClipWindow(0, first, 200), Path("/work/s.mp4"), True)], ENCODER)
 
-    assert args[:2] == ["-ss", "8.000000"]
-    assert "trim=start_frame=0:end_frame=200" in graph_of(args)
+    assert args[:2] == (["-ss", f"{seek / 30:.6f}"] if seek else args[:2])
+    assert ("-ss" in args) == bool(seek)
+    assert f"trim=start_frame={first - seek}:end_frame={first + 200 - seek}" in graph_of(args)
 
 
 def test_a_seek_past_the_source_end_stops_short_so_a_frame_is_held() -> None:
     source = SourceClip(Path("/work/clip"), info(duration=2.0, video_duration=2.0))  # 60 frames
-    args = clip_command(source, HD, 90, [ClipOutput(ClipWindow(0, 90, 30), Path("/work/s.mp4"), True)], ENCODER)
+    args = clip_command(source, HD, [ClipOutput(ClipWindow(0, 90, 30), Path("/work/s.mp4"), True)], ENCODER)
 
     assert args[:2] == ["-ss", "1.000000"]  # a second before the end
     assert "tpad=stop_mode=clone:stop=90,trim=start_frame=60:end_frame=90" in graph_of(args)
@@ -151,7 +152,7 @@ def test_concat_listing_quotes_paths() -> None:
 
 def test_filter_graphs_hold_only_known_tokens() -> None:
     source = SourceClip(Path("/work/clip"), info())
-    args = clip_command(source, HD, 0, [ClipOutput(ClipWindow(0, 0, 30), Path("/work/s.mp4"), True)], ENCODER)
+    args = clip_command(source, HD, [ClipOutput(ClipWindow(0, 0, 30), Path("/work/s.mp4"), True)], ENCODER)
     words = set(re.findall(r"[a-z_]+", graph_of(args)))
     allowed = {"v", "fps", "start_time", "tpad", "stop_mode", "clone", "stop", "trim", "start_frame", "end_frame",
                "setpts", "pts", "startpts", "scale", "force_original_aspect_ratio", "decrease",
