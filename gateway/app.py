@@ -59,7 +59,8 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         downstream = Downstream.connect(insecure_channel(settings.status_addr),
-                                        insecure_channel(settings.regenerator_addr))
+                                        insecure_channel(settings.regenerator_addr),
+                                        insecure_channel(settings.composer_addr))
         owned_storage = storage is None
         app.state.downstream = downstream
         app.state.storage = create_storage(settings) if storage is None else storage

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from clipchat.errors import NotFound
 from clipchat.settings import Settings
 from clipchat.storage import Storage
-from clipchat.v1 import jobs_pb2_grpc, regenerator_pb2_grpc
+from clipchat.v1 import composer_pb2_grpc, jobs_pb2_grpc, regenerator_pb2_grpc
 from gateway.errors import ApiError
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.signing import MediaSigner
@@ -30,26 +30,34 @@ QUERY_TOKEN_SCOPE_KEY = "clipchat.access_token"
 
 @dataclass
 class Downstream:
-    """The gRPC channels and stubs of the services behind the gateway."""
+    """The gRPC channels and stubs of the services behind the gateway.
+
+    The gateway sends work to the composer through the queue; it asks the composer only what it
+    composes with, for the readiness details.
+    """
 
     status_channel: grpc.aio.Channel
     regenerator_channel: grpc.aio.Channel
+    composer_channel: grpc.aio.Channel
     status: jobs_pb2_grpc.JobStatusServiceStub
     regenerator: regenerator_pb2_grpc.RegeneratorServiceStub
+    composer: composer_pb2_grpc.ComposerServiceStub
     status_health: health_pb2_grpc.HealthStub
     regenerator_health: health_pb2_grpc.HealthStub
 
     @classmethod
-    def connect(cls, status_channel: grpc.aio.Channel, regenerator_channel: grpc.aio.Channel) -> Downstream:
-        return cls(status_channel, regenerator_channel,
+    def connect(cls, status_channel: grpc.aio.Channel, regenerator_channel: grpc.aio.Channel,
+                composer_channel: grpc.aio.Channel) -> Downstream:
+        return cls(status_channel, regenerator_channel, composer_channel,
                    jobs_pb2_grpc.JobStatusServiceStub(status_channel),
                    regenerator_pb2_grpc.RegeneratorServiceStub(regenerator_channel),
+                   composer_pb2_grpc.ComposerServiceStub(composer_channel),
                    health_pb2_grpc.HealthStub(status_channel),
                    health_pb2_grpc.HealthStub(regenerator_channel))
 
     async def close(self) -> None:
-        await self.status_channel.close()
-        await self.regenerator_channel.close()
+        for channel in (self.status_channel, self.regenerator_channel, self.composer_channel):
+            await channel.close()
 
 
 def _settings(request: Request) -> Settings:

@@ -197,9 +197,28 @@ class EventOut(BaseModel):
     created_at: datetime | None
 
 
+class CacheCounts(BaseModel):
+    hits: int
+    misses: int
+    stores: int
+    evictions: int
+
+
+class ComposerDetails(BaseModel):
+    """What one composer replica composes with; ``state`` is "ok" or "unavailable" (then nothing else)."""
+
+    state: str
+    encoder: str | None = None
+    encoder_reason: str | None = None
+    x264_preset: str | None = None
+    workers: int | None = None
+    cache: CacheCounts | None = None
+
+
 class Readiness(BaseModel):
     status: Literal["ready"]
     checks: dict[str, str]
+    composer: ComposerDetails
 
 
 class Liveness(BaseModel):

@@ -78,7 +78,7 @@ from services.composer.render import (
 from services.composer.tasks import run_concurrently
 from services.composer.timeline import FPS, ClipWindow, SegmentPlan, Timeline, plan_timeline
 
-__all__ = ["STAGES", "ClipSpec", "Composer", "CompositionResult", "CompositionSpec", "ProgressFn",
+__all__ = ["STAGES", "ClipSpec", "Composer", "ComposerInfo", "CompositionResult", "CompositionSpec", "ProgressFn",
            "Stage", "TransitionSpec"]
 
 log = logging.getLogger("clipchat.composer")
@@ -137,6 +137,14 @@ class CompositionResult:
     seconds: float  # wall time of the composition
 
 
+@dataclass(frozen=True)
+class ComposerInfo:
+    encoder: EncoderChoice
+    x264_preset: str
+    workers: int
+    cache: CacheStats
+
+
 class Composer:
     """Composes jobs; one instance serves many compositions (the encoder is detected once).
 
@@ -177,6 +185,10 @@ class Composer:
     def cache_stats(self) -> CacheStats:
         """Segment cache hits, misses, stores and evictions since this composer was made."""
         return self._cache.stats
+
+    async def describe(self) -> ComposerInfo:
+        """What this composer works with, for health details: encoder and why, preset, workers, cache."""
+        return ComposerInfo(await self.encoder(), self._settings.x264_preset, self._workers, self._cache.stats)
 
     async def compose(self, spec: CompositionSpec, output_key: str, *,
                       on_progress: ProgressFn | None = None) -> CompositionResult:

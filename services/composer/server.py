@@ -73,5 +73,17 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
                     await task
 
 
+    @rpc_method
+    async def Describe(self, request: composer_pb2.DescribeRequest,
+                       context: grpc.aio.ServicerContext) -> composer_pb2.ComposerInfo:
+        """The encoder this replica uses and why, its preset and workers, and its cache counts."""
+        info = await self.composer.describe()
+        stats = info.cache
+        return composer_pb2.ComposerInfo(
+            encoder=info.encoder.name, encoder_reason=info.encoder.reason, x264_preset=info.x264_preset,
+            workers=info.workers, cache=composer_pb2.CacheStats(hits=stats.hits, misses=stats.misses,
+                                                                 stores=stats.stores, evictions=stats.evictions))
+
+
 def add_to_server(servicer: ComposerServicer, server: Any) -> None:
     composer_pb2_grpc.add_ComposerServiceServicer_to_server(servicer, server)

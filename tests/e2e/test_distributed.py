@@ -69,3 +69,13 @@ def test_twenty_concurrent_regenerations_on_postgres(distributed: RunningClipCha
             client.post(f"/api/v1/jobs/{demo['id']}/regenerations/{job['active_regeneration_id']}/cancel")
         final = wait_for_job(client, demo["id"], {"completed", "failed"})
         assert final["current_version"] >= 1
+
+
+def test_the_gateway_shows_the_composer_process_encoder(distributed: RunningClipChat, demo: dict) -> None:
+    composer = httpx.get(f"{distributed.url}/api/v1/readyz", timeout=10).json()["composer"]
+    assert composer["state"] == "ok" and composer["encoder_reason"]
+    with distributed.client() as client:
+        versions = client.get(f"/api/v1/jobs/{demo['id']}/versions").json()["versions"]
+    assert {version["encoder"] for version in versions} == {composer["encoder"]}
+    # The composer process has composed the demo job by now: its cache counted the segments.
+    assert composer["cache"]["stores"] > 0

@@ -62,6 +62,19 @@ def test_demo_job_is_composed_and_playable(embedded: RunningClipChat, tmp_path: 
     assert_playable_1080p(video, DEMO_SECONDS)
 
 
+def test_readiness_shows_the_encoder_the_versions_were_made_with(embedded: RunningClipChat) -> None:
+    job = demo_job(embedded)
+    ready = httpx.get(f"{embedded.url}/api/v1/readyz", timeout=10)
+    assert ready.status_code == 200
+    composer = ready.json()["composer"]
+    assert composer["state"] == "ok"
+    assert composer["encoder"] in ("libx264", "h264_nvenc") and composer["encoder_reason"]
+    assert composer["x264_preset"] and composer["workers"] >= 1
+    with embedded.client() as client:
+        versions = client.get(f"/api/v1/jobs/{job['id']}/versions").json()["versions"]
+    assert versions[0]["encoder"] == composer["encoder"]
+
+
 def test_cli_regenerate_publishes_new_version_and_keeps_the_old(embedded: RunningClipChat,
                                                                  tmp_path: Path) -> None:
     job = demo_job(embedded)

@@ -12,12 +12,13 @@ import pytest
 from clipchat.rpc import create_server
 from clipchat.settings import Settings
 from clipchat.storage.local import LocalStorage
-from clipchat.v1 import jobs_pb2_grpc, regenerator_pb2_grpc
+from clipchat.v1 import composer_pb2_grpc, jobs_pb2_grpc, regenerator_pb2_grpc
 from gateway.app import create_app
 from tests.unit.gateway.gateway_rig import (
     ALICE,
     BOB,
     Backend,
+    FakeComposer,
     FakeRegenerator,
     FakeStatus,
     SettingsFactory,
@@ -33,9 +34,11 @@ async def backend() -> AsyncIterator[Backend]:
                                           "clipchat.v1.JobStatusService")])
     regen_server = await create_server([(regenerator_pb2_grpc.add_RegeneratorServiceServicer_to_server,
                                          regenerator, "clipchat.v1.RegeneratorService")])
-    yield Backend(status, regenerator, f"127.0.0.1:{status_server.port}", f"127.0.0.1:{regen_server.port}",
-                  [status_server, regen_server])
-    for server in (status_server, regen_server):
+    composer_server = await create_server([(composer_pb2_grpc.add_ComposerServiceServicer_to_server,
+                                            FakeComposer(), "clipchat.v1.ComposerService")])
+    servers = [status_server, regen_server, composer_server]
+    yield Backend(status, regenerator, *(f"127.0.0.1:{server.port}" for server in servers), servers)
+    for server in servers:
         await server.stop(0)
 
 
@@ -49,7 +52,8 @@ def make_settings(backend: Backend, tmp_path: Path) -> SettingsFactory:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "data_dir": tmp_path, "status_addr": backend.status_addr,
-            "regenerator_addr": backend.regenerator_addr, "auth_tokens": f"{ALICE}=alice,{BOB}=bob",
+            "regenerator_addr": backend.regenerator_addr, "composer_addr": backend.composer_addr,
+            "auth_tokens": f"{ALICE}=alice,{BOB}=bob",
             "media_signing_key": "test-signing-key", "sse_heartbeat_seconds": 0.3,
             "rate_limit_per_minute": 600, "grpc_deadline_seconds": 5.0, "page_token": "",
         }

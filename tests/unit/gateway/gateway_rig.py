@@ -1,4 +1,4 @@
-"""Gateway test rig: fake JobStatusService and RegeneratorService servicers, and helpers.
+"""Gateway test rig: fake JobStatusService, RegeneratorService and ComposerService servicers, and helpers.
 
 The fakes keep their state in dicts and raise the same domain errors the real services raise, so
 errors cross a real gRPC hop (status code + trailing metadata) before the gateway maps them.
@@ -32,7 +32,15 @@ from clipchat.errors import (
 from clipchat.rpc import GrpcServer, rpc_method
 from clipchat.settings import Settings
 from clipchat.storage import job_prefix
-from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, regenerator_pb2, regenerator_pb2_grpc
+from clipchat.v1 import (
+    common_pb2,
+    composer_pb2,
+    composer_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    regenerator_pb2,
+    regenerator_pb2_grpc,
+)
 
 SettingsFactory = Callable[..., Settings]
 
@@ -212,13 +220,24 @@ class FakeRegenerator(regenerator_pb2_grpc.RegeneratorServiceServicer):
         return regenerator_pb2.ListJobRegenerationsResponse(regenerations=rows)
 
 
+class FakeComposer(composer_pb2_grpc.ComposerServiceServicer):
+    """Answers only ``Describe``, as a composer without NVENC does."""
+
+    @rpc_method
+    async def Describe(self, request: composer_pb2.DescribeRequest, context: Any) -> composer_pb2.ComposerInfo:
+        return composer_pb2.ComposerInfo(
+            encoder="libx264", encoder_reason="h264_nvenc test encode failed: Cannot load libcuda.so.1",
+            x264_preset="veryfast", workers=2, cache=composer_pb2.CacheStats(hits=16, misses=3, stores=3))
+
+
 @dataclass
 class Backend:
     status: FakeStatus
     regenerator: FakeRegenerator
     status_addr: str
     regenerator_addr: str
-    servers: list[GrpcServer] = field(default_factory=list)
+    composer_addr: str
+    servers: list[GrpcServer] = field(default_factory=list)  # status, regenerator, composer
 
 
 @asynccontextmanager

@@ -27,11 +27,26 @@ async def test_healthz_needs_nothing(client: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ok"}
 
 
-async def test_readyz_checks_both_services_and_storage(client: httpx.AsyncClient) -> None:
+async def test_readyz_checks_both_services_and_storage_and_shows_the_composers_encoder(
+        client: httpx.AsyncClient) -> None:
     response = await client.get("/api/v1/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready",
-                               "checks": {"status": "ok", "regenerator": "ok", "storage": "ok"}}
+    assert response.json() == {
+        "status": "ready", "checks": {"status": "ok", "regenerator": "ok", "storage": "ok"},
+        "composer": {"state": "ok", "encoder": "libx264",
+                     "encoder_reason": "h264_nvenc test encode failed: Cannot load libcuda.so.1",
+                     "x264_preset": "veryfast", "workers": 2,
+                     "cache": {"hits": 16, "misses": 3, "stores": 3, "evictions": 0}}}
+
+
+async def test_a_composer_that_is_down_is_shown_but_does_not_make_the_gateway_unready(
+        make_settings: SettingsFactory, storage: LocalStorage, backend: Backend) -> None:
+    await backend.servers[2].stop(0)  # the composer: compositions wait in the queue meanwhile
+    async with running(create_app(make_settings(), storage=storage)) as client:
+        response = await client.get("/api/v1/readyz")
+    assert response.status_code == 200
+    assert response.json()["composer"] == {"state": "unavailable", "encoder": None, "encoder_reason": None,
+                                           "x264_preset": None, "workers": None, "cache": None}
 
 
 async def test_readyz_names_the_dependency_that_is_down(make_settings: SettingsFactory,
