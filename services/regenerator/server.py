@@ -53,11 +53,14 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
         self.generator = generator
         self.settings = settings
 
-    def estimate(self, clip_duration: float, video_duration: float) -> Decimal:
-        """What a regeneration is expected to cost, before anything is spent."""
-        llm = self.settings.llm_estimated_cost if self.settings.llm_base_url else Decimal("0")
-        composition = self.settings.composition_price_per_second * Decimal(str(round(video_duration, 3)))
-        return (llm + self.generator.estimate_cost(clip_duration) + composition).quantize(Decimal("0.0001"))
+    def estimate(self, clip_duration: float, video_duration: float) -> dict[str, Decimal]:
+        """What each step of a regeneration is expected to cost, before anything is spent."""
+        steps = {
+            "rewrite": self.settings.llm_estimated_cost if self.settings.llm_base_url else Decimal("0"),
+            "generate": self.generator.estimate_cost(clip_duration),
+            "compose": self.settings.composition_price_per_second * Decimal(str(round(video_duration, 3))),
+        }
+        return {step: cost.quantize(Decimal("0.0001")) for step, cost in steps.items()}
 
     @rpc_method
     async def StartRegeneration(self, request: regenerator_pb2.StartRegenerationRequest,
@@ -70,11 +73,13 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
         if request.clip_index >= len(job.clips):
             raise InvalidInput(f"Clip index {request.clip_index} is out of range: this video has clips "
                                f"0 to {len(job.clips) - 1}.", code="clip_index_out_of_range")
-        estimate = self.estimate(job.clips[request.clip_index].duration, sum(c.duration for c in job.clips))
+        steps = self.estimate(job.clips[request.clip_index].duration, sum(c.duration for c in job.clips))
+        # The status service quotes a retry for the steps it will still pay for.
         began = await call(self.status.stub.BeginRegeneration, jobs_pb2.BeginRegenerationRequest(
             job_id=request.job_id, owner=request.owner, clip_index=request.clip_index,
             user_instruction=instruction, conversation_history_json=json.dumps(history),
-            estimated_cost=str(estimate)), timeout=self.status.deadline)
+            estimated_cost=str(sum(steps.values(), Decimal(0))),
+            estimated_step_costs={step: str(cost) for step, cost in steps.items()}), timeout=self.status.deadline)
         regeneration_id = began.regeneration.regeneration_id
         try:
             await self.broker.publish(REGENERATE_QUEUE, {
@@ -88,7 +93,7 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
         log.info("regeneration.queued", extra={"job_id": request.job_id, "regeneration_id": regeneration_id})
         return regenerator_pb2.StartRegenerationResponse(
             regeneration_id=regeneration_id, state=common_pb2.REGENERATION_STATE_QUEUED,
-            estimated_cost=str(estimate), budget_warning=began.budget_warning)
+            estimated_cost=began.regeneration.estimated_cost, budget_warning=began.budget_warning)
 
     @rpc_method
     async def ListRegenerations(self, request: regenerator_pb2.ListJobRegenerationsRequest,

@@ -154,7 +154,8 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         result = await self.machine.begin(job_id=request.job_id, owner=request.owner,
                                           clip_index=request.clip_index,
                                           instruction=request.user_instruction, history=history,
-                                          estimated_cost=request.estimated_cost)
+                                          estimated_cost=request.estimated_cost,
+                                          estimated_step_costs=dict(request.estimated_step_costs))
         return jobs_pb2.BeginRegenerationResponse(
             regeneration=regeneration_to_proto(result.regeneration), lease_token=result.lease_token,
             lease_expires_at=_ts(result.lease_expires_at), budget_warning=result.budget_warning)

@@ -56,6 +56,8 @@ COMPOSE_LEASE_EXPIRED_MESSAGE = "Composition failed. Please try again."
 
 # Called after commit with (job_id, sequence, event) for every event written.
 Notifier = Callable[[str, int, JobEvent], Awaitable[None]]
+# Paid steps whose result a retry of the same change reuses (their checkpoints).
+REUSABLE_STEPS = ("rewrite", "generate")
 
 
 @dataclass(frozen=True)
@@ -200,14 +202,19 @@ class JobStateMachine:
     # ---- a regeneration's life --------------------------------------------------------------
 
     async def begin(self, *, job_id: str, owner: str, clip_index: int, instruction: str,
-                    history: list[dict[str, Any]], estimated_cost: str) -> BeginResult:
+                    history: list[dict[str, Any]], estimated_cost: str,
+                    estimated_step_costs: dict[str, str] | None = None) -> BeginResult:
         """Take the job's lease for one regeneration of one clip.
+
+        The estimate is ``estimated_cost``, or, when ``estimated_step_costs`` is given, the sum of
+        the steps this regeneration will pay for: a retry reuses the paid steps of the one it
+        retries (see ``_is_retry_of``), and is quoted and budget-checked without them.
 
         Raises ``NotFound`` (no such job for this owner), ``InvalidInput`` (clip index out of range),
         ``ConcurrentRegeneration`` (a live lease), ``Conflict`` (still composing) and
         ``BudgetExceeded`` (job total + estimate over the budget) — before anything is spent.
         """
-        estimate = money(estimated_cost)
+        step_estimates = {step: money(cost) for step, cost in (estimated_step_costs or {}).items()}
         now = self.clock()
         pending = _Pending()
         async with self.db.transaction() as session:
@@ -226,14 +233,19 @@ class JobStateMachine:
             if not 0 <= clip_index < len(clips):
                 raise InvalidInput(f"Clip index {clip_index} is out of range: this video has clips "
                                    f"0 to {len(clips) - 1}.", code="clip_index_out_of_range")
+            last = (await session.execute(
+                select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
+                .order_by(ClipRegeneration.created_at.desc()).limit(1))).scalar_one_or_none()
+            source = last if self._is_retry_of(last, job, clip_index, instruction) else None
+            reused = {step: value for step, value in (source.checkpoints or {}).items()
+                      if step in REUSABLE_STEPS} if source is not None else {}
+            estimate = (sum((cost for step, cost in step_estimates.items() if step not in reused), Decimal(0))
+                        if step_estimates else money(estimated_cost))
             if job.total_cost + estimate > job.budget_limit:
                 raise BudgetExceeded(
                     f"This regeneration (about ${estimate:.2f}) would take the video past its budget "
                     f"of ${job.budget_limit:.2f} (${job.total_cost:.2f} spent so far).")
             token = secrets.token_hex(16)
-            last = (await session.execute(
-                select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
-                .order_by(ClipRegeneration.created_at.desc()).limit(1))).scalar_one_or_none()
             if last is not None and last.created_at >= now:
                 # Keeps (job, clip, created_at) unique and history ordered even if replicas' clocks differ.
                 now = last.created_at + timedelta(microseconds=1)
@@ -241,12 +253,9 @@ class JobStateMachine:
                 id=uuid.uuid4(), job_id=job.id, clip_index=clip_index,
                 original_prompt=clips[clip_index].prompt, user_instruction=instruction,
                 conversation_history=history, status=RegenerationStatus.QUEUED, stage="queued",
-                estimated_cost=estimate, base_version=job.current_version, created_at=now, checkpoints={})
-            source = last if self._is_retry_of(last, job, clip_index, instruction) else None
+                estimated_cost=estimate, base_version=job.current_version, created_at=now, checkpoints=reused)
             if source is not None:
-                regeneration.checkpoints = {step: value for step, value in (source.checkpoints or {}).items()
-                                            if step in ("rewrite", "generate")}
-                if "rewrite" in regeneration.checkpoints:
+                if "rewrite" in reused:
                     regeneration.modified_prompt = source.modified_prompt
                     regeneration.change_summary = source.change_summary
                     regeneration.rewriter = source.rewriter
@@ -537,10 +546,11 @@ class JobStateMachine:
     @staticmethod
     def _is_retry_of(last: ClipRegeneration | None, job: Job, clip_index: int, instruction: str) -> bool:
         """Whether a new regeneration retries ``last``, the job's latest one: same clip, same
-        instruction, same video version, and it failed. Its paid-for steps are then reused, so the
-        LLM and the generator are not paid twice."""
-        return (last is not None and last.status == RegenerationStatus.FAILED and last.clip_index == clip_index
-                and last.user_instruction == instruction and last.base_version == job.current_version)
+        instruction, same video version, and it failed or was cancelled. Its paid-for steps are
+        then reused, so the LLM and the generator are not paid twice."""
+        return (last is not None and last.status in (RegenerationStatus.FAILED, RegenerationStatus.CANCELLED)
+                and last.clip_index == clip_index and last.user_instruction == instruction
+                and last.base_version == job.current_version)
 
     async def _fenced(self, session: AsyncSession, job_id: str, token: str) -> Job:
         job = await self._lock(session, job_id)

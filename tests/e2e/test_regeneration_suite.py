@@ -22,6 +22,7 @@ import pytest
 
 from tests.e2e.rig import (
     CLIP_PROMPTS,
+    CLIP_SECONDS,
     GENERATION_COST,
     LLM_KEY,
     RETRY_ATTEMPTS,
@@ -296,6 +297,8 @@ def test_all_retries_fail_then_a_retry_succeeds_without_paying_again(rig: Rig, c
 
     rig.s3.clear()
     retry = regenerate(client, job["id"], 1, LLM_INSTRUCTION)
+    # Quoted for what it will still pay: the composition only.
+    assert money(retry["estimated_cost"]) == composition_cost(CLIP_SECONDS * len(CLIP_PROMPTS))
     row = wait_regeneration(client, job["id"], retry["regeneration_id"])
 
     assert row["status"] == "completed", row
@@ -475,10 +478,11 @@ def test_cancel_during_generation(rig: Rig, client: httpx.Client) -> None:
     assert create.body["input"]["prompt"] == row["modified_prompt"]
 
 
-def test_cancel_during_composition(rig: Rig, client: httpx.Client) -> None:
+def test_cancel_during_composition_then_the_same_change_reuses_the_clip(rig: Rig, client: httpx.Client) -> None:
     job = create_job(rig, client)
     initial = job_cost(job)
     original_sha = sha(video_bytes(client, job["video_url"]))
+    counts = Counts(rig)
     rig.s3.hold("PUT", VERSIONS)  # the upload of the new version waits
 
     accepted = regenerate(client, job["id"], 2, TEMPLATE_INSTRUCTION)
@@ -499,6 +503,17 @@ def test_cancel_during_composition(rig: Rig, client: httpx.Client) -> None:
     # The clip was generated before the cancel: it is paid for.
     assert_costs(row, llm=Decimal(0), generation=GENERATION_COST, composition=Decimal(0))
     assert job_cost(job) == initial + GENERATION_COST
+
+    # Asking for the same change again reuses that clip: quoted and charged for the composition only.
+    again = regenerate(client, job["id"], 2, TEMPLATE_INSTRUCTION)
+    assert money(again["estimated_cost"]) == composition_cost(CLIP_SECONDS * len(CLIP_PROMPTS))
+    row = wait_regeneration(client, job["id"], again["regeneration_id"])
+    assert row["status"] == "completed", row
+    assert len(counts.new_creates()) == 1
+    job = get_job(client, job["id"])
+    assert_costs(row, llm=Decimal(0), generation=Decimal(0),
+                 composition=composition_cost(current_version(job)["duration"]))
+    assert job["current_version"] == 2
 
 
 # ---- budget -----------------------------------------------------------------------------------

@@ -228,3 +228,41 @@ async def test_retry_of_failed_regeneration_reuses_paid_steps(machine: JobStateM
     changed = await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="make it snowy",
                                   history=[], estimated_cost="0.1")
     assert changed.regeneration.checkpoints == {}
+
+
+STEP_ESTIMATES = {"rewrite": "0.0500", "generate": "0.2500", "compose": "0.0300"}
+
+
+async def test_a_retry_is_quoted_and_budget_checked_for_the_steps_it_still_pays(machine: JobStateMachine) -> None:
+    job_id = await composed_job(machine, budget="0.2000")  # too little for a whole regeneration
+    with pytest.raises(BudgetExceeded):
+        await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="make it nighttime",
+                            history=[], estimated_cost="0.3300", estimated_step_costs=STEP_ESTIMATES)
+    job_id = await composed_job(machine, budget="0.5000")
+    first = await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="make it nighttime",
+                                history=[], estimated_cost="0.3300", estimated_step_costs=STEP_ESTIMATES)
+    assert first.regeneration.estimated_cost == Decimal("0.33")
+    await machine.record_step(job_id, first.lease_token, step="rewrite", cost="0.0500",
+                              modified_prompt="night", checkpoint={"prompt": "night"})
+    await machine.record_step(job_id, first.lease_token, step="generate", cost="0.2500",
+                              checkpoint={"video_key": "jobs/x/gen.mp4", "duration": 2.0})
+    await machine.fail(job_id, first.lease_token, error_code="composition_failed", error_message="x")
+
+    # 0.30 spent of 0.50: a whole regeneration (0.33) would not fit; the retry (0.03) does.
+    retry = await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="make it nighttime",
+                                history=[], estimated_cost="0.3300", estimated_step_costs=STEP_ESTIMATES)
+    assert retry.regeneration.estimated_cost == Decimal("0.03")
+    assert set(retry.regeneration.checkpoints) == {"rewrite", "generate"}
+
+
+async def test_the_same_change_after_a_cancel_reuses_the_paid_clip(machine: JobStateMachine) -> None:
+    job_id = await composed_job(machine)
+    first = await begin(machine, job_id)
+    await machine.record_step(job_id, first.lease_token, step="generate", cost="0.2500",
+                              checkpoint={"video_key": "jobs/x/gen.mp4", "duration": 2.0})
+    await machine.cancel(job_id, "alice", str(first.regeneration.id))
+
+    again = await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="make it nighttime",
+                                history=[], estimated_cost="0.3300", estimated_step_costs=STEP_ESTIMATES)
+    assert again.regeneration.checkpoints == {"generate": {"video_key": "jobs/x/gen.mp4", "duration": 2.0}}
+    assert again.regeneration.estimated_cost == Decimal("0.08")  # the rewrite and the composition
