@@ -191,6 +191,33 @@ def demo(url: str = UrlOption, token: str = TokenOption) -> None:
 
 
 @app.command()
+def health(url: str = UrlOption, token: str = TokenOption) -> None:
+    """Show readiness: each dependency, and what the composer composes with. Exits 1 when not ready."""
+    async def run() -> None:
+        async with _client(url, token) as client:
+            response = await client.get("/api/v1/readyz")
+            data = response.json() if response.status_code in (200, 503) else _check(response, 200)
+            for name, state in data["checks"].items():
+                print(f"{name:<12} {state}")
+            print(_composer_line(data.get("composer") or {}))
+            if response.status_code != 200:
+                raise CliError(data["error"]["message"])
+            print("ready")
+
+    asyncio.run(run())
+
+
+def _composer_line(composer: dict[str, Any]) -> str:
+    if composer.get("state") != "ok":
+        return f"{'composer':<12} {composer.get('state', 'unknown')} (compositions wait in the queue)"
+    cache = composer.get("cache") or {}
+    return (f"{'composer':<12} ok  {composer['encoder']} ({composer['x264_preset']} preset, "
+            f"{composer['workers']} workers): {composer['encoder_reason']}\n"
+            f"{'':<12} segment cache: {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses, "
+            f"{cache.get('stores', 0)} stores, {cache.get('evictions', 0)} evictions")
+
+
+@app.command()
 def jobs(url: str = UrlOption, token: str = TokenOption) -> None:
     """List your jobs."""
     async def run() -> None:

@@ -74,6 +74,13 @@ def test_readiness_shows_the_encoder_the_versions_were_made_with(embedded: Runni
         versions = client.get(f"/api/v1/jobs/{job['id']}/versions").json()["versions"]
     assert versions[0]["encoder"] == composer["encoder"]
 
+    shown = embedded.cli("health")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[:3] == ["status       ok", "regenerator  ok", "storage      ok"]
+    assert lines[3].startswith(f"composer     ok  {composer['encoder']} (") and composer["encoder_reason"] in lines[3]
+    assert "segment cache:" in lines[4] and lines[-1] == "ready"
+
 
 def test_cli_regenerate_publishes_new_version_and_keeps_the_old(embedded: RunningClipChat,
                                                                  tmp_path: Path) -> None:
