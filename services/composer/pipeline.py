@@ -13,8 +13,10 @@ transitions need ("windows") are written by a clip run too; a transition run ble
 windows and encodes them (``render.py``). A composition with many segments to make runs its
 encoding runs one at a time (one x264 keeps both cores busy; memory stays at one encoder) and
 has each clip decoded once, windows included; one with a few, as after a change, runs
-``composer_workers`` of them at once and writes each window by a light run of its own, so the
-transitions are encoded beside the new body, not after it (see ``_encoders``, ``_video_jobs``).
+``composer_workers`` of them at once, each transition reading its windows from both clips
+itself, so the transitions are encoded beside the new body, not after it (see ``_encoders``,
+``_video_jobs``). Both ways give the same bytes: a frame's pixels do not depend on which run
+read it (``render.seek_frame``).
 
 **Length and sound.** The video is exactly as long as its clips' timeline:
 ``sum(clip frames) − sum(transition frames)``, each clip ``round(duration × 30)`` frames. Beat
@@ -315,7 +317,7 @@ class _Composition:
         jobs: list[Callable[[], Awaitable[None]]] = []
         if not soundtrack.cached and not sounds:  # one core for a second or two, beside the video
             jobs.append(functools.partial(self._make_soundtrack, soundtrack, segments))
-        jobs += self._video_jobs(segments, windows, serial=encoders == 1)
+        jobs += self._video_jobs(segments, windows)
         jobs += [functools.partial(self._make_sound, segment) for segment in sounds]
         await run_concurrently(jobs)
         if soundtrack.path is None:  # made from the clips' sound just extracted
@@ -408,22 +410,23 @@ class _Composition:
                         window, self.work / f"window-{segment.number:03d}-{part}.yuv")
         return windows
 
-    def _video_jobs(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window], *,
-                    serial: bool) -> list[Callable[[], Awaitable[None]]]:
+    def _video_jobs(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window]
+                    ) -> list[Callable[[], Awaitable[None]]]:
         """The clip runs and the transition runs, in the order they take encoding slots.
 
         A clip run encodes one chunk of a clip's body, and may write raw windows too; a run that
         only writes windows is light (no encoder) and takes no slot. Each transition is listed
         right after the runs of both its clips.
 
-        - ``serial`` (one slot, many segments to make): the windows are written by the run
-          encoding the clip's first chunk (its head window) or last chunk (its tail), so each
-          clip is decoded once, and just before the transition that uses them, so raw frames are
-          used up soon after they are written. A transition waits for its windows holding its
-          slot; that cannot deadlock, as the runs writing them are listed earlier or take no slot.
-        - otherwise (a few segments, as after one change; ``windows`` is empty): each transition
-          reads its windows from the two clips itself, so it runs beside the body chunks from the
-          start instead of after them; it decodes a little of each clip a second time.
+        - With ``windows`` (one slot, many segments to make): each raw window is written by the
+          run encoding the clip's first chunk (its head window) or last chunk (its tail), or by a
+          light run when that chunk is cached, so each clip is decoded once, and just before the
+          transition that uses it, so raw frames are used up soon after they are written. A
+          transition waits for its windows holding its slot; that cannot deadlock, as the runs
+          writing them are listed earlier or take no slot.
+        - Without (a few segments, as after one change): each transition reads its windows from
+          the two clips itself, so it runs beside the body chunks from the start instead of after
+          them; it decodes a little of each clip a second time.
         """
         transitions = {s.plan.clip_index: s for s in segments if s.plan.kind == "transition"}
         chunks: defaultdict[int, list[_Segment]] = defaultdict(list)
@@ -434,7 +437,7 @@ class _Composition:
         alone: defaultdict[int, list[_Window]] = defaultdict(list)  # by clip
         for (clip_index, start_frame), window in sorted(windows.items()):
             chunk = chunks[clip_index][0 if start_frame == 0 else -1]
-            if serial and not chunk.video.cached:
+            if not chunk.video.cached:
                 attached[chunk.number].append(window)
             else:
                 alone[clip_index].append(window)
