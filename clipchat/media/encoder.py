@@ -8,6 +8,7 @@ frame with a closed GOP, so segments encoded separately join by stream copy.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
@@ -70,7 +71,8 @@ def _failure_reason(detail: str) -> str:
     telling = [line for line in lines if "->" not in line and any(
         word in line.lower() for word in ("nvenc @", "cuda", "cannot load", "no capable", "driver"))]
     chosen = telling[0] if telling else (lines[-1] if lines else "no error output")
-    return chosen[:200]
+    # "[h264_nvenc @ 0x55d1…] Cannot load libcuda.so.1": the address changes on every run.
+    return re.sub(r"^\[[\w:#/.-]+ @ 0x[0-9a-f]+\]\s*", "", chosen)[:200]
 
 
 def video_encoder_args(encoder: str, *, x264_preset: str) -> list[str]:

@@ -42,7 +42,8 @@ def test_the_reason_is_the_encoders_own_complaint() -> None:
     detail = ("Stream mapping:\n  Stream #0:0 -> #0:0 (wrapped_avframe (native) -> h264 (h264_nvenc))\n"
               "[h264_nvenc @ 0x55] Cannot load libcuda.so.1\n[vost#0:0/h264_nvenc @ 0x56] Error while opening "
               "encoder\nConversion failed!")
-    assert _failure_reason(detail) == "[h264_nvenc @ 0x55] Cannot load libcuda.so.1"
+    assert _failure_reason(detail) == "Cannot load libcuda.so.1"
+    assert _failure_reason("[h264_nvenc @ 0x55d1c0] No capable devices found") == "No capable devices found"
     assert _failure_reason("") == "no error output"
     assert _failure_reason("something\nConversion failed!") == "Conversion failed!"
 
