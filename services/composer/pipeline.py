@@ -294,6 +294,7 @@ class _Composition:
     _clips: dict[int, SourceClip] = field(default_factory=dict)
     _clip_locks: defaultdict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     _music: tuple[Path, MediaInfo] | None = None
+    _music_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Encoding runs at once (see ``_encoders``); jobs take a slot in the order they were listed.
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
@@ -310,11 +311,10 @@ class _Composition:
         self._plan_progress(segments, windows, sounds, soundtrack)
         await self.progress.report()
 
-        await run_concurrently(self._downloads(segments, windows, sounds, soundtrack), limit=_DOWNLOADS_AT_ONCE)
-        await self.progress.finish("downloading")
-
         self._slots = asyncio.Semaphore(encoders)
-        jobs: list[Callable[[], Awaitable[None]]] = []
+        # Sources are fetched while the first runs start: each run waits only for its own clips.
+        jobs: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self._fetch_sources, self._downloads(segments, windows, sounds, soundtrack))]
         if not soundtrack.cached and not sounds:  # one core for a second or two, beside the video
             jobs.append(functools.partial(self._make_soundtrack, soundtrack, segments))
         jobs += self._video_jobs(segments, windows)
@@ -510,6 +510,10 @@ class _Composition:
             jobs.append(self._load_music)
         return [functools.partial(self._download, job) for job in jobs]
 
+    async def _fetch_sources(self, downloads: list[Callable[[], Awaitable[None]]]) -> None:
+        await run_concurrently(downloads, limit=_DOWNLOADS_AT_ONCE)
+        await self.progress.finish("downloading")
+
     async def _download(self, job: Callable[[], Awaitable[object]]) -> None:
         await job()
         await self.progress.piece("downloading", _COST_DOWNLOAD)(1.0)
@@ -530,13 +534,15 @@ class _Composition:
             return self._clips[index]
 
     async def _load_music(self) -> tuple[Path, MediaInfo]:
-        if self._music is None:
-            path = await self._fetch_source(self.spec.audio_key, self.work / "music", "music track")
-            info = await self._probe(path, "music track")
-            if not info.has_audio:
-                raise MediaError("The music track has no audio.")
-            self._music = (path, info)
-        return self._music
+        """The music track on local disk, probed: downloaded once, on first need."""
+        async with self._music_lock:
+            if self._music is None:
+                path = await self._fetch_source(self.spec.audio_key, self.work / "music", "music track")
+                info = await self._probe(path, "music track")
+                if not info.has_audio:
+                    raise MediaError("The music track has no audio.")
+                self._music = (path, info)
+            return self._music
 
     async def _probe(self, path: Path, label: str) -> MediaInfo:
         async with self.composer._probe_lock:
