@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 
 import pytest
 
@@ -65,3 +67,27 @@ async def test_falls_back_to_libx264_with_a_logged_reason(ffmpeg_exe: str,
 async def test_configured_libx264_needs_no_probe(ffmpeg_exe: str) -> None:
     choice = await detect_encoder(FfmpegRunner(ffmpeg_exe), LIBX264)
     assert (choice.name, choice.reason) == (LIBX264, "configured")
+
+
+def test_every_nvenc_option_and_named_value_is_one_this_ffmpeg_knows(ffmpeg_exe: str) -> None:
+    # No GPU here to run NVENC: at least make sure a GPU node would not fail on a misspelt option.
+    help_text = subprocess.run([ffmpeg_exe, "-hide_banner", "-h", "encoder=h264_nvenc"], capture_output=True,
+                               text=True, check=True).stdout
+    private: dict[str, set[str]] = {}
+    current = ""
+    for line in help_text.splitlines():
+        option = re.match(r"^  -(\S+)\s+<", line)
+        constant = re.match(r"^     (\S+)\s+\S+\s+E", line)
+        if option:
+            current = option.group(1)
+            private[current] = set()
+        elif constant and current:
+            private[current].add(constant.group(1))
+    generic = {"c:v", "b:v", "profile:v", "g", "bf", "force_key_frames"}
+    args = video_encoder_args(H264_NVENC, x264_preset="veryfast")
+    for name, value in zip(args[::2], args[1::2], strict=True):
+        name = name.lstrip("-")
+        assert name in generic or name in private, name
+        if private.get(name) and not value.lstrip("-").replace(".", "").isdigit():
+            assert value in private[name], (name, value)
+    assert args[args.index("-forced-idr") + 1] == "1" and args[args.index("-bf") + 1] == "0"
