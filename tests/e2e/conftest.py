@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -114,7 +115,6 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
     bucket = f"clipchat-e2e-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket=bucket)
-    ports = {name: free_port() for name in ("status", "regenerator", "composer", "gateway")}
     env = base_env(data_dir)
     pg_base = postgres_admin_dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     env.update({
@@ -124,6 +124,24 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
         "CLIPCHAT_STORAGE_URL": f"s3://{bucket}",
         "CLIPCHAT_S3_ENDPOINT_URL": moto_s3,
         "CLIPCHAT_S3_ACCESS_KEY_ID": "test", "CLIPCHAT_S3_SECRET_ACCESS_KEY": "test",
+    })
+    output: list[str] = []
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        url = serve_distributed(env, procs, output)
+        yield RunningClipChat(url, TOKEN, data_dir, env, output)
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+        asyncio.run(_drop_database(postgres_admin_dsn, db_name))
+
+
+def serve_distributed(env: dict[str, str], procs: list[subprocess.Popen[str]], output: list[str]) -> str:
+    """Migrate, start each service as its own ``clipchat serve`` process on free ports and wait until
+    the gateway is ready; returns the gateway's URL. The processes are added to ``procs`` as they
+    start, so the caller stops them whatever happens."""
+    ports = {name: free_port() for name in ("status", "regenerator", "composer", "gateway")}
+    env.update({
         "CLIPCHAT_STATUS_ADDR": f"127.0.0.1:{ports['status']}",
         "CLIPCHAT_REGENERATOR_ADDR": f"127.0.0.1:{ports['regenerator']}",
         "CLIPCHAT_COMPOSER_ADDR": f"127.0.0.1:{ports['composer']}",
@@ -131,9 +149,8 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
     })
     migrated = subprocess.run([CLIPCHAT, "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert migrated.returncode == 0, migrated.stderr
-    output: list[str] = []
-    procs = [start_process([CLIPCHAT, "serve", name], env, output)
-             for name in ("status", "composer", "regenerator", "gateway")]
+    procs.extend(start_process([CLIPCHAT, "serve", name], env, output)
+                 for name in ("status", "composer", "regenerator", "gateway"))
     url = f"http://127.0.0.1:{ports['gateway']}"
 
     def ready() -> bool:
@@ -142,13 +159,21 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
         except httpx.HTTPError:
             return False
 
-    try:
-        wait_until(ready, "distributed services", procs, output, limit=120)
-        yield RunningClipChat(url, TOKEN, data_dir, env, output)
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
-        asyncio.run(_drop_database(postgres_admin_dsn, db_name))
+    wait_until(ready, "distributed services", procs, output, limit=120)
+    return url
+
+
+def post_at_once(system: RunningClipChat, job_id: str, clip_index: int, instruction: str,
+                 times: int = 20) -> list[int]:
+    """POST the same regeneration ``times`` times at once; the status codes, in no order."""
+    url = f"{system.url}/api/v1/jobs/{job_id}/clips/{clip_index}/regenerate"
+    headers = {"Authorization": f"Bearer {system.token}"}
+
+    def post(_: int) -> int:
+        return httpx.post(url, json={"instruction": instruction}, headers=headers, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=times) as pool:
+        return list(pool.map(post, range(times)))
 
 
 def wait_for_job(client: httpx.Client, job_id: str, statuses: set[str], limit: float = 300) -> dict:

@@ -25,8 +25,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import _create_database, _drop_database, free_port
-from tests.e2e.conftest import CLIPCHAT, ROOT, TOKEN, base_env, start_process, stop_process, wait_until
+from tests.conftest import _create_database, _drop_database
+from tests.e2e.conftest import (
+    TOKEN,
+    base_env,
+    serve_distributed,
+    stop_process,
+)
 from tests.fakes.llm_server import FakeLLMServer
 from tests.fakes.prediction_server import PredictionServer, render_sample_mp4
 from tests.fakes.s3_fault_proxy import S3FaultProxy
@@ -122,7 +127,6 @@ def start_rig(tmp_path_factory: pytest.TempPathFactory, *, ffmpeg: str, postgres
         llm.start()
         predictions.start()
         s3.start()
-        ports = {name: free_port() for name in ("status", "regenerator", "composer", "gateway")}
         env = base_env(data_dir)
         env.update({
             "CLIPCHAT_DATABASE_URL": f"{dsn_base.replace('postgresql://', 'postgresql+asyncpg://')}/{db_name}",
@@ -131,10 +135,6 @@ def start_rig(tmp_path_factory: pytest.TempPathFactory, *, ffmpeg: str, postgres
             "CLIPCHAT_STORAGE_URL": f"s3://{bucket}",
             "CLIPCHAT_S3_ENDPOINT_URL": s3.url,
             "CLIPCHAT_S3_ACCESS_KEY_ID": "test", "CLIPCHAT_S3_SECRET_ACCESS_KEY": "test",
-            "CLIPCHAT_STATUS_ADDR": f"127.0.0.1:{ports['status']}",
-            "CLIPCHAT_REGENERATOR_ADDR": f"127.0.0.1:{ports['regenerator']}",
-            "CLIPCHAT_COMPOSER_ADDR": f"127.0.0.1:{ports['composer']}",
-            "CLIPCHAT_GATEWAY_PORT": str(ports["gateway"]),
             "CLIPCHAT_ENCODER": "libx264",
             "CLIPCHAT_LLM_BASE_URL": llm.url, "CLIPCHAT_LLM_API_KEY": LLM_KEY, "CLIPCHAT_LLM_MODEL": "fake-llm-1",
             "CLIPCHAT_LLM_TIMEOUT_SECONDS": "3",
@@ -152,19 +152,7 @@ def start_rig(tmp_path_factory: pytest.TempPathFactory, *, ffmpeg: str, postgres
             "CLIPCHAT_GENERATION_PRICE_PER_SECOND": str(GENERATION_PRICE_PER_SECOND),
             "CLIPCHAT_COMPOSITION_PRICE_PER_SECOND": str(COMPOSITION_PRICE_PER_SECOND),
         })
-        migrated = subprocess.run([CLIPCHAT, "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
-        assert migrated.returncode == 0, migrated.stderr
-        procs.extend(start_process([CLIPCHAT, "serve", name], env, output)
-                     for name in ("status", "composer", "regenerator", "gateway"))
-        url = f"http://127.0.0.1:{ports['gateway']}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/api/v1/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, "distributed services", procs, output, limit=120)
+        url = serve_distributed(env, procs, output)
         yield Rig(url=url, env=env, output=output, llm=llm, predictions=predictions, s3=s3,
                   database_dsn=f"{dsn_base}/{db_name}", media=media, procs=procs)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import RunningClipChat, wait_for_job
+from tests.e2e.conftest import RunningClipChat, post_at_once, wait_for_job
 from tests.e2e.test_embedded import DEMO_SECONDS, assert_playable_1080p, download
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.s3]
@@ -54,14 +53,7 @@ def test_regenerate_through_the_gateway(distributed: RunningClipChat, demo: dict
 def test_twenty_concurrent_regenerations_on_postgres(distributed: RunningClipChat, demo: dict) -> None:
     with distributed.client() as client:
         wait_for_job(client, demo["id"], {"completed", "failed"})
-    url = f"{distributed.url}/api/v1/jobs/{demo['id']}/clips/0/regenerate"
-    headers = {"Authorization": f"Bearer {distributed.token}"}
-
-    def post(_: int) -> int:
-        return httpx.post(url, json={"instruction": "make it snowy"}, headers=headers, timeout=60).status_code
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
-        codes = list(pool.map(post, range(20)))
+    codes = post_at_once(distributed, demo["id"], 0, "make it snowy")
     assert sorted(codes) == [202] + [409] * 19, codes
     with distributed.client() as client:
         job = client.get(f"/api/v1/jobs/{demo['id']}").json()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 from fractions import Fraction
@@ -12,7 +11,7 @@ import av
 import httpx
 import pytest
 
-from tests.e2e.conftest import RunningClipChat, wait_for_job
+from tests.e2e.conftest import RunningClipChat, post_at_once, wait_for_job
 
 DEMO_SECONDS = 24.0
 
@@ -107,14 +106,7 @@ def test_cli_regenerate_publishes_new_version_and_keeps_the_old(embedded: Runnin
 
 def test_twenty_concurrent_regenerations_admit_one(embedded: RunningClipChat) -> None:
     job = demo_job(embedded)
-    url = f"{embedded.url}/api/v1/jobs/{job['id']}/clips/1/regenerate"
-    headers = {"Authorization": f"Bearer {embedded.token}"}
-
-    def post(_: int) -> int:
-        return httpx.post(url, json={"instruction": "make it rainy"}, headers=headers, timeout=60).status_code
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
-        codes = list(pool.map(post, range(20)))
+    codes = post_at_once(embedded, job["id"], 1, "make it rainy")
     assert sorted(codes) == [202] + [409] * 19, codes
     with embedded.client() as client:
         current = client.get(f"/api/v1/jobs/{job['id']}").json()

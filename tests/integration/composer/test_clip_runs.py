@@ -37,14 +37,17 @@ SOURCES = {
 }
 
 
+def render(ffmpeg_exe: str, lavfi: str, dest: Path, seconds: float = 4.0) -> Path:
+    """Encoded as video generators do (one keyframe at the start), kept at its own frame times."""
+    subprocess.run([ffmpeg_exe, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", lavfi,
+                    "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                    "-fps_mode", "vfr", str(dest)], check=True)
+    return dest
+
+
 @pytest.fixture(scope="module", params=sorted(SOURCES))
 def source(request: pytest.FixtureRequest, ffmpeg_exe: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dest = tmp_path_factory.mktemp("runs") / f"{request.param}.mp4"
-    # Encoded as video generators do (one keyframe at the start), kept at its own frame times.
-    subprocess.run([ffmpeg_exe, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", SOURCES[request.param],
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-fps_mode", "vfr",
-                    str(dest)], check=True)
-    return dest
+    return render(ffmpeg_exe, SOURCES[request.param], tmp_path_factory.mktemp("runs") / f"{request.param}.mp4")
 
 
 async def read(ffmpeg: FfmpegRunner, clip: SourceClip, windows: list[ClipWindow], folder: Path) -> list[bytes]:
@@ -93,10 +96,5 @@ async def test_a_transition_read_from_the_clips_equals_one_blended_from_raw_wind
 @pytest.fixture(scope="module")
 def two_sources(ffmpeg_exe: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("pair")
-    paths = []
-    for name, source in (("first", SOURCES["24fps"]), ("second", "mandelbrot=size=180x320:rate=25")):
-        dest = folder / f"{name}.mp4"
-        subprocess.run([ffmpeg_exe, "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source, "-t", "3",
-                        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(dest)], check=True)
-        paths.append(dest)
-    return paths[0], paths[1]
+    return (render(ffmpeg_exe, SOURCES["24fps"], folder / "first.mp4", 3.0),
+            render(ffmpeg_exe, "mandelbrot=size=180x320:rate=25", folder / "second.mp4", 3.0))
