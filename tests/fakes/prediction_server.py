@@ -5,6 +5,13 @@ It speaks the protocol ``HttpVideoGenerator`` uses: ``POST /predictions`` → 20
 ``succeeded`` with an ``output`` URL, ``POST /predictions/{id}/cancel``, and ``GET /files/{id}.mp4``
 serving a small real MP4. It runs uvicorn in a background thread on 127.0.0.1 and an OS-chosen port.
 
+Idempotency works as providers offer it: the first create with an ``Idempotency-Key`` starts (and
+charges) a prediction; a later create with the same key answers that prediction as it is now
+(201, header ``Idempotent-Replayed: true``), charging nothing; the same key with another model or
+input gets 422, and a create while the first one with that key is still in progress gets 409.
+Scripted create failures answer before the key is looked at (the provider never saw the request).
+``paid_predictions``, ``paid_for(key)`` and ``cancelled_ids`` say what was charged and cancelled.
+
 Failures are scripted per endpoint as queues of actions, one action consumed per request (an empty
 queue means ``"ok"``). An action is a word, optionally followed by ``:argument``:
 
@@ -21,7 +28,7 @@ Example::
     with PredictionServer(video=path, cost="0.12") as server:
         server.script(create=["500", "ok"], poll=["ok", "failed:CUDA error"])
         ...
-        assert len(server.creates) == 2 and not server.cancels
+        assert len(server.creates) == 2 and server.paid_predictions == 1 and not server.cancelled_ids
 
 Run ``python -m tests.fakes.prediction_server --port 8090`` to serve it for a demo of the HTTP mode
 (with ``CLIPCHAT_GENERATOR=http``, ``CLIPCHAT_GENERATOR_URL=http://127.0.0.1:8090`` and
@@ -37,7 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -82,10 +89,16 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)  # when it arrived (to check Retry-After waits)
 
+    @property
+    def idempotency_key(self) -> str:
+        """The ``Idempotency-Key`` header the request carried ("" without one)."""
+        return self.headers.get("idempotency-key", "")
+
 
 @dataclass
 class _Prediction:
     id: str
+    model: str
     input: dict[str, Any]
     status: str = "starting"
     step: int = 0
@@ -116,6 +129,10 @@ class PredictionServer:
         self._scripts: dict[str, deque[str]] = {"create": deque(), "poll": deque(), "download": deque()}
         self._calls: list[Call] = []
         self._predictions: dict[str, _Prediction] = {}
+        self._by_key: dict[str, str] = {}  # Idempotency-Key → the prediction it created
+        self._keys_in_flight: set[str] = set()
+        self._paid: Counter[str] = Counter()  # predictions created (charged), per Idempotency-Key
+        self._cancelled_ids: list[str] = []
         self._http = ThreadedServer("fake prediction server")
         self.url = ""
 
@@ -157,6 +174,28 @@ class PredictionServer:
     @property
     def downloads(self) -> list[Call]:
         return self.calls_of("download")
+
+    @property
+    def paid_predictions(self) -> int:
+        """How many predictions were created (and charged) in all; idempotent replays not counted."""
+        with self._lock:
+            return sum(self._paid.values())
+
+    def paid_for(self, idempotency_key: str) -> int:
+        """How many predictions creates with ``idempotency_key`` charged ("": those without a key)."""
+        with self._lock:
+            return self._paid[idempotency_key]
+
+    @property
+    def cancelled_ids(self) -> list[str]:
+        """The ids of known predictions that received an authorized cancel, in order (repeats kept)."""
+        with self._lock:
+            return list(self._cancelled_ids)
+
+    def prediction_for(self, idempotency_key: str) -> str | None:
+        """The id of the prediction created with ``idempotency_key``, if any."""
+        with self._lock:
+            return self._by_key.get(idempotency_key)
 
     @property
     def video(self) -> bytes:
@@ -218,20 +257,27 @@ class PredictionServer:
                 body = await request.json()
             except ValueError:
                 body = raw.decode(errors="replace")
-            self._record(Call("create", None, body, dict(request.headers)))
+            call = Call("create", None, body, dict(request.headers))
+            self._record(call)
             if not self._authorized(request):
                 return JSONResponse({"detail": "Invalid token."}, status_code=401)
             word, argument = self._next("create")
-            if word == "slow":
-                await asyncio.sleep(float(argument))
-            elif word != "ok":
+            if word not in ("ok", "slow"):
                 return _scripted_failure(word, argument)
             if not (isinstance(body, dict) and isinstance(body.get("input"), dict)
                     and isinstance(body["input"].get("prompt"), str) and body.get("model")):
                 return JSONResponse({"detail": "model and input.prompt are required"}, status_code=422)
-            prediction = _Prediction(id=uuid.uuid4().hex, input=body["input"])
-            with self._lock:
-                self._predictions[prediction.id] = prediction
+            key = call.idempotency_key
+            replay = self._replay_or_reserve(key, body)
+            if replay is not None:
+                return replay
+            try:
+                if word == "slow":
+                    await asyncio.sleep(float(argument))
+                prediction = self._charge(key, body)
+            finally:
+                with self._lock:
+                    self._keys_in_flight.discard(key)
             return JSONResponse(self._describe(prediction), status_code=201)
 
         @app.get("/predictions/{prediction_id}")
@@ -264,6 +310,8 @@ class PredictionServer:
                 prediction = self._predictions.get(prediction_id)
             if prediction is None:
                 return JSONResponse({"detail": "Not found."}, status_code=404)
+            with self._lock:
+                self._cancelled_ids.append(prediction_id)
             if prediction.status in ("starting", "processing"):
                 prediction.status = "canceled"
             return JSONResponse(self._describe(prediction))
@@ -288,6 +336,33 @@ class PredictionServer:
             return _scripted_failure(word, argument)
 
         return app
+
+    def _replay_or_reserve(self, key: str, body: dict[str, Any]) -> Response | None:
+        """The answer to a create whose ``key`` was seen before; None (and ``key`` reserved) if new."""
+        if not key:
+            return None
+        with self._lock:
+            if key in self._keys_in_flight:
+                return JSONResponse({"detail": "A request with this Idempotency-Key is in progress."},
+                                    status_code=409, headers={"Retry-After": "1"})
+            known = self._predictions.get(self._by_key.get(key, ""))
+            if known is None:
+                self._keys_in_flight.add(key)
+                return None
+        if (known.model, known.input) != (body["model"], body["input"]):
+            return JSONResponse({"detail": "Idempotency-Key reused with a different request."},
+                                status_code=422)
+        return JSONResponse(self._describe(known), status_code=201, headers={"Idempotent-Replayed": "true"})
+
+    def _charge(self, key: str, body: dict[str, Any]) -> _Prediction:
+        """Create (and charge) a new prediction for a create ``body`` sent with ``key``."""
+        prediction = _Prediction(id=uuid.uuid4().hex, model=str(body["model"]), input=body["input"])
+        with self._lock:
+            self._predictions[prediction.id] = prediction
+            self._paid[key] += 1
+            if key:
+                self._by_key[key] = prediction.id
+        return prediction
 
     def _advance(self, prediction: _Prediction) -> None:
         if prediction.status not in ("starting", "processing"):
