@@ -4,10 +4,18 @@ The protocol: ``POST {base_url}/predictions`` starts a prediction, ``GET /predic
 polled until its status is terminal, and a succeeded prediction's ``output`` is the URL of an MP4
 that is downloaded next to ``dest`` and renamed into place once checked.
 
+No double pay: the create request carries the caller's ``Idempotency-Key``, so a repeat of it
+(after a lost answer or a timeout) gets the same prediction back instead of a second paid one.
+``on_started`` hands the new prediction's id to the caller before polling, and ``resume_id`` polls
+such a recorded prediction instead of creating one (a 404 for it creates one after all). A
+prediction this generator abandons (an error, a timeout, a cancelled task, a failing
+``on_started``) is cancelled at the provider, best effort.
+
 Errors, in the terms of ``clipchat.errors``:
 
 - ``TransientGenerationError`` (a ``TransientError``, retryable): connect/read timeouts, transport
-  errors, HTTP 408/429/5xx (with ``retry_after`` from ``Retry-After``), malformed answers, a
+  errors, HTTP 408/429/5xx (with ``retry_after`` from ``Retry-After``), HTTP 409 (code
+  ``idempotency_conflict``: a create with the same key is still in flight), malformed answers, a
   corrupt or truncated download, a prediction cancelled by the provider, a failed prediction whose
   error text says it is transient, and the overall ``generation_timeout`` (code
   ``generation_timeout``).
@@ -17,6 +25,7 @@ Errors, in the terms of ``clipchat.errors``:
   token, which rephrasing cannot fix) get ``generator_unauthorized`` and a message saying so.
 - ``MediaError`` (permanent): an output URL (or a redirect) that leaves the API's origin and the
   allowed output hosts, uses another scheme, or redirects too often.
+- Whatever ``on_started`` raises propagates unchanged (after the prediction is cancelled).
 
 There is no retry loop here: the caller declares its retry policy around ``generate``.
 """
@@ -42,7 +51,7 @@ import anyio
 import httpx
 
 from clipchat.errors import InvalidInput, MediaError, ProviderRefused, ProviderUnavailable
-from services.regenerator.generator import GeneratedClip, ProgressFn
+from services.regenerator.generator import GeneratedClip, ProgressFn, StartedFn
 
 logger = logging.getLogger("clipchat.regenerator.http_generator")
 
@@ -149,13 +158,17 @@ class HttpVideoGenerator:
         return (Decimal(str(duration)) * self._price_per_second).quantize(_CENT_FRACTION, ROUND_HALF_UP)
 
     async def generate(self, prompt: str, duration: float, dest: Path, *,
-                       on_progress: ProgressFn | None = None) -> GeneratedClip:
+                       on_progress: ProgressFn | None = None, idempotency_key: str = "",
+                       resume_id: str = "", on_started: StartedFn | None = None) -> GeneratedClip:
         """Generate a clip of ``duration`` seconds for ``prompt`` and write it to ``dest``.
 
-        ``dest`` is written whole or not at all. Raises ``TransientGenerationError`` or
-        ``GenerationRejected`` as the module describes, ``MediaError`` for an untrusted output
-        URL, and ``InvalidInput`` for a non-positive duration. Cancelling the awaiting task
-        cancels the remote prediction (best effort) before the cancellation propagates.
+        ``dest`` is written whole or not at all. ``idempotency_key`` is sent as the create
+        request's ``Idempotency-Key``; ``on_started`` is awaited with the id of a newly created
+        prediction before polling; ``resume_id`` polls that prediction instead of creating one
+        (see ``_start``). Raises ``TransientGenerationError`` or ``GenerationRejected`` as the
+        module describes, ``MediaError`` for an untrusted output URL, ``InvalidInput`` for a
+        non-positive duration, and whatever ``on_started`` raises. Cancelling the awaiting task,
+        like any of these errors, cancels the remote prediction (best effort) before it propagates.
         """
         if not (math.isfinite(duration) and duration > 0):
             raise InvalidInput("The clip duration must be a positive number of seconds.")
@@ -165,7 +178,8 @@ class HttpVideoGenerator:
         deadline = asyncio.timeout(self._generation_timeout)
         try:
             async with deadline:
-                body = await self._create(prediction, prompt, duration)
+                body = await self._start(prediction, prompt, duration, idempotency_key=idempotency_key,
+                                         resume_id=resume_id, on_started=on_started)
                 body = await self._wait(prediction, body, on_progress)
                 clip = await self._fetch(prediction, body, duration, dest)
         except TimeoutError:
@@ -184,20 +198,57 @@ class HttpVideoGenerator:
             await on_progress(1.0)
         return clip
 
-    async def _create(self, prediction: _Prediction, prompt: str, duration: float) -> dict[str, Any]:
+    async def _start(self, prediction: _Prediction, prompt: str, duration: float, *, idempotency_key: str,
+                     resume_id: str, on_started: StartedFn | None) -> dict[str, Any]:
+        """Resume ``resume_id`` when the provider still knows it, else create a prediction.
+
+        Only a created prediction is reported to ``on_started``: a resumed one was reported by
+        whoever created it.
+        """
+        if resume_id:
+            body = await self._resume(prediction, resume_id)
+            if body is not None:
+                return body
+        body = await self._create(prediction, prompt, duration, idempotency_key)
+        if on_started is not None:
+            await on_started(prediction.id)
+        return body
+
+    async def _create(self, prediction: _Prediction, prompt: str, duration: float,
+                      idempotency_key: str) -> dict[str, Any]:
         request = {"model": self._model, "input": {"prompt": prompt, "duration": duration}}
-        body = await self._call("POST", f"{self._base_url}/predictions", json=request)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = await self._call("POST", f"{self._base_url}/predictions", json=request, headers=headers)
         prediction_id = body.get("id")
         if not isinstance(prediction_id, str) or not prediction_id:
             raise _malformed("create answer without an id")
+        self._track(prediction, prediction_id, body)
+        logger.info("generation.created", extra={"prediction_id": prediction_id, "model": self._model,
+                                                  "idempotency_key": idempotency_key})
+        return body
+
+    async def _resume(self, prediction: _Prediction, resume_id: str) -> dict[str, Any] | None:
+        """The current state of prediction ``resume_id``; None when the provider answers 404."""
+        response = await self._send("GET", self._own_url(resume_id))
+        if response.status_code == 404:
+            logger.warning("generation.resume_missing", extra={"prediction_id": resume_id})
+            return None
+        body = _json_object(response, "GET")
+        self._track(prediction, resume_id, body)
+        logger.info("generation.resumed", extra={"prediction_id": resume_id, "status": body.get("status")})
+        return body
+
+    def _track(self, prediction: _Prediction, prediction_id: str, body: Mapping[str, Any]) -> None:
+        """Remember where to poll and cancel ``prediction_id``, from the provider's ``urls``."""
         prediction.id = prediction_id
-        own = f"{self._base_url}/predictions/{quote(prediction_id, safe='')}"
+        own = self._own_url(prediction_id)
         urls = _mapping(body.get("urls"))
         # URLs that leave the API's origin are ignored so the bearer token goes nowhere else.
         prediction.get_url = self._same_origin_or(urls.get("get"), own)
         prediction.cancel_url = self._same_origin_or(urls.get("cancel"), f"{own}/cancel")
-        logger.info("generation.created", extra={"prediction_id": prediction_id, "model": self._model})
-        return body
+
+    def _own_url(self, prediction_id: str) -> str:
+        return f"{self._base_url}/predictions/{quote(prediction_id, safe='')}"
 
     async def _wait(self, prediction: _Prediction, body: dict[str, Any],
                     on_progress: ProgressFn | None) -> dict[str, Any]:
@@ -315,25 +366,22 @@ class HttpVideoGenerator:
             logger.warning("generation.cancel_failed", extra={"prediction_id": prediction.id,
                                                               "error": type(exc).__name__})
 
-    async def _call(self, method: str, url: str, *, json: Any = None) -> dict[str, Any]:
+    async def _call(self, method: str, url: str, *, json: Any = None,
+                    headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """One API request; its JSON object answer, or the error the response maps to."""
+        return _json_object(await self._send(method, url, json=json, headers=headers), method)
+
+    async def _send(self, method: str, url: str, *, json: Any = None,
+                    headers: Mapping[str, str] | None = None) -> httpx.Response:
+        """One API request with the bearer token; transport failures become ``TransientGenerationError``."""
         try:
-            response = await self._http.request(method, url, json=json, headers=self._auth,
-                                                timeout=self._request_timeout, follow_redirects=False)
+            return await self._http.request(method, url, json=json, headers={**self._auth, **(headers or {})},
+                                            timeout=self._request_timeout, follow_redirects=False)
         except httpx.TimeoutException as exc:
             raise TransientGenerationError(code="generator_timeout",
                                            detail=f"{type(exc).__name__} on {method}") from exc
         except httpx.HTTPError as exc:
             raise TransientGenerationError(detail=f"{type(exc).__name__}: {exc}") from exc
-        if not response.is_success:
-            raise _error_for(response)
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise _malformed(f"invalid JSON from {method}") from exc
-        if not isinstance(body, dict):
-            raise _malformed(f"JSON answer from {method} is not an object")
-        return body
 
     def _same_origin_or(self, url: object, fallback: str) -> str:
         return url if isinstance(url, str) and _origin(url) == self._origin else fallback
@@ -348,13 +396,30 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
+def _json_object(response: httpx.Response, method: str) -> dict[str, Any]:
+    """A successful answer's JSON object; raise the error a failed or malformed answer maps to."""
+    if not response.is_success:
+        raise _error_for(response)
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise _malformed(f"invalid JSON from {method}") from exc
+    if not isinstance(body, dict):
+        raise _malformed(f"JSON answer from {method} is not an object")
+    return body
+
+
 def _error_for(response: httpx.Response) -> TransientGenerationError | GenerationRejected:
-    """Map a non-2xx API answer: 408/429/5xx (and stray 3xx) are transient, other 4xx permanent."""
+    """Map a non-2xx API answer: 408/409/429/5xx (and stray 3xx) are transient, other 4xx permanent."""
     status = response.status_code
     body = response.text[:_DETAIL_CHARS]
     logger.warning("generation.http_error", extra={"status": status})
     if status == 429:
         return TransientGenerationError(code="rate_limited", detail=body,
+                                        retry_after=_retry_after(response.headers.get("retry-after")))
+    if status == 409:
+        # A create with the same Idempotency-Key is still being processed: ask again shortly.
+        return TransientGenerationError(code="idempotency_conflict", detail=body,
                                         retry_after=_retry_after(response.headers.get("retry-after")))
     if status == 408 or status >= 500 or status < 400:
         return TransientGenerationError(detail=f"HTTP {status}: {body}",

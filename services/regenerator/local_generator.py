@@ -19,7 +19,7 @@ from clipchat.errors import InvalidInput, MediaError
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.probe import probe
 from clipchat.media.thumbnail import render_thumbnail
-from services.regenerator.generator import GeneratedClip, ProgressFn
+from services.regenerator.generator import GeneratedClip, ProgressFn, StartedFn
 
 __all__ = ["LocalVideoGenerator", "Look", "look_for_prompt", "render_thumbnail"]
 
@@ -121,8 +121,12 @@ class LocalVideoGenerator:
         return Decimal("0")
 
     async def generate(self, prompt: str, duration: float, dest: Path, *,
-                       on_progress: ProgressFn | None = None) -> GeneratedClip:
+                       on_progress: ProgressFn | None = None, idempotency_key: str = "",
+                       resume_id: str = "", on_started: StartedFn | None = None) -> GeneratedClip:
         """Render ``duration`` seconds (rounded to whole frames) for ``prompt`` into ``dest`` (MP4).
+
+        Rendering costs nothing, so ``idempotency_key``, ``resume_id`` and ``on_started`` are
+        ignored: a repeat simply renders the same clip again.
 
         Raises ``InvalidInput`` for a duration outside (0, 60] seconds, ``FfmpegError`` /
         ``FfmpegKilled`` when rendering fails, ``MediaError`` when the result cannot be read.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.utils import format_datetime
@@ -343,6 +343,190 @@ async def test_generation_timeout_cancels_remotely_and_asks_for_a_retry(
     assert caught.value.retryable is True
     assert len(server.cancels) == 1
     assert not server.downloads and leftovers(tmp_path) == []
+
+
+# No double pay: idempotency keys, the started checkpoint and resuming.
+
+KEY = "regen-42:generation:1"
+
+
+async def create_directly(server: PredictionServer, prompt: str = "a forest", duration: float = 2) -> str:
+    """Start a prediction as another worker would have (with ``KEY``); its id."""
+    async with httpx.AsyncClient() as http:
+        response = await http.post(f"{server.url}/predictions", headers={
+            "Authorization": f"Bearer {server.token}", "Idempotency-Key": KEY},
+            json={"model": MODEL, "input": {"prompt": prompt, "duration": duration}})
+    assert response.status_code == 201
+    prediction_id: str = response.json()["id"]
+    return prediction_id
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll ``condition`` (state of the fake, which lives on another thread) until it holds."""
+    for _ in range(int(limit / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the condition did not hold in time")
+
+
+async def test_the_create_request_carries_the_idempotency_key(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    clip = await generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY)
+
+    [create] = server.creates
+    assert create.idempotency_key == KEY
+    assert server.paid_for(KEY) == 1 and server.prediction_for(KEY) == clip.provider_id
+
+
+async def test_without_a_key_no_idempotency_header_is_sent(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    await generator.generate("a forest", 2, tmp_path / "clip.mp4")
+
+    [create] = server.creates
+    assert "idempotency-key" not in create.headers
+    assert server.paid_for("") == 1
+
+
+async def test_a_repeated_create_with_the_same_key_costs_one_prediction(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    first = await generator.generate("a forest", 2, tmp_path / "first.mp4", idempotency_key=KEY)
+    again = await generator.generate("a forest", 2, tmp_path / "again.mp4", idempotency_key=KEY)
+
+    assert [c.idempotency_key for c in server.creates] == [KEY, KEY]
+    assert server.paid_predictions == 1
+    assert again.provider_id == first.provider_id
+    assert again.path.read_bytes() == first.path.read_bytes() == server.video
+
+
+async def test_a_create_whose_answer_was_lost_is_not_paid_twice(server: PredictionServer, tmp_path: Path) -> None:
+    """The first create times out on our side but the provider goes on and creates the prediction."""
+    server.script(create=["slow:1.0"])
+
+    async with make_generator(server.url, request_timeout=0.3) as gen:
+        with pytest.raises(TransientGenerationError) as lost:
+            await gen.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY)
+        # Repeated while the provider is still working on the first one: asked to come back.
+        with pytest.raises(TransientGenerationError) as in_flight:
+            await gen.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY)
+        await wait_until(lambda: server.paid_predictions == 1)
+        clip = await gen.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY)
+
+    assert lost.value.code == "generator_timeout"
+    assert in_flight.value.code == "idempotency_conflict" and in_flight.value.retryable is True
+    assert in_flight.value.retry_after == 1.0
+    assert len(server.creates) == 3 and server.paid_predictions == 1
+    assert clip.provider_id == server.prediction_for(KEY)
+    assert not server.cancelled_ids
+
+
+async def test_the_same_key_with_another_prompt_is_refused_without_a_charge(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    await generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY)
+
+    with pytest.raises(GenerationRejected):
+        await generator.generate("a desert", 2, tmp_path / "other.mp4", idempotency_key=KEY)
+
+    assert server.paid_predictions == 1
+
+
+async def test_on_started_gets_the_id_once_before_polling(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    events: list[str] = []
+
+    async def on_started(prediction_id: str) -> None:
+        events.append(f"started {prediction_id} after {len(server.polls)} polls")
+
+    async def on_progress(fraction: float) -> None:
+        events.append(f"progress {fraction}")
+
+    clip = await generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY,
+                                    on_started=on_started, on_progress=on_progress)
+
+    assert events[0] == f"started {clip.provider_id} after 0 polls"
+    assert [e for e in events if e.startswith("started")] == events[:1]
+    assert events[-1] == "progress 1.0"
+
+
+async def test_on_started_raising_cancels_the_remote_prediction(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    async def on_started(prediction_id: str) -> None:
+        raise RuntimeError("the checkpoint could not be written")
+
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        await generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY,
+                                 on_started=on_started)
+
+    assert server.cancelled_ids == [server.prediction_for(KEY)]
+    assert not server.polls and not server.downloads and leftovers(tmp_path) == []
+
+
+async def test_resume_polls_the_existing_prediction_and_creates_nothing(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    prediction_id = await create_directly(server)
+    started: list[str] = []
+
+    async def on_started(provider_id: str) -> None:
+        started.append(provider_id)
+
+    clip = await generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY,
+                                    resume_id=prediction_id, on_started=on_started)
+
+    assert clip.provider_id == prediction_id and clip.path.read_bytes() == server.video
+    assert len(server.creates) == 1 and server.paid_predictions == 1  # only the other worker's
+    assert {p.prediction_id for p in server.polls} == {prediction_id}
+    assert started == [] and not server.cancelled_ids
+
+
+async def test_resume_of_a_finished_prediction_only_downloads_it(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    first = await generator.generate("a forest", 2, tmp_path / "first.mp4", idempotency_key=KEY)
+    polls = len(server.polls)
+
+    again = await generator.generate("a forest", 2, tmp_path / "again.mp4", resume_id=first.provider_id)
+
+    assert again.provider_id == first.provider_id and again.path.read_bytes() == server.video
+    assert len(server.creates) == 1 and server.paid_predictions == 1
+    assert len(server.polls) == polls + 1 and len(server.downloads) == 2
+
+
+async def test_resume_of_an_unknown_prediction_creates_one_with_the_key(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    started: list[str] = []
+
+    async def on_started(provider_id: str) -> None:
+        started.append(provider_id)
+
+    clip = await generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY,
+                                    resume_id="forgotten-by-the-provider", on_started=on_started)
+
+    assert server.polls[0].prediction_id == "forgotten-by-the-provider"
+    [create] = server.creates
+    assert create.idempotency_key == KEY and server.paid_for(KEY) == 1
+    assert started == [clip.provider_id] == [server.prediction_for(KEY)]
+
+
+async def test_cancelling_a_resumed_generation_cancels_the_remote_prediction(
+        server: PredictionServer, generator: HttpVideoGenerator, tmp_path: Path) -> None:
+    prediction_id = await create_directly(server)
+    server.script(poll=["ok", "stall"])
+    running = asyncio.Event()
+
+    async def on_progress(fraction: float) -> None:
+        running.set()
+
+    task = asyncio.create_task(generator.generate("a forest", 2, tmp_path / "clip.mp4", idempotency_key=KEY,
+                                                  resume_id=prediction_id, on_progress=on_progress))
+    async with asyncio.timeout(5):
+        await running.wait()
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert server.cancelled_ids == [prediction_id]
+    assert len(server.creates) == 1 and server.paid_predictions == 1
+    assert leftovers(tmp_path) == []
 
 
 # The download.
