@@ -72,7 +72,8 @@ class RewriteRequest:
     ``original_prompt`` is the clip's current prompt (the one the instruction changes);
     ``history`` holds earlier turns about this clip, oldest first, as
     ``{"role": "user" | "assistant", "content": str}``; ``previous_prompt`` / ``next_prompt`` are
-    the neighbouring clips' prompts, for continuity.
+    the neighbouring clips' prompts, for continuity. ``idempotency_key``, when set, is sent with a
+    paid request (``Idempotency-Key``) so that a provider can answer a repeat without charging again.
     """
 
     original_prompt: str
@@ -80,6 +81,7 @@ class RewriteRequest:
     history: list[dict[str, str]] = field(default_factory=list)
     previous_prompt: str | None = None
     next_prompt: str | None = None
+    idempotency_key: str = ""
 
 
 class PromptRewriter(Protocol):
@@ -944,7 +946,7 @@ class LLMRewriter:
         messages = [{"role": "system", "content": self._system_prompt},
                     {"role": "user", "content": self._data_document(req, instruction)}]
         body = {"model": self._model, "messages": messages, "response_format": _RESPONSE_FORMAT}
-        response = await self._post(body)
+        response = await self._post(body, req.idempotency_key)
         payload = _json_body(response)
         content, refusal, usage = _completion_parts(payload)
         cost, usage_counts = self._cost(usage, messages, content or refusal or "")
@@ -975,10 +977,11 @@ class LLMRewriter:
         }
         return json.dumps(data, ensure_ascii=False)
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, body: dict[str, Any], idempotency_key: str) -> httpx.Response:
+        headers = {**self._headers, "Idempotency-Key": idempotency_key} if idempotency_key else self._headers
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._http.post(self._url, json=body, headers=self._headers,
+                response = await self._http.post(self._url, json=body, headers=headers,
                                                  timeout=self._timeout)
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise LLMUnavailable(TIMEOUT_MESSAGE, code="llm_timeout",

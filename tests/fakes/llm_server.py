@@ -5,8 +5,9 @@ content is a JSON object ``{"prompt", "summary"}`` (what a ``json_schema`` respo
 for) and a ``usage`` block with token counts derived from the text lengths (about 4 characters a
 token). The rewritten prompt is deterministic: when the user message is the JSON document
 ``LLMRewriter`` sends, it is ``"<clip_prompt>, <instruction>"``; otherwise the last user message.
-``GET /v1/models`` lists the one model. It runs uvicorn in a background thread on 127.0.0.1 and
-an OS-chosen port; ``url`` is the base URL, ending in ``/v1``.
+``GET /v1/models`` lists the one model. Every completion request is kept in ``calls`` with its body
+and headers (``ChatCall.idempotency_key`` is the ``Idempotency-Key`` it carried). It runs uvicorn
+in a background thread on 127.0.0.1 and an OS-chosen port; ``url`` is the base URL, ending in ``/v1``.
 
 Answers are scripted as a queue of actions, one consumed per completion request (an empty queue
 means ``"ok"``). An action is a word, optionally followed by ``:argument``:
@@ -74,6 +75,11 @@ class ChatCall:
     body: Any  # the parsed JSON body (or the raw text when it was not JSON)
     headers: dict[str, str] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)  # when it arrived (to check Retry-After waits)
+
+    @property
+    def idempotency_key(self) -> str:
+        """The ``Idempotency-Key`` header the request carried ("" without one)."""
+        return self.headers.get("idempotency-key", "")
 
     @property
     def messages(self) -> list[dict[str, Any]]:

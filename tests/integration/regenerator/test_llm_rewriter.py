@@ -114,6 +114,18 @@ async def test_sends_a_chat_completion_with_a_json_schema(rewriter: LLMRewriter,
     assert set(schema["properties"]) == {"prompt", "summary"}
     assert [m["role"] for m in call.messages] == ["system", "user"]
     assert call.contents("system") == [rewriter.system_prompt]
+    assert "idempotency-key" not in call.headers  # none was given
+
+
+async def test_the_idempotency_key_travels_as_a_header(rewriter: LLMRewriter,
+                                                       llm_server: FakeLLMServer) -> None:
+    key = "regen-42:llm:1"
+
+    await rewriter.rewrite(request(idempotency_key=key))
+    await rewriter.rewrite(request(idempotency_key=key))  # a repeat of the same paid step
+
+    assert [c.idempotency_key for c in llm_server.calls] == [key, key]
+    assert all(c.headers["authorization"] == f"Bearer {API_KEY}" for c in llm_server.calls)
 
 
 @pytest.mark.parametrize("content", [
