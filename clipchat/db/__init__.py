@@ -1,16 +1,34 @@
-"""Database access: async engines for PostgreSQL (asyncpg) and SQLite (aiosqlite)."""
+"""Database access: async engines for PostgreSQL (asyncpg) and SQLite (aiosqlite).
+
+Error contract: a database that cannot be reached, refuses new connections or drops the
+connection mid-transaction raises ``DependencyUnavailable`` (retryable, gRPC ``UNAVAILABLE``) from
+``transaction()`` and ``read()``; see ``is_unavailable`` for what counts. Errors in the SQL or the
+data (constraint violations, ``lock_not_available``, …) are raised unchanged for the caller to map.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError, OperationalError
+from asyncpg.exceptions import InterfaceError as AsyncpgInterfaceError
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from clipchat.errors import DependencyUnavailable
+from clipchat.errors import ClipChatError, DependencyUnavailable
+
+log = logging.getLogger("clipchat.db")
+
+UNAVAILABLE_MESSAGE = "The database is unavailable. Please try again shortly."
+# SQLSTATEs that say the server cannot serve this connection now, not that the SQL was wrong
+# (besides all of class 08, connection exception): too_many_connections, admin_shutdown,
+# crash_shutdown, cannot_connect_now.
+_UNAVAILABLE_SQLSTATES = frozenset({"53300", "57P01", "57P02", "57P03"})
 
 
 class Database:
@@ -21,14 +39,17 @@ class Database:
     ``SELECT … FOR UPDATE``. ``read()`` is for plain reads.
     """
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, connect_timeout: float = 10.0) -> None:
+        """``connect_timeout`` bounds opening a PostgreSQL connection (asyncpg waits 60 s by
+        default); on SQLite the driver waits up to 30 s for a lock instead."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800,
+                          connect_args={"timeout": connect_timeout})
         self.write_engine = create_async_engine(url, **kwargs)
         self.read_engine = create_async_engine(url, **kwargs) if self.is_sqlite else self.write_engine
         if self.is_sqlite:
@@ -45,13 +66,23 @@ class Database:
         """A read-only transaction."""
         return _session(self._reads)
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout: float = 5.0) -> bool:
+        """Whether the database answers ``SELECT 1`` within ``timeout`` seconds. Never raises:
+        unreachable, refusing or too slow is False, and so is any other error (logged), since a
+        database that cannot run ``SELECT 1`` cannot serve either."""
         try:
-            async with self.read() as session:
-                await session.connection()
-            return True
-        except Exception:
+            async with asyncio.timeout(timeout), self.read() as session:
+                await session.execute(text("SELECT 1"))
+        except DependencyUnavailable as exc:
+            log.debug("db.ping_unavailable", extra={"error": type(exc.__cause__).__name__})
             return False
+        except TimeoutError:
+            log.debug("db.ping_timed_out", extra={"timeout_seconds": timeout})
+            return False
+        except Exception as exc:
+            log.warning("db.ping_failed", extra={"error": type(exc).__name__})
+            return False
+        return True
 
     async def dispose(self) -> None:
         await self.write_engine.dispose()
@@ -59,21 +90,55 @@ class Database:
             await self.read_engine.dispose()
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be reached or the connection was lost.
+
+    True for a connection SQLAlchemy marked invalidated; any ``OSError`` (refused, reset, DNS
+    ``socket.gaierror``, ``TimeoutError`` while connecting); the pool's checkout timeout; a
+    SQLSTATE of class 08 or in ``_UNAVAILABLE_SQLSTATES``; and asyncpg's "connection is closed".
+    The cause chain is followed, as raised raw by the driver or wrapped by SQLAlchemy.
+    """
+    for link in _cause_chain(exc):
+        if isinstance(link, DBAPIError) and link.connection_invalidated:
+            return True
+        if isinstance(link, (OSError, PoolTimeoutError)):
+            return True
+        if isinstance(link, AsyncpgInterfaceError) and "connection is closed" in str(link):
+            return True
+        state = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
+        if isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_SQLSTATES):
+            return True
+    return False
+
+
+def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it wraps: SQLAlchemy's ``.orig``, else ``__cause__``."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        orig = link.orig if isinstance(link, DBAPIError) else None
+        link = orig if isinstance(orig, BaseException) else link.__cause__
+
+
 @asynccontextmanager
 async def _session(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A session in a transaction; a lost connection becomes ``DependencyUnavailable`` (retryable)."""
+    """A session in a transaction, committed on success.
+
+    Raises ``DependencyUnavailable`` when ``is_unavailable`` says the database is out of reach,
+    whether connecting, inside the block or at commit (an ``OSError`` raised by the block itself
+    counts too: it cannot be told apart). Domain errors and SQL errors pass unchanged.
+    """
     try:
         async with factory() as session, session.begin():
             yield session
-    except (OperationalError, DBAPIError) as exc:
-        if _is_connection_error(exc):
-            raise DependencyUnavailable("The database is unavailable. Please try again shortly.") from exc
+    except ClipChatError:
         raise
-
-
-def _is_connection_error(exc: Exception) -> bool:
-    return bool(getattr(exc, "connection_invalidated", False)) or isinstance(
-        getattr(exc, "orig", None), (ConnectionError, OSError))
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise DependencyUnavailable(UNAVAILABLE_MESSAGE) from exc
+        raise
 
 
 def _sqlite_setup(engine: AsyncEngine, *, begin: str) -> None:
