@@ -31,6 +31,9 @@ _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 # 412: the key exists. 409 ConditionalRequestConflict: another conditional write to the same key
 # is in flight; one of the two will win, so for this writer it is a conflict as well.
 _CONFLICT_CODES = frozenset({"412", "PreconditionFailed", "ConditionalRequestConflict"})
+# The longest wait botocore's standard retry mode makes between two attempts.
+_MAX_RETRY_BACKOFF = 20.0
+_UNAVAILABLE = "Storage is unavailable right now. Please try again shortly."
 
 
 class S3Storage:
@@ -43,13 +46,19 @@ class S3Storage:
     Errors: ``InvalidInput`` for a bad key, ``Conflict`` when writing a key that exists,
     ``NotFound`` for a missing key, ``DependencyUnavailable`` when S3 cannot be reached, times out
     after the capped retries, or refuses the request (credentials, missing bucket).
+
+    aiohttp's read timeout does not run while a request waits for ``100 Continue`` or writes its
+    body, so a server that accepts connections but never answers would hold an upload for ever.
+    Each request that sends a body therefore has a deadline: every attempt's connect and read
+    timeouts, plus its body at ``min_upload_rate`` bytes a second, plus botocore's backoffs.
     """
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
                  region: str = "us-east-1", access_key_id: str | None = None,
                  secret_access_key: str | None = None, *, connect_timeout: float = 5.0,
                  read_timeout: float = 60.0, max_attempts: int = 3,
-                 multipart_threshold: int = 64 * _MIB, part_size: int = 16 * _MIB) -> None:
+                 multipart_threshold: int = 64 * _MIB, part_size: int = 16 * _MIB,
+                 min_upload_rate: int = 256 * 1024) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._endpoint_url = endpoint_url
@@ -58,6 +67,9 @@ class S3Storage:
         self._config = Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                               retries={"max_attempts": max_attempts, "mode": "standard"},
                               signature_version="s3v4")
+        self._attempt_seconds = connect_timeout + read_timeout
+        self._max_attempts = max(max_attempts, 1)
+        self._min_upload_rate = min_upload_rate
         self._multipart_threshold = multipart_threshold
         self._part_size = max(part_size, 5 * _MIB)
         self._client: Any = None
@@ -214,31 +226,44 @@ class S3Storage:
             client = await self._get_client()
             # A retry of a put whose first attempt landed but whose answer was lost reports
             # Conflict; keys are fresh per write (new_key), so the caller can treat it as failed.
-            await client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*", **extra)
+            async with self._upload_deadline(len(data)):
+                await client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*",
+                                        **extra)
         log.debug("storage.stored", extra={"key": key, "size": len(data)})
 
     async def _put_multipart(self, key: str, name: str, src: BinaryIO, content_type: str | None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         async with self._errors(key):
             client = await self._get_client()
-            upload = await client.create_multipart_upload(Bucket=self.bucket, Key=name, **extra)
+            async with self._upload_deadline(0):
+                upload = await client.create_multipart_upload(Bucket=self.bucket, Key=name, **extra)
             upload_id = upload["UploadId"]
             try:
                 parts = []
                 number = 1
                 while chunk := await asyncio.to_thread(src.read, self._part_size):
-                    part = await client.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id,
-                                                    PartNumber=number, Body=chunk)
+                    async with self._upload_deadline(len(chunk)):
+                        part = await client.upload_part(Bucket=self.bucket, Key=name,
+                                                        UploadId=upload_id, PartNumber=number, Body=chunk)
                     parts.append({"ETag": part["ETag"], "PartNumber": number})
                     number += 1
-                await client.complete_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id,
-                                                       MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+                async with self._upload_deadline(0):
+                    await client.complete_multipart_upload(Bucket=self.bucket, Key=name,
+                                                           UploadId=upload_id,
+                                                           MultipartUpload={"Parts": parts},
+                                                           IfNoneMatch="*")
             except BaseException:
                 # Uploaded parts cost storage until aborted; shield so a cancelled caller still
                 # cleans up.
                 await asyncio.shield(self._abort_upload(client, key, name, upload_id))
                 raise
         log.debug("storage.stored", extra={"key": key, "parts": len(parts)})
+
+    def _upload_deadline(self, size: int) -> asyncio.Timeout:
+        """A deadline for one request that sends ``size`` bytes, its retries included."""
+        per_attempt = self._attempt_seconds + size / self._min_upload_rate
+        seconds = self._max_attempts * per_attempt + (self._max_attempts - 1) * _MAX_RETRY_BACKOFF
+        return asyncio.timeout(seconds)
 
     async def _abort_upload(self, client: Any, key: str, name: str, upload_id: str) -> None:
         try:
@@ -261,9 +286,7 @@ class S3Storage:
             if code in _CONFLICT_CODES or status == "412":
                 raise Conflict("This object already exists.") from exc
             log.error("storage.s3_error", extra={"key": key, "code": code, "http_status": status})
-            raise DependencyUnavailable("Storage is unavailable right now. Please try again shortly.",
-                                        retryable=not status.startswith("4")) from exc
-        except BotoCoreError as exc:
+            raise DependencyUnavailable(_UNAVAILABLE, retryable=not status.startswith("4")) from exc
+        except (BotoCoreError, TimeoutError) as exc:
             log.warning("storage.s3_unreachable", extra={"key": key, "error": type(exc).__name__})
-            raise DependencyUnavailable("Storage is unavailable right now. Please try again shortly.") \
-                from exc
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
