@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clipchat.errors import CODE_KEY, RETRYABLE_KEY, ClipChatError, from_rpc_error
+from clipchat.health import DependencyWatcher, HealthCheck, dependency_service_name
 
 log = logging.getLogger("clipchat.rpc")
 
@@ -21,7 +22,11 @@ Registration = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 
 
 class GrpcServer:
-    """A running ``grpc.aio`` server with its health servicer, stopped gracefully."""
+    """A running ``grpc.aio`` server with its health servicer, stopped gracefully.
+
+    The server's health names (``""`` and each service) read SERVING while it takes work
+    (``set_serving``) and, once ``watch`` is called, every watched dependency is up.
+    """
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
                  service_names: Sequence[str]) -> None:
@@ -29,16 +34,53 @@ class GrpcServer:
         self.port = port
         self.health = health_servicer
         self.service_names = list(service_names)
+        self._taking_work = False
+        self._watcher: DependencyWatcher | None = None
 
     async def set_serving(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Say whether this server takes work (False while draining); a dependency that is down
+        keeps the health NOT_SERVING either way."""
+        self._taking_work = serving
+        await self._publish_own_health()
+
+    async def watch(self, checks: Mapping[str, HealthCheck], *, interval: float = 5.0,
+                    timeout: float | None = None) -> DependencyWatcher:
+        """Make health follow ``checks`` (dependency name → async ping returning up or not).
+
+        Pings each every ``interval`` seconds, each within ``timeout`` (default ``interval``); a
+        ping that raises or overruns is down. Publishes each dependency as SERVING/NOT_SERVING
+        under ``clipchat.dependency.<name>`` and the server's own names NOT_SERVING while any is
+        down. The first round runs before this returns. Raises ``RuntimeError`` if called twice.
+        """
+        if self._watcher is not None:
+            raise RuntimeError("this server already watches its dependencies")
+        self._watcher = DependencyWatcher(checks, self._publish_dependencies, interval=interval,
+                                          timeout=timeout)
+        await self._watcher.start()
+        return self._watcher
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop watching, report NOT_SERVING, then stop within ``grace`` seconds."""
+        if self._watcher is not None:
+            await self._watcher.stop()
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+    async def _publish_dependencies(self, states: Mapping[str, bool]) -> None:
+        for name, up in states.items():
+            await self.health.set(dependency_service_name(name), _health_status(up))
+        await self._publish_own_health()
+
+    async def _publish_own_health(self) -> None:
+        dependencies_up = self._watcher is None or self._watcher.all_up
+        status = _health_status(self._taking_work and dependencies_up)
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        await self.set_serving(False)
-        await self.server.stop(grace)
+
+def _health_status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 async def create_server(registrations: Sequence[Registration], *, host: str = "127.0.0.1",
