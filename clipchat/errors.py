@@ -6,6 +6,7 @@ The gateway maps gRPC status codes to HTTP with one other table (``gateway/error
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from decimal import Decimal
 
@@ -136,6 +137,18 @@ class Cancelled(ClipChatError):
     code = "cancelled"
     status = grpc.StatusCode.CANCELLED
     default_message = "The regeneration was cancelled."
+
+
+def unexpected_error(exc: Exception) -> ClipChatError:
+    """The domain error to report for an exception that nothing mapped.
+
+    A connection refused, reset or timed out, or a name that did not resolve, means a dependency
+    did not answer: ``DependencyUnavailable`` (retryable). Anything else is a bug: a generic
+    internal error, whose detail belongs in the logs, not in the message.
+    """
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
+        return DependencyUnavailable()
+    return ClipChatError()
 
 
 _BY_STATUS: dict[grpc.StatusCode, type[ClipChatError]] = {

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clipchat.errors import CODE_KEY, RETRYABLE_KEY, ClipChatError, from_rpc_error
+from clipchat.errors import CODE_KEY, RETRYABLE_KEY, ClipChatError, from_rpc_error, unexpected_error
 from clipchat.health import DependencyWatcher, HealthCheck, dependency_service_name
 
 log = logging.getLogger("clipchat.rpc")
@@ -115,7 +115,11 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ClipChatError) ->
 
 
 def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Map domain errors raised by a servicer method (unary or streaming) to gRPC status."""
+    """Map domain errors raised by a servicer method (unary or streaming) to gRPC status.
+
+    Any other exception is logged and reported as ``unexpected_error`` maps it: UNAVAILABLE for a
+    connection that failed or timed out, INTERNAL for the rest.
+    """
     if inspect.isasyncgenfunction(func):
         @functools.wraps(func)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -124,9 +128,9 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
                     yield item
             except ClipChatError as exc:
                 await abort_with(context, exc)
-            except Exception:
+            except Exception as exc:
                 log.exception("rpc.unhandled", extra={"method": func.__name__})
-                await abort_with(context, ClipChatError())
+                await abort_with(context, unexpected_error(exc))
         return stream
 
     @functools.wraps(func)
@@ -135,9 +139,9 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
             return await func(self, request, context)
         except ClipChatError as exc:
             await abort_with(context, exc)
-        except Exception:
+        except Exception as exc:
             log.exception("rpc.unhandled", extra={"method": func.__name__})
-            await abort_with(context, ClipChatError())
+            await abort_with(context, unexpected_error(exc))
     return unary
 
 
