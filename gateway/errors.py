@@ -5,6 +5,10 @@ with a message a person can act on. Downstream failures arrive as domain errors
 (``clipchat.errors.ClipChatError``, rebuilt from the gRPC status by ``clipchat.rpc``) and
 ``GRPC_TO_HTTP`` below is the one place that turns them into HTTP status codes. Errors the gateway
 decides itself (authentication, signatures, request shape, rate limits) are ``ApiError``.
+
+A dependency that is down (gRPC ``UNAVAILABLE``, ``DependencyUnavailable`` raised here, say by
+storage, or a raw connection failure) is 503 ``{"code": "unavailable", "retryable": true}``, never
+"internal"; every retryable 503 carries ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clipchat.errors import ClipChatError
+from clipchat.errors import ClipChatError, DependencyUnavailable, unexpected_error
 
 log = logging.getLogger("clipchat.gateway")
 
 GENERIC_MESSAGE = "Something went wrong on our side. Please try again in a moment."
 RATE_LIMITED_CODE = "rate_limited"
+# What a retryable 503 asks the client to wait before trying again (Retry-After, seconds).
+RETRY_AFTER_SECONDS = 5
 
 # Downstream gRPC status → HTTP status. A status missing here is dependency trouble we cannot
 # explain to a person: it becomes 503 "internal" with a generic message, never a 500.
@@ -83,8 +89,18 @@ def from_domain_error(exc: ClipChatError) -> tuple[int, ErrorBody]:
 
 def error_response(status_code: int, body: ErrorBody,
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The one JSON error shape; a retryable 503 gets ``Retry-After`` unless ``headers`` has one."""
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status_code,
-                        headers=dict(headers or {}))
+                        headers=with_retry_after(status_code, body.retryable, headers))
+
+
+def with_retry_after(status_code: int, retryable: bool,
+                     headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``headers`` plus ``Retry-After: RETRY_AFTER_SECONDS`` for a retryable 503 without one."""
+    merged = dict(headers or {})
+    if status_code == 503 and retryable and not any(k.lower() == "retry-after" for k in merged):
+        merged["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return merged
 
 
 def describe_validation_errors(errors: Sequence[Any], *, prefix: str = "") -> str:
@@ -145,6 +161,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    error = unexpected_error(exc)
+    if isinstance(error, DependencyUnavailable):  # a connection failed or timed out
+        log.warning("gateway.dependency_unreachable", extra={"path": request.url.path,
+                                                             "error": type(exc).__name__})
+        return error_response(*from_domain_error(error))
     log.exception("gateway.unhandled", extra={"path": request.url.path}, exc_info=exc)
     return error_response(503, ErrorBody(code="internal", message=GENERIC_MESSAGE, retryable=True))
 

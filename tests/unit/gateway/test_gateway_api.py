@@ -32,7 +32,8 @@ async def test_readyz_checks_both_services_and_storage_and_shows_the_composers_e
     response = await client.get("/api/v1/readyz")
     assert response.status_code == 200
     assert response.json() == {
-        "status": "ready", "checks": {"status": "ok", "regenerator": "ok", "storage": "ok"},
+        "status": "ready", "checks": {"status": "ok", "regenerator": "ok", "storage": "ok",
+                                      "database": "unknown", "broker": "unknown"},
         "composer": {"state": "ok", "encoder": "libx264",
                      "encoder_reason": "h264_nvenc test encode failed: Cannot load libcuda.so.1",
                      "x264_preset": "veryfast", "workers": 2,
