@@ -9,6 +9,10 @@ every change to a ``publish`` callback.
 ``GrpcServer.watch`` (``clipchat.rpc``) publishes on the standard gRPC health service: each
 dependency under ``dependency_service_name(name)`` (``clipchat.dependency.<name>``), so a caller can
 ask which one is down, and the server's own names NOT_SERVING while any is down.
+
+``LIVENESS_SERVICE`` stays SERVING for as long as the server runs, whatever its dependencies: it
+is what liveness and startup probes ask, so a database outage makes pods unready, never restarts
+them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ Publish = Callable[[Mapping[str, bool]], Awaitable[None]]
 """Receives every dependency's state (True: up) after any of them changed."""
 
 DEPENDENCY_SERVICE_PREFIX = "clipchat.dependency."
+LIVENESS_SERVICE = "clipchat.liveness"
 
 
 def dependency_service_name(dependency: str) -> str:

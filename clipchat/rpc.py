@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clipchat.errors import CODE_KEY, RETRYABLE_KEY, ClipChatError, from_rpc_error, unexpected_error
-from clipchat.health import DependencyWatcher, HealthCheck, dependency_service_name
+from clipchat.health import LIVENESS_SERVICE, DependencyWatcher, HealthCheck, dependency_service_name
 
 log = logging.getLogger("clipchat.rpc")
 
@@ -87,8 +87,9 @@ async def create_server(registrations: Sequence[Registration], *, host: str = "1
                         port: int = 0) -> GrpcServer:
     """Start a server for ``(add_servicer_fn, servicer, full_service_name)`` triples.
 
-    Health (``grpc.health.v1``) and reflection are registered too. ``port=0`` binds a free port,
-    which is returned on the server object.
+    Health (``grpc.health.v1``) and reflection are registered too; ``LIVENESS_SERVICE`` answers
+    SERVING while the process runs. ``port=0`` binds a free port, which is returned on the server
+    object.
     """
     from clipchat.telemetry import server_interceptors
 
@@ -104,6 +105,7 @@ async def create_server(registrations: Sequence[Registration], *, host: str = "1
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     wrapped = GrpcServer(server, bound, health_servicer, names)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await wrapped.set_serving(True)
     return wrapped
 

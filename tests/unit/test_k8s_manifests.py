@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from clipchat.health import LIVENESS_SERVICE
 from clipchat.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,15 @@ def test_every_deployment_container_has_probes_and_a_prestop() -> None:
     gateway = deployment_container("gateway")
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_only_readiness_follows_dependencies() -> None:
+    # gRPC health "" goes NOT_SERVING while a dependency is down: a restart would not help.
+    for name in GRPC_PORTS:
+        container = deployment_container(name)
+        assert "service" not in container["readinessProbe"]["grpc"], name
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["grpc"].get("service") == LIVENESS_SERVICE, f"{name} {probe}"
 
 
 def test_every_container_runs_as_non_root_on_a_read_only_root() -> None:

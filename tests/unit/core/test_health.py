@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipchat.db import Database
-from clipchat.health import dependency_service_name
+from clipchat.health import LIVENESS_SERVICE, dependency_service_name
 from clipchat.rpc import GrpcServer, create_server
 from clipchat.v1 import composer_pb2_grpc
 from tests.conftest import free_port
@@ -81,6 +81,13 @@ async def test_health_follows_each_dependency_and_names_the_one_that_is_down(
                                                 "clipchat.dependency.broker": SERVING})
     database.up = True
     await eventually(lambda: statuses(health), everything_up)
+
+
+async def test_liveness_stays_serving_while_a_dependency_is_down(
+        server: GrpcServer, health: Callable[[str], Awaitable[int]]) -> None:
+    await server.watch({"database": FakeDependency(up=False)}, interval=INTERVAL)
+    assert await health("") == NOT_SERVING
+    assert await health(LIVENESS_SERVICE) == SERVING
 
 
 async def test_a_check_that_hangs_or_raises_is_down(server: GrpcServer,
