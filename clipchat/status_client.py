@@ -29,23 +29,41 @@ class StatusClient:
             job_id=job_id, regeneration_id=regeneration_id), timeout=self.deadline)
         return response.regeneration, json.loads(response.checkpoints_json or "{}")
 
-    async def renew(self, job_id: str, token: str) -> None:
-        await call(self.stub.RenewLease, jobs_pb2.RenewLeaseRequest(job_id=job_id, lease_token=token),
-                   timeout=self.deadline)
+    async def renew(self, job_id: str, token: str, claim_id: str = "") -> None:
+        await call(self.stub.RenewLease, jobs_pb2.RenewLeaseRequest(job_id=job_id, lease_token=token,
+                                                                    claim_id=claim_id), timeout=self.deadline)
+
+    async def claim(self, job_id: str, token: str, phase: jobs_pb2.WorkPhase.ValueType,
+                    claim_id: str) -> jobs_pb2.ClaimWorkResponse:
+        return await call(self.stub.ClaimWork, jobs_pb2.ClaimWorkRequest(
+            job_id=job_id, lease_token=token, phase=phase, claim_id=claim_id), timeout=self.deadline)
+
+    async def release(self, job_id: str, token: str, claim_id: str) -> None:
+        await call(self.stub.ReleaseClaim, jobs_pb2.ReleaseClaimRequest(
+            job_id=job_id, lease_token=token, claim_id=claim_id), timeout=self.deadline)
+
+    async def queue_composition(self, job_id: str, token: str, claim_id: str, clip_index: int,
+                                new_clip: jobs_pb2.ClipInput) -> None:
+        await call(self.stub.QueueComposition, jobs_pb2.QueueCompositionRequest(
+            job_id=job_id, lease_token=token, claim_id=claim_id, clip_index=clip_index, new_clip=new_clip),
+            timeout=self.deadline)
 
     async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
-                       eta_seconds: float = 0.0) -> None:
+                       eta_seconds: float = 0.0, claim_id: str = "") -> None:
         await call(self.stub.RecordProgress, jobs_pb2.RecordProgressRequest(
             job_id=job_id, lease_token=token, stage=common_pb2.Stage.Value(f"STAGE_{stage.upper()}"),
-            fraction=fraction, message=message, eta_seconds=eta_seconds), timeout=self.deadline)
+            fraction=fraction, message=message, eta_seconds=eta_seconds, claim_id=claim_id),
+            timeout=self.deadline)
 
     async def record_step(self, job_id: str, token: str, step: str, *, cost: str = "",
                           modified_prompt: str = "", change_summary: str = "", rewriter: str = "",
-                          checkpoint: dict[str, Any] | None = None) -> common_pb2.Regeneration:
+                          checkpoint: dict[str, Any] | None = None, claim_id: str = "",
+                          charge_key: str = "") -> common_pb2.Regeneration:
         response = await call(self.stub.RecordStep, jobs_pb2.RecordStepRequest(
             job_id=job_id, lease_token=token, step=step, cost=cost, modified_prompt=modified_prompt,
             change_summary=change_summary, rewriter=rewriter,
-            checkpoint_json=json.dumps(checkpoint) if checkpoint is not None else ""), timeout=self.deadline)
+            checkpoint_json=json.dumps(checkpoint) if checkpoint is not None else "", claim_id=claim_id,
+            charge_key=charge_key), timeout=self.deadline)
         return response.regeneration
 
     async def succeed(self, request: jobs_pb2.SucceedRegenerationRequest) -> common_pb2.Job:
@@ -53,7 +71,7 @@ class StatusClient:
         return response.job
 
     async def fail(self, job_id: str, token: str, *, code: str, message: str, detail: str = "",
-                   retryable: bool = True) -> None:
+                   retryable: bool = True, claim_id: str = "") -> None:
         await call(self.stub.FailRegeneration, jobs_pb2.FailRegenerationRequest(
             job_id=job_id, lease_token=token, error_code=code, error_message=message,
-            technical_detail=detail, retryable=retryable), timeout=self.deadline)
+            technical_detail=detail, retryable=retryable, claim_id=claim_id), timeout=self.deadline)

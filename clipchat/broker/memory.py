@@ -1,8 +1,8 @@
 """The ``Broker`` inside one process (embedded mode), with the same observable rules as RabbitMQ.
 
-Messages go through JSON on the way in, as they would over the wire, so a handler never shares
-objects with the publisher and a body RabbitMQ could not carry fails here too. Nothing survives
-the process: this broker is for a single-process install and for tests.
+Work messages go through their wire form on the way in, as they would over the network, so a
+handler never shares objects with the publisher. Nothing survives the process: this broker is for
+a single-process install and for tests.
 """
 
 from __future__ import annotations
@@ -13,7 +13,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from clipchat.broker import Delivery, EventHandler, Handler, RequeueMessage, Subscription
+from google.protobuf.message import Message
+
+from clipchat.broker import (
+    Delivery,
+    EventHandler,
+    Handler,
+    RequeueMessage,
+    Subscription,
+    decode_task,
+    delay_for,
+    encode_task,
+    next_attempt,
+)
 from clipchat.broker.topology import DEAD_LETTER_QUEUE, WORK_QUEUES
 from clipchat.errors import DependencyUnavailable
 
@@ -24,35 +36,35 @@ _UNAVAILABLE = "The message broker is unavailable right now. Please try again sh
 
 @dataclass(frozen=True)
 class _Message:
-    body: str  # JSON text, decoded afresh for every delivery
+    queue: str  # the work queue it was published to
+    body: bytes  # wire form, decoded afresh for every delivery
     message_id: str
-    headers: str
-    delivery_count: int = 1
+    redelivered: bool = False
 
     def delivery(self) -> Delivery:
-        return Delivery(body=json.loads(self.body), message_id=self.message_id,
-                        delivery_count=self.delivery_count, headers=json.loads(self.headers))
-
-    def redelivered(self) -> _Message:
-        return _Message(self.body, self.message_id, self.headers, self.delivery_count + 1)
+        return Delivery(queue=self.queue, task=decode_task(self.queue, self.body), message_id=self.message_id,
+                        redelivered=self.redelivered)
 
 
 class InMemoryBroker:
     """A ``Broker`` made of asyncio queues: the work queues of the topology and the dead-letter
-    queue, plus a topic fan-out for job events.
+    queue, plus a topic fan-out for job events. Delayed retries are timers.
 
     Errors: ``DependencyUnavailable`` before ``connect`` or after ``close``, and for a queue that
     is not part of the topology (as RabbitMQ refuses an unroutable message); ``TypeError`` for a
-    body or header that is not JSON-serialisable.
+    message of another queue's type, or an event body that is not JSON-serialisable.
     """
 
-    def __init__(self, delivery_limit: int = 5, *, shutdown_grace_seconds: float = 10.0) -> None:
+    def __init__(self, delivery_limit: int = 5, *, retry_delays: tuple[float, ...] = (0.5,),
+                 shutdown_grace_seconds: float = 10.0) -> None:
         if delivery_limit < 1:
             raise ValueError("delivery_limit must be at least 1")
         self.delivery_limit = delivery_limit
+        self.retry_delays = retry_delays
         self._grace = shutdown_grace_seconds
         self._queues: dict[str, asyncio.Queue[_Message]] = {}
         self._subscriptions: set[_MemoryConsumer | _MemorySubscriber] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
         self._connected = False
 
     async def connect(self) -> None:
@@ -67,11 +79,10 @@ class InMemoryBroker:
             await subscription.cancel()
         self._connected = False
 
-    async def publish(self, queue: str, body: dict[str, Any], *, message_id: str,
-                      headers: dict[str, Any] | None = None) -> None:
+    async def publish(self, queue: str, task: Message, *, message_id: str) -> None:
         """Put a work message on ``queue``. Raises ``DependencyUnavailable`` for an unknown queue."""
         target = self._queue(queue)
-        target.put_nowait(_Message(json.dumps(body), message_id, json.dumps(headers or {})))
+        target.put_nowait(_Message(queue, encode_task(queue, task), message_id))
         log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
@@ -127,8 +138,23 @@ class InMemoryBroker:
             raise DependencyUnavailable(_UNAVAILABLE)
         return queue
 
-    def _requeue(self, queue: asyncio.Queue[_Message], message: _Message) -> None:
-        queue.put_nowait(message.redelivered())
+    def _retry_later(self, message: _Message, requeue: RequeueMessage) -> None:
+        task = decode_task(message.queue, message.body)
+        delay = delay_for(self.retry_delays, int(getattr(task, "attempt", 0)) or 1, requeue.delay)
+        again = _Message(message.queue, next_attempt(task, counted=requeue.counted).SerializeToString(),
+                         message.message_id)
+        target = self._queues[message.queue]
+
+        def fire() -> None:
+            self._timers.discard(timer)
+            target.put_nowait(again)
+
+        timer = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(timer)
+
+    def _redeliver(self, message: _Message) -> None:
+        self._queues[message.queue].put_nowait(
+            _Message(message.queue, message.body, message.message_id, redelivered=True))
 
     def _dead_letter(self, message: _Message) -> None:
         self._queues[DEAD_LETTER_QUEUE].put_nowait(message)
@@ -189,19 +215,25 @@ class _MemoryConsumer:
         self._slots.release()
 
     async def _process(self, message: _Message) -> None:
-        fields = {"queue": self._queue_name, "message_id": message.message_id,
-                  "delivery_count": message.delivery_count}
+        fields: dict[str, Any] = {"queue": self._queue_name, "message_id": message.message_id}
         try:
-            await self._handler(message.delivery())
-        except RequeueMessage:
-            if message.delivery_count >= self._broker.delivery_limit:
-                log.warning("broker.dead_lettered", extra={**fields, "reason": "delivery_limit"})
+            delivery = message.delivery()
+        except ValueError:
+            log.error("broker.undecodable_message", extra=fields)
+            self._broker._dead_letter(message)
+            return
+        fields["attempt"] = delivery.attempt
+        try:
+            await self._handler(delivery)
+        except RequeueMessage as requeue:
+            if requeue.counted and delivery.attempt >= self._broker.delivery_limit:
+                log.warning("broker.dead_lettered", extra={**fields, "reason": "attempt_limit"})
                 self._broker._dead_letter(message)
             else:
-                log.info("broker.requeued", extra=fields)
-                self._broker._requeue(self._queue, message)
+                log.info("broker.retry_scheduled", extra={**fields, "counted": requeue.counted})
+                self._broker._retry_later(message, requeue)
         except asyncio.CancelledError:
-            self._broker._requeue(self._queue, message)
+            self._broker._redeliver(message)
             raise
         except Exception:
             log.exception("broker.dead_lettered", extra={**fields, "reason": "handler_error"})

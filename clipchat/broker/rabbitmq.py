@@ -3,6 +3,9 @@
 Topology (names from ``clipchat.broker.topology``, each prefixed by ``namespace``):
 
 - the work queues: durable quorum queues that dead-letter to the dead-letter exchange;
+- for each work queue and each retry delay, a delay queue (classic, durable) whose messages
+  expire after that delay back into the work queue: a delayed retry is a copy of the message
+  (its ``attempt`` raised) published there, then the original is acked;
 - the dead-letter exchange (fanout) and the dead-letter queue bound to it;
 - the job-events topic exchange; each subscriber gets its own exclusive, auto-deleted queue.
 
@@ -30,13 +33,26 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from google.protobuf.message import Message
 
-from clipchat.broker import Delivery, EventHandler, Handler, RequeueMessage, Subscription
+from clipchat.broker import (
+    Delivery,
+    EventHandler,
+    Handler,
+    RequeueMessage,
+    Subscription,
+    decode_task,
+    encode_task,
+    next_attempt,
+)
 from clipchat.broker.topology import (
+    CONTENT_TYPE,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
+    QUEUE_HEADER,
     WORK_QUEUES,
+    delay_queue,
 )
 from clipchat.errors import DependencyUnavailable
 
@@ -50,9 +66,11 @@ _UNAVAILABLE = "The message broker is unavailable right now. Please try again sh
 class RabbitMQBroker:
     """A ``Broker`` on RabbitMQ.
 
-    ``delivery_limit`` is how many times a message is delivered before a handler that keeps
-    raising ``RequeueMessage`` sends it to the dead-letter queue. ``namespace`` prefixes every
-    queue and exchange name (tests use one per test to stay apart).
+    ``delivery_limit`` is how many attempts a message gets before a handler that keeps raising
+    ``RequeueMessage`` sends it to the dead-letter queue; ``retry_delays`` are the waits between
+    attempts (``topology.retry_delays``). ``namespace`` prefixes every queue and exchange name
+    (tests use one per test to stay apart). ``shutdown_grace_seconds`` is how long ``close`` lets
+    running handlers finish.
 
     Errors: ``DependencyUnavailable`` when RabbitMQ cannot be reached, a publish is not confirmed
     in ``publish_timeout`` seconds, a message is unroutable, or the queue named is not part of the
@@ -60,12 +78,17 @@ class RabbitMQBroker:
     """
 
     def __init__(self, url: str, delivery_limit: int = 5, *, namespace: str = "",
-                 connect_timeout: float = 10.0, publish_timeout: float = 10.0,
-                 shutdown_grace_seconds: float = 10.0, events_prefetch: int = 100) -> None:
+                 retry_delays: tuple[float, ...] = (0.5,), connect_timeout: float = 10.0,
+                 publish_timeout: float = 10.0, shutdown_grace_seconds: float = 10.0,
+                 events_prefetch: int = 100) -> None:
         if delivery_limit < 1:
             raise ValueError("delivery_limit must be at least 1")
+        if not retry_delays or min(retry_delays) <= 0:
+            raise ValueError("retry_delays must be positive")
         self._url = url
         self.delivery_limit = delivery_limit
+        self.retry_delays = retry_delays
+        self._delay_tiers = tuple(sorted(set(retry_delays)))
         self.namespace = namespace
         self._connect_timeout = connect_timeout
         self._publish_timeout = publish_timeout
@@ -101,16 +124,21 @@ class RabbitMQBroker:
             await subscription.cancel()
         await self._close_connection()
 
-    async def publish(self, queue: str, body: dict[str, Any], *, message_id: str,
-                      headers: dict[str, Any] | None = None) -> None:
+    async def publish(self, queue: str, task: Message, *, message_id: str) -> None:
         """Persistently publish a work message to ``queue`` and wait for the broker's confirm.
 
         Raises ``DependencyUnavailable`` when not confirmed (broker down, timeout, no such queue).
         """
-        message = self._message(body, message_id=message_id, headers=headers)
-        channel = self._require_publish_channel()
-        await self._publish(channel.default_exchange, self._name(queue), message, mandatory=True)
+        await self._publish_task(queue, self._name(queue), task, message_id)
         log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
+
+    async def retry_later(self, queue: str, task: Message, message_id: str, requeue: RequeueMessage) -> None:
+        """Publish the next attempt of ``task`` to the delay queue that returns it to ``queue``
+        after the attempt's delay (or the delay asked for). Raises ``DependencyUnavailable``."""
+        attempt = int(getattr(task, "attempt", 0)) or 1
+        delay = self._tier(attempt, requeue.delay)
+        await self._publish_task(queue, self._name(delay_queue(queue, delay)),
+                                 next_attempt(task, counted=requeue.counted), message_id)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
         """Run ``handler`` on ``queue``'s messages, up to ``prefetch`` at a time.
@@ -137,7 +165,8 @@ class RabbitMQBroker:
 
         Raises ``DependencyUnavailable`` when the broker does not confirm it.
         """
-        message = self._message(body, message_id=uuid.uuid4().hex, headers=None)
+        message = aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
+                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=uuid.uuid4().hex)
         self._require_publish_channel()
         assert self._events_exchange is not None
         await self._publish(self._events_exchange, routing_key, message, mandatory=False)
@@ -168,8 +197,8 @@ class RabbitMQBroker:
     async def dead_letters(self, queue: str = DEAD_LETTER_QUEUE) -> list[Delivery]:
         """Take every message now in ``queue`` (the dead-letter queue by default), acking each.
 
-        Broker-added ``x-`` headers (``x-death`` and the like) are left out of ``headers``.
-        Raises ``DependencyUnavailable``.
+        A message that cannot be decoded comes back with ``task=None``. Raises
+        ``DependencyUnavailable``.
         """
         self._require_topology_queue(queue)
         channel = await self._open_channel()
@@ -177,7 +206,7 @@ class RabbitMQBroker:
         try:
             amqp_queue = await self._declare_queue(channel, queue, robust=False)
             while (message := await amqp_queue.get(no_ack=False, fail=False)) is not None:
-                drained.append(_decode(message, lenient=True))
+                drained.append(_decode(message, None))
                 await message.ack()
         except _AMQP_FAILURES as exc:
             raise DependencyUnavailable(_UNAVAILABLE) from exc
@@ -209,10 +238,18 @@ class RabbitMQBroker:
         return {
             "x-queue-type": "quorum",
             "x-dead-letter-exchange": self._name(DEAD_LETTER_EXCHANGE),
-            # The consumer dead-letters on the delivery_limit-th RequeueMessage itself; the
-            # queue's own limit catches messages whose handler kills the worker every time.
+            # The consumer dead-letters past the delivery_limit-th attempt itself; the queue's
+            # own count (of deliveries that were returned, e.g. by a worker killed mid-work)
+            # catches messages whose handler kills the worker every time.
             "x-delivery-limit": self.delivery_limit,
         }
+
+    def _tier(self, attempt: int, requested: float | None) -> float:
+        """The declared delay to wait: the attempt's own, or the shortest one at least as long
+        as the delay asked for (the longest when none is)."""
+        if requested is None:
+            return self.retry_delays[min(attempt, len(self.retry_delays)) - 1]
+        return next((tier for tier in self._delay_tiers if tier >= requested), self._delay_tiers[-1])
 
     def _require_topology_queue(self, queue: str) -> None:
         # Only the topology's queues are declared with the arguments that make them work queues;
@@ -245,14 +282,20 @@ class RabbitMQBroker:
         await dead_letter_queue.bind(dead_letter_exchange, routing_key="")
         for queue in WORK_QUEUES:
             await self._declare_queue(channel, queue)
+            for delay in self._delay_tiers:
+                await channel.declare_queue(self._name(delay_queue(queue, delay)), durable=True, arguments={
+                    "x-message-ttl": round(delay * 1000),
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self._name(queue)})
         return await channel.declare_exchange(self._name(EVENTS_EXCHANGE), aio_pika.ExchangeType.TOPIC,
                                               durable=True)
 
-    def _message(self, body: dict[str, Any], *, message_id: str,
-                 headers: dict[str, Any] | None) -> aio_pika.Message:
-        return aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                message_id=message_id, headers=dict(headers or {}))
+    async def _publish_task(self, queue: str, routing_key: str, task: Message, message_id: str) -> None:
+        message = aio_pika.Message(encode_task(queue, task), content_type=CONTENT_TYPE,
+                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   message_id=message_id, headers={QUEUE_HEADER: queue})
+        channel = self._require_publish_channel()
+        await self._publish(channel.default_exchange, routing_key, message, mandatory=True)
 
     async def _publish(self, exchange: AbstractExchange, routing_key: str,
                        message: aio_pika.Message, *, mandatory: bool) -> None:
@@ -334,26 +377,37 @@ class _QueueConsumer:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         fields: dict[str, Any] = {"queue": self._queue_name, "message_id": message.message_id}
         try:
-            delivery = _decode(message)
+            delivery = _decode(message, self._queue_name)
         except ValueError:
             log.error("broker.undecodable_message", extra=fields)
             await _settle(message.reject(requeue=False), fields)
             return
-        fields["delivery_count"] = delivery.delivery_count
+        fields.update(attempt=delivery.attempt, redelivered=delivery.redelivered)
         try:
             await self._handler(delivery)
-        except RequeueMessage:
-            if delivery.delivery_count >= self._broker.delivery_limit:
-                log.warning("broker.dead_lettered", extra={**fields, "reason": "delivery_limit"})
-                await _settle(message.reject(requeue=False), fields)
-            else:
-                log.info("broker.requeued", extra=fields)
-                await _settle(message.nack(requeue=True), fields)
+        except RequeueMessage as requeue:
+            await self._retry_or_dead_letter(message, delivery, requeue, fields)
         except Exception:
             log.exception("broker.dead_lettered", extra={**fields, "reason": "handler_error"})
             await _settle(message.reject(requeue=False), fields)
         else:
             await _settle(message.ack(), fields)
+
+    async def _retry_or_dead_letter(self, message: AbstractIncomingMessage, delivery: Delivery,
+                                    requeue: RequeueMessage, fields: dict[str, Any]) -> None:
+        if requeue.counted and delivery.attempt >= self._broker.delivery_limit:
+            log.warning("broker.dead_lettered", extra={**fields, "reason": "attempt_limit"})
+            await _settle(message.reject(requeue=False), fields)
+            return
+        try:
+            await self._broker.retry_later(self._queue_name, delivery.task, delivery.message_id, requeue)
+        except DependencyUnavailable:
+            # The delay queue could not take it: put it straight back (RabbitMQ counts that).
+            log.warning("broker.retry_publish_failed", extra=fields)
+            await _settle(message.nack(requeue=True), fields)
+            return
+        log.info("broker.retry_scheduled", extra={**fields, "counted": requeue.counted})
+        await _settle(message.ack(), fields)
 
 
 class _EventSubscriber:
@@ -393,24 +447,25 @@ class _EventSubscriber:
                 await _settle(message.ack(), {"pattern": self._pattern})
 
 
-def _decode(message: AbstractIncomingMessage, *, lenient: bool = False) -> Delivery:
-    """The ``Delivery`` of an AMQP message. Raises ``ValueError`` for a body that is not a JSON
-    object, unless ``lenient`` (then the text is kept under ``"raw"``)."""
+def _decode(message: AbstractIncomingMessage, queue: str | None) -> Delivery:
+    """The ``Delivery`` of an AMQP message of the work queue ``queue``.
+
+    With ``queue=None`` (the dead-letter queue) the queue is read from the message's header and a
+    body that cannot be decoded gives ``task=None``; otherwise that raises ``ValueError``.
+    """
+    headers = message.headers or {}
+    original = headers.get(QUEUE_HEADER)
+    if isinstance(original, bytes):
+        original = original.decode()
+    source = queue or (original if isinstance(original, str) else "")
     try:
-        body = json.loads(message.body)
-        if not isinstance(body, dict):
-            raise ValueError("message body is not a JSON object")
+        task: Message | None = decode_task(source, message.body)
     except ValueError:
-        if not lenient:
+        if queue is not None:
             raise
-        body = {"raw": message.body.decode("utf-8", "replace")}
-    raw_headers = dict(message.headers or {})
-    # Quorum queues count earlier deliveries in x-delivery-count (absent on the first one).
-    previous = raw_headers.get("x-delivery-count")
-    headers = {k: v.decode() if isinstance(v, bytes) else v
-               for k, v in raw_headers.items() if not k.startswith("x-")}
-    return Delivery(body=body, message_id=message.message_id or "",
-                    delivery_count=(previous if isinstance(previous, int) else 0) + 1, headers=headers)
+        task = None
+    return Delivery(queue=source, task=task, message_id=message.message_id or "",
+                    redelivered=bool(message.redelivered))
 
 
 async def _settle(outcome: Any, fields: dict[str, Any]) -> None:

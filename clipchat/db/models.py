@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -103,6 +104,12 @@ class Job(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     active_regeneration_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    # The work under the lease: which queue's task may claim it, how many claims so far, and the
+    # delivery that holds it now (renewed by its heartbeat; another delivery waits until it lapses).
+    work_phase: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    work_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    claim_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_event_sequence: Mapped[int] = mapped_column(BigInteger, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -213,3 +220,37 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "sequence"),)
+
+
+class RegenerationCharge(Base):
+    """One paid call of a regeneration's step, recorded once: its key is (regeneration, step, attempt)."""
+
+    __tablename__ = "regeneration_charges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    regeneration_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clip_regenerations.id", ondelete="CASCADE"),
+                                                       index=True)
+    charge_key: Mapped[str] = mapped_column(String(200), unique=True)
+    step: Mapped[str] = mapped_column(String(20))
+    cost: Mapped[Decimal] = mapped_column(Money)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxMessage(Base):
+    """A work message written in the same transaction as the state change that causes it.
+
+    The status service's relay publishes unsent rows (oldest first, with publisher confirms) and
+    marks them sent, so no committed state waits on the broker and no message is lost with it.
+    """
+
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    queue: Mapped[str] = mapped_column(String(100))
+    message_id: Mapped[str] = mapped_column(String(200))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (Index("ix_outbox_messages_unsent", "published_at", "id"),)

@@ -37,12 +37,17 @@ class ComposerService:
         self.grpc = await create_server(
             [(composer_server.add_to_server, composer_server.ComposerServicer(self.composer),
               composer_server.SERVICE_NAME)], host=host, port=port)
+        await self.grpc.watch({"broker": self.broker.ping}, interval=self.settings.health_check_interval_seconds,
+                              timeout=self.settings.health_check_timeout_seconds)
         if consume:
             self._consumer = await self.broker.consume(COMPOSE_QUEUE, self.worker.handle, prefetch=1)
         log.info("composer.started", extra={"port": self.grpc.port, "encoder": self.encoder})
         return self.grpc
 
     async def stop(self) -> None:
+        """Not serving first, then no new messages; the composition in hand gets the shutdown grace."""
+        if self.grpc is not None:
+            await self.grpc.set_serving(False)
         if self._consumer is not None:
             await self._consumer.cancel()
         if self.grpc is not None:

@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
-from clipchat.broker import Delivery, RequeueMessage
+from opentelemetry import trace
+
+from clipchat.broker import Delivery
 from clipchat.errors import ClipChatError, MediaError, StaleLease
-from clipchat.lease import LeaseKeeper, LeaseLost
+from clipchat.lease import LeaseKeeper, WorkClaim, run_claimed
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.thumbnail import render_thumbnail
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.storage import Storage, job_prefix, new_key
 from clipchat.telemetry import extract_context, tracer
-from clipchat.v1 import common_pb2, jobs_pb2
+from clipchat.v1 import common_pb2, jobs_pb2, tasks_pb2
 from services.composer.pipeline import ClipSpec, Composer, CompositionSpec, TransitionSpec
 
 log = logging.getLogger("clipchat.composer")
 
 RECOMPOSE_FAILED = "Recomposition failed. Original video preserved."
 COMPOSE_FAILED = "Composition failed. Please check the clips and try again."
+GAVE_UP_MESSAGE = "Composition failed because a service was unavailable. Please try again."
 
 
 class CompositionFailed(Exception):
@@ -36,12 +39,11 @@ class CompositionFailed(Exception):
         self.cause = cause
 
 
-def spec_for_job(job: common_pb2.Job, new_clip: dict[str, Any] | None = None) -> CompositionSpec:
-    """The composition of a job's current clips, with one clip replaced when ``new_clip`` is given."""
+def spec_for_job(job: common_pb2.Job, task: tasks_pb2.ComposeTask | None = None) -> CompositionSpec:
+    """The composition of a job's current clips, with one clip replaced when ``task`` carries a new one."""
     clips = [ClipSpec(video_key=c.video_key, duration=c.duration) for c in job.clips]
-    if new_clip is not None:
-        clips[int(new_clip["clip_index"])] = ClipSpec(video_key=new_clip["video_key"],
-                                                      duration=float(new_clip["duration"]))
+    if task is not None and task.HasField("new_clip"):
+        clips[task.clip_index] = ClipSpec(video_key=task.new_clip.video_key, duration=task.new_clip.duration)
     return CompositionSpec(
         job_id=job.job_id, clips=clips, audio_key=job.audio_key,
         transitions=[TransitionSpec(kind=t.kind, duration=t.duration) for t in job.transitions],
@@ -50,7 +52,7 @@ def spec_for_job(job: common_pb2.Job, new_clip: dict[str, Any] | None = None) ->
 
 
 class ComposeWorker:
-    """One composition a message; idempotent on the regeneration id (or the job for the first one)."""
+    """One composition a message, under the delivery's claim (``clipchat.lease.run_claimed``)."""
 
     def __init__(self, *, composer: Composer, status: StatusClient, storage: Storage, ffmpeg: FfmpegRunner,
                  settings: Settings) -> None:
@@ -61,54 +63,43 @@ class ComposeWorker:
         self.settings = settings
 
     async def handle(self, delivery: Delivery) -> None:
-        body = delivery.body
-        job_id, token = str(body.get("job_id", "")), str(body.get("lease_token", ""))
-        regeneration_id = str(body.get("regeneration_id", ""))
-        if not job_id or not token:
+        task: tasks_pb2.ComposeTask = delivery.task
+        if not task.job_id or not task.lease_token:
             raise ValueError("malformed compose message")
-        ids = {"job_id": job_id, "regeneration_id": regeneration_id}
+
+        async def work(claim: WorkClaim) -> None:
+            await self._run(task, claim)
+
         with tracer("clipchat.composer").start_as_current_span(
-                "compose.message", context=extract_context(delivery.headers)) as span:
-            trace_id = format(span.get_span_context().trace_id, "032x")
+                "compose.message", context=extract_context(dict(task.trace_context))):
+            await run_claimed(self.status, delivery, jobs_pb2.WORK_PHASE_COMPOSE, work,
+                              delivery_limit=self.settings.delivery_limit, give_up=self._give_up)
+
+    async def _run(self, task: tasks_pb2.ComposeTask, claim: WorkClaim) -> None:
+        span = trace.get_current_span()
+        span.set_attribute("clipchat.job_id", task.job_id)
+        span.set_attribute("clipchat.regeneration_id", task.regeneration_id)
+        job = await self.status.get_job(task.job_id)
+        async with LeaseKeeper.for_claim(self.status, claim, interval=self.settings.heartbeat_seconds) as keeper:
             try:
-                job = await self.status.get_job(job_id)
-                if not await self._still_active(job, regeneration_id):
-                    log.info("compose.skip_inactive", extra=ids)
-                    return
-                async with LeaseKeeper(self.status, job_id, token, interval=self.settings.heartbeat_seconds):
-                    await self._compose(job, token, regeneration_id, body.get("new_clip"))
-            except (LeaseLost, StaleLease):
-                log.info("compose.dropped_lease_lost", extra=ids)
+                await self._compose(job, task, claim, keeper)
             except CompositionFailed as failed:
                 # The composition itself failed for good (permanently, or on each of its retries):
                 # another delivery would only repeat them.
-                await self._fail(job_id, token, regeneration_id, failed.cause, trace_id)
-            except ClipChatError as exc:
-                # Talking to the status service failed (before composing, or publishing the result).
-                if exc.code in ("not_found", "job_not_found"):
-                    return
-                if not exc.retryable or delivery.delivery_count >= self.settings.retry_attempts:
-                    await self._fail(job_id, token, regeneration_id, exc, trace_id)
-                    return
-                log.warning("compose.requeue", extra=ids)
-                raise RequeueMessage(str(exc)) from exc
+                await self._fail(claim, task.regeneration_id, failed.cause,
+                                 format(span.get_span_context().trace_id, "032x"))
 
-    async def _still_active(self, job: common_pb2.Job, regeneration_id: str) -> bool:
-        if regeneration_id:
-            return job.active_regeneration_id == regeneration_id
-        return job.state == common_pb2.JOB_STATE_COMPOSING
-
-    async def _compose(self, job: common_pb2.Job, token: str, regeneration_id: str,
-                       new_clip: dict[str, Any] | None) -> None:
-        spec = spec_for_job(job, new_clip)
+    async def _compose(self, job: common_pb2.Job, task: tasks_pb2.ComposeTask, claim: WorkClaim,
+                       keeper: LeaseKeeper) -> None:
+        regeneration_id = task.regeneration_id
+        spec = spec_for_job(job, task)
         output_key = new_key(f"{job_prefix(job.job_id)}/versions", ".mp4")
         started = time.monotonic()
 
         async def on_progress(stage: str, fraction: float, eta: float | None) -> None:
             # The regeneration's first 60 % were rewriting and generating.
             overall = 0.6 + 0.4 * fraction if regeneration_id else fraction
-            await self.status.progress(job.job_id, token, stage, overall, message=f"Composer: {stage}",
-                                       eta_seconds=eta or 0.0)
+            await keeper.progress(stage, overall, f"Composer: {stage}", eta or 0.0)
 
         try:
             # No retry around the whole composition: the composer retries each download, upload
@@ -121,20 +112,33 @@ class ComposeWorker:
         cost = (self.settings.composition_price_per_second
                 * type(self.settings.composition_price_per_second)(str(round(result.duration, 3))))
         request = jobs_pb2.SucceedRegenerationRequest(
-            job_id=job.job_id, lease_token=token, regeneration_id=regeneration_id,
+            job_id=job.job_id, lease_token=claim.token, regeneration_id=regeneration_id,
             video_key=result.video_key, video_duration=result.duration,
-            composition_cost=str(cost.quantize(type(cost)("0.0001"))), encoder=result.encoder)
+            composition_cost=str(cost.quantize(type(cost)("0.0001"))), encoder=result.encoder,
+            claim_id=claim.claim_id)
         if not regeneration_id:
             request.clip_thumbnail_keys.extend(await self._thumbnails(job))
-        if new_clip is not None:
-            request.new_clip.CopyFrom(jobs_pb2.ClipInput(
-                prompt=str(new_clip["prompt"]), duration=float(new_clip["duration"]),
-                video_key=str(new_clip["video_key"]), thumbnail_key=str(new_clip.get("thumbnail_key", ""))))
-        await self.status.succeed(request)
+        if task.HasField("new_clip"):
+            request.new_clip.CopyFrom(task.new_clip)
+        await keeper.flush()
+        await self._publish(request)
         log.info("compose.published", extra={"job_id": job.job_id, "regeneration_id": regeneration_id,
                                              "seconds": round(time.monotonic() - started, 2),
                                              "segments_encoded": result.segments_encoded,
                                              "segments_reused": result.segments_reused})
+
+    async def _publish(self, request: jobs_pb2.SucceedRegenerationRequest) -> None:
+        """Make the new video current; a refused result leaves no orphan object behind."""
+        try:
+            await self.status.succeed(request)
+        except StaleLease:
+            with contextlib.suppress(ClipChatError):
+                await self.storage.delete(request.video_key)
+            raise
+
+    async def _give_up(self, claim: WorkClaim, exc: ClipChatError) -> None:
+        await self.status.fail(claim.job_id, claim.token, code="unavailable", message=GAVE_UP_MESSAGE,
+                               detail=f"gave up after the last attempt: {exc.code}: {exc.message}", retryable=True)
 
     async def _thumbnails(self, job: common_pb2.Job) -> list[str]:
         """A still for each uploaded clip that has none, for the page. Best effort: a clip
@@ -162,8 +166,7 @@ class ComposeWorker:
                     keys.append("")
         return keys
 
-    async def _fail(self, job_id: str, token: str, regeneration_id: str, exc: BaseException,
-                    trace_id: str) -> None:
+    async def _fail(self, claim: WorkClaim, regeneration_id: str, exc: BaseException, trace_id: str) -> None:
         message = RECOMPOSE_FAILED if regeneration_id else COMPOSE_FAILED
         if isinstance(exc, MediaError) and not regeneration_id:
             message = exc.message  # e.g. "Clip 3 could not be read." — the user's own upload
@@ -172,10 +175,11 @@ class ComposeWorker:
                              "message": str(getattr(exc, "message", exc)),
                              "detail": str(getattr(exc, "detail", ""))[-4000:],
                              "exception": "".join(traceback.format_exception(exc))[-8000:]})
-        log.warning("compose.failed", extra={"job_id": job_id, "regeneration_id": regeneration_id,
+        log.warning("compose.failed", extra={"job_id": claim.job_id, "regeneration_id": regeneration_id,
                                              "code": getattr(exc, "code", type(exc).__name__)})
         try:
-            await self.status.fail(job_id, token, code="composition_failed", message=message, detail=detail,
+            await self.status.fail(claim.job_id, claim.token, code="composition_failed", message=message,
+                                   detail=detail, claim_id=claim.claim_id,
                                    retryable=not isinstance(exc, MediaError) or bool(regeneration_id))
         except StaleLease:
             pass

@@ -6,7 +6,14 @@ on the regeneration row through the status service, so neither a redelivered mes
 of a failed regeneration (same clip, same instruction) pays for it twice. A step that fails for
 good fails the regeneration with a message for the person (``failure_outcome``) and the technical
 detail for operators (``technical_detail``); an LLM answer that was refused is still recorded as
-paid. Every write carries the lease token; a refused one (cancel, expiry) stops the work quietly.
+paid. Every write carries the lease token and the delivery's claim; a refused one (cancel, expiry,
+another delivery took over) stops the work quietly.
+
+Paid calls carry an idempotency key per (regeneration, step, attempt, try), and their cost is
+recorded under that key, so a cost reported twice is counted once. A remote prediction is
+checkpointed as soon as it is created (``generation_started``): a delivery that takes over from a
+worker that died resumes it instead of paying for another. Writes to the status service are retried
+for a while (it may be restarting); progress reports are best effort (``LeaseKeeper.progress``).
 """
 
 from __future__ import annotations
@@ -16,12 +23,11 @@ import logging
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from clipchat.broker import COMPOSE_QUEUE, Broker
 from clipchat.errors import ClipChatError, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -31,8 +37,8 @@ from clipchat.retry import RetryPolicy
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.storage import Storage, job_prefix, new_key
-from clipchat.telemetry import inject_headers, tracer
-from clipchat.v1 import common_pb2
+from clipchat.telemetry import tracer
+from clipchat.v1 import common_pb2, jobs_pb2
 from services.regenerator.generator import VideoGenerator
 from services.regenerator.rewrite import PromptRewriter, RewriteRequest
 
@@ -41,7 +47,7 @@ log = logging.getLogger("clipchat.regenerator")
 FAILED_MESSAGE = "Regeneration failed. Please try again."
 TIMED_OUT_MESSAGE = "Video generation timed out. Please retry."
 # The error code a step's failure is recorded under (the provider's own code goes in the detail).
-FAILED_CODES = {"rewrite": "rewrite_failed", "generate": "generation_failed", "publish": "queue_failed"}
+FAILED_CODES = {"rewrite": "rewrite_failed", "generate": "generation_failed"}
 ACTIVE = (common_pb2.REGENERATION_STATE_QUEUED, common_pb2.REGENERATION_STATE_RUNNING)
 
 
@@ -86,20 +92,50 @@ class RegenerationTask:
     job_id: str
     regeneration_id: str
     lease_token: str
+    claim_id: str = ""  # the delivery's claim on the work ("" writes under the lease alone)
+    attempt: int = 1
+
+    def charge_key(self, step: str, tries: int = 1) -> str:
+        """The idempotency key of one paid call, and the key its cost is recorded under."""
+        return f"{self.regeneration_id}:{step}:{self.attempt}.{tries}"
+
+
+class _Tries:
+    """Counts the tries of a step, for the idempotency key of each paid call."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self) -> int:
+        self.count += 1
+        return self.count
+
+
+class _Resume:
+    """A remote prediction to resume, handed to the first try only."""
+
+    def __init__(self, provider_id: str) -> None:
+        self._provider_id = provider_id
+
+    def take(self) -> str:
+        provider_id, self._provider_id = self._provider_id, ""
+        return provider_id
 
 
 class RegenerationPipeline:
-    def __init__(self, *, status: StatusClient, storage: Storage, broker: Broker, rewriter: PromptRewriter,
+    def __init__(self, *, status: StatusClient, storage: Storage, rewriter: PromptRewriter,
                  generator: VideoGenerator, ffmpeg: FfmpegRunner, settings: Settings) -> None:
         self.status = status
         self.storage = storage
-        self.broker = broker
         self.rewriter = rewriter
         self.generator = generator
         self.ffmpeg = ffmpeg
         self.settings = settings
         self.policy = RetryPolicy(attempts=settings.retry_attempts, base_seconds=settings.retry_base_seconds,
                                   max_seconds=settings.retry_max_seconds)
+        # A checkpoint write outlasts a status service restart rather than losing paid work.
+        self.status_policy = RetryPolicy(attempts=8, base_seconds=settings.retry_base_seconds,
+                                         max_seconds=settings.retry_max_seconds)
 
     async def run(self, task: RegenerationTask) -> None:
         """Do the regeneration's steps; record a failure with a user message when one fails for good.
@@ -120,21 +156,21 @@ class RegenerationPipeline:
             span.set_attribute("clipchat.job_id", task.job_id)
             span.set_attribute("clipchat.regeneration_id", task.regeneration_id)
             try:
-                async with LeaseKeeper(self.status, task.job_id, task.lease_token,
-                                       interval=self.settings.heartbeat_seconds):
-                    await self._steps(task, regeneration, checkpoints)
+                async with LeaseKeeper(self.status, task.job_id, task.lease_token, claim_id=task.claim_id,
+                                       interval=self.settings.heartbeat_seconds) as keeper:
+                    await self._steps(task, regeneration, checkpoints, keeper)
             except (LeaseLost, StaleLease):
                 log.info("regeneration.dropped_lease_lost", extra=self._ids(task))
             except StepFailed as failed:
                 await self._record_failure(task, failed, format(span.get_span_context().trace_id, "032x"))
 
     async def _steps(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
-                     checkpoints: dict[str, Any]) -> None:
+                     checkpoints: dict[str, Any], keeper: LeaseKeeper) -> None:
         job = await self.status.get_job(task.job_id)
         index = regeneration.clip_index
         clips = list(job.clips)
         clip = clips[index]
-        await self._progress(task, "rewriting", 0.02, "Rewriting the prompt")
+        await keeper.progress("rewriting", 0.02, "Rewriting the prompt")
 
         if "rewrite" in checkpoints:
             prompt = checkpoints["rewrite"]["prompt"]
@@ -144,43 +180,66 @@ class RegenerationPipeline:
                 original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
                 history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
                 next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None)
+            tries = _Tries()
             try:
-                result = await self._step("rewrite", lambda: self._rewrite(request))
+                result = await self._step("rewrite", lambda: self._rewrite(request, task.charge_key(
+                    "rewrite", tries.next())))
             except StepFailed as failed:
-                await self._record_billed_refusal(task, failed)
+                await self._record_billed_refusal(task, failed, task.charge_key("rewrite", tries.count))
                 raise
             prompt = result.prompt
-            await self.status.record_step(task.job_id, task.lease_token, "rewrite", cost=str(result.cost),
-                                          modified_prompt=result.prompt, change_summary=result.summary,
-                                          rewriter=result.rewriter, checkpoint={"prompt": result.prompt})
+            await self._record_step(task, "rewrite", cost=str(result.cost), modified_prompt=result.prompt,
+                                    change_summary=result.summary, rewriter=result.rewriter,
+                                    checkpoint={"prompt": result.prompt},
+                                    charge_key=task.charge_key("rewrite", tries.count))
 
-        await self._progress(task, "generating", 0.1, "Generating the new clip")
+        await keeper.progress("generating", 0.1, "Generating the new clip")
         if "generate" in checkpoints:
             generated = checkpoints["generate"]
         else:
-            generated = await self._step("generate", lambda: self._generate(task, prompt, clip.duration))
-            await self.status.record_step(task.job_id, task.lease_token, "generate",
-                                          cost=generated.pop("cost"), checkpoint=generated)
+            resume = _Resume(str(checkpoints.get("generation_started", {}).get("provider_id", "")))
+            tries = _Tries()
+            generated = await self._step("generate", lambda: self._generate(
+                task, prompt, clip.duration, keeper, resume, task.charge_key("generate", tries.next())))
+            await self._record_step(task, "generate", cost=generated.pop("cost"), checkpoint=generated,
+                                    charge_key=task.charge_key("generate", tries.count))
 
-        await self._step("publish", lambda: self._hand_to_composer(task, index, prompt, generated))
+        await keeper.progress("queued", 0.6, "Waiting for the composer")
+        await keeper.flush()
+        await self.status_policy.run(lambda: self._hand_to_composer(task, index, prompt, generated),
+                                     what="queue_composition")
 
-    async def _rewrite(self, request: RewriteRequest) -> Any:
+    async def _record_step(self, task: RegenerationTask, step: str, **fields: Any) -> None:
+        """Checkpoint a step under the claim, retried while the status service is unavailable."""
+        await self.status_policy.run(lambda: self.status.record_step(
+            task.job_id, task.lease_token, step, claim_id=task.claim_id, **fields), what=f"record_{step}")
+
+    async def _rewrite(self, request: RewriteRequest, idempotency_key: str) -> Any:
+        request = replace(request, idempotency_key=idempotency_key)
         result = await self.rewriter.rewrite(request)
         if result is None:  # a chain always ends with a rewriter that answers
             raise ClipChatError("No rewriter handled the instruction.")
         return result
 
-    async def _generate(self, task: RegenerationTask, prompt: str, duration: float) -> dict[str, Any]:
+    async def _generate(self, task: RegenerationTask, prompt: str, duration: float, keeper: LeaseKeeper,
+                        resume: _Resume, idempotency_key: str) -> dict[str, Any]:
         started = time.monotonic()
 
         async def on_progress(fraction: float) -> None:
             elapsed = time.monotonic() - started
             eta = elapsed / fraction - elapsed if fraction > 0.05 else 0.0
-            await self._progress(task, "generating", 0.1 + 0.5 * fraction, "Generating the new clip", eta)
+            await keeper.progress("generating", 0.1 + 0.5 * fraction, "Generating the new clip", eta)
+
+        async def on_started(provider_id: str) -> None:
+            # Durable before any wait: a delivery that takes over resumes this prediction.
+            await self._record_step(task, "generation_started", checkpoint={"provider_id": provider_id})
 
         with tempfile.TemporaryDirectory(prefix="clipchat-gen-") as tmp:
             video = Path(tmp) / "clip.mp4"
-            clip = await self.generator.generate(prompt, duration, video, on_progress=on_progress)
+            # Only the first try resumes: a prediction that failed under us is not resumed again.
+            clip = await self.generator.generate(prompt, duration, video, on_progress=on_progress,
+                                                 idempotency_key=idempotency_key, resume_id=resume.take(),
+                                                 on_started=on_started)
             info = await probe(clip.path, label="The generated clip")
             thumb = Path(tmp) / "thumb.jpg"
             await render_thumbnail(self.ffmpeg, clip.path, thumb)
@@ -195,12 +254,10 @@ class RegenerationPipeline:
 
     async def _hand_to_composer(self, task: RegenerationTask, index: int, prompt: str,
                                 generated: dict[str, Any]) -> None:
-        await self._progress(task, "queued", 0.6, "Waiting for the composer")
-        await self.broker.publish(COMPOSE_QUEUE, {
-            "job_id": task.job_id, "regeneration_id": task.regeneration_id, "lease_token": task.lease_token,
-            "new_clip": {"clip_index": index, "prompt": prompt, "duration": generated["duration"],
-                         "video_key": generated["video_key"], "thumbnail_key": generated["thumbnail_key"]},
-        }, message_id=f"compose-{task.regeneration_id}", headers=inject_headers())
+        """The status service queues the composition (its outbox) and moves the work on."""
+        await self.status.queue_composition(task.job_id, task.lease_token, task.claim_id, index, jobs_pb2.ClipInput(
+            prompt=prompt, duration=float(generated["duration"]), video_key=str(generated["video_key"]),
+            thumbnail_key=str(generated.get("thumbnail_key", ""))))
 
     async def _step(self, name: str, fn: Any) -> Any:
         """Run one step under the retry policy; ``StepFailed`` when it fails for good."""
@@ -217,17 +274,11 @@ class RegenerationPipeline:
         except Exception as exc:
             raise StepFailed(name, exc, attempts) from exc
 
-    async def _record_billed_refusal(self, task: RegenerationTask, failed: StepFailed) -> None:
+    async def _record_billed_refusal(self, task: RegenerationTask, failed: StepFailed, charge_key: str) -> None:
         """An LLM answer that was refused (unusable prompt, model refusal) was still billed."""
         cost = getattr(failed.cause, "cost", None)
         if isinstance(cost, Decimal) and cost > 0:
-            await self.status.record_step(task.job_id, task.lease_token, "rewrite", cost=str(cost),
-                                          rewriter="llm")
-
-    async def _progress(self, task: RegenerationTask, stage: str, fraction: float, message: str,
-                        eta: float = 0.0) -> None:
-        await self.status.progress(task.job_id, task.lease_token, stage, fraction, message=message,
-                                   eta_seconds=eta)
+            await self._record_step(task, "rewrite", cost=str(cost), rewriter="llm", charge_key=charge_key)
 
     async def _record_failure(self, task: RegenerationTask, failed: StepFailed, trace_id: str) -> None:
         code, message, retryable = failure_outcome(failed)
@@ -235,8 +286,10 @@ class RegenerationPipeline:
             **self._ids(task), "step": failed.step, "code": code, "attempts": failed.attempts,
             "cause": type(failed.cause).__name__, "cause_code": getattr(failed.cause, "code", "")})
         try:
-            await self.status.fail(task.job_id, task.lease_token, code=code, message=message,
-                                   detail=technical_detail(failed, trace_id), retryable=retryable)
+            await self.status_policy.run(lambda: self.status.fail(
+                task.job_id, task.lease_token, code=code, message=message,
+                detail=technical_detail(failed, trace_id), retryable=retryable, claim_id=task.claim_id),
+                what="record_failure")
         except StaleLease:
             pass
 

@@ -1,4 +1,4 @@
-"""RegeneratorService: accepts a regeneration, takes the job's lease, queues the work."""
+"""RegeneratorService: accepts a regeneration; the status service takes the job's lease and queues the work."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from typing import Any
 
 import grpc
 
-from clipchat.broker import REGENERATE_QUEUE, Broker
-from clipchat.errors import DependencyUnavailable, InvalidInput
+from clipchat.errors import InvalidInput
 from clipchat.rpc import call, rpc_method
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
-from clipchat.telemetry import inject_headers
 from clipchat.v1 import common_pb2, jobs_pb2, regenerator_pb2, regenerator_pb2_grpc
 from services.regenerator.generator import VideoGenerator
 from services.regenerator.rewrite import sanitize_instruction
@@ -46,10 +44,8 @@ def parse_history(text: str) -> list[dict[str, str]]:
 
 
 class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
-    def __init__(self, *, status: StatusClient, broker: Broker, generator: VideoGenerator,
-                 settings: Settings) -> None:
+    def __init__(self, *, status: StatusClient, generator: VideoGenerator, settings: Settings) -> None:
         self.status = status
-        self.broker = broker
         self.generator = generator
         self.settings = settings
 
@@ -80,16 +76,8 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
             user_instruction=instruction, conversation_history_json=json.dumps(history),
             estimated_cost=str(sum(steps.values(), Decimal(0))),
             estimated_step_costs={step: str(cost) for step, cost in steps.items()}), timeout=self.status.deadline)
+        # The regenerate task was written with the lease (the status service's outbox).
         regeneration_id = began.regeneration.regeneration_id
-        try:
-            await self.broker.publish(REGENERATE_QUEUE, {
-                "job_id": request.job_id, "regeneration_id": regeneration_id,
-                "lease_token": began.lease_token}, message_id=regeneration_id, headers=inject_headers())
-        except Exception as exc:
-            await self.status.fail(request.job_id, began.lease_token, code="unavailable",
-                                   message="The regeneration could not be queued. Please try again.",
-                                   detail=repr(exc), retryable=True)
-            raise DependencyUnavailable("The work queue is unavailable. Please try again shortly.") from exc
         log.info("regeneration.queued", extra={"job_id": request.job_id, "regeneration_id": regeneration_id})
         return regenerator_pb2.StartRegenerationResponse(
             regeneration_id=regeneration_id, state=common_pb2.REGENERATION_STATE_QUEUED,

@@ -63,12 +63,12 @@ class RegeneratorService:
         self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds)
         ffmpeg = FfmpegRunner(settings.ffmpeg_path or None)
         self.generator = generator or build_generator(settings, ffmpeg)
-        self.pipeline = RegenerationPipeline(status=self.status, storage=storage, broker=broker,
+        self.pipeline = RegenerationPipeline(status=self.status, storage=storage,
                                              rewriter=rewriter or build_rewriter(settings),
                                              generator=self.generator, ffmpeg=ffmpeg, settings=settings)
-        self.worker = RegenerateWorker(self.pipeline)
-        self.servicer = regenerator_server.RegeneratorServicer(status=self.status, broker=broker,
-                                                               generator=self.generator, settings=settings)
+        self.worker = RegenerateWorker(self.pipeline, self.status, delivery_limit=settings.delivery_limit)
+        self.servicer = regenerator_server.RegeneratorServicer(status=self.status, generator=self.generator,
+                                                               settings=settings)
         self.grpc: GrpcServer | None = None
         self._consumer: Subscription | None = None
 
@@ -76,6 +76,8 @@ class RegeneratorService:
         self.grpc = await create_server(
             [(regenerator_server.add_to_server, self.servicer, regenerator_server.SERVICE_NAME)],
             host=host, port=port)
+        await self.grpc.watch({"broker": self.broker.ping}, interval=self.settings.health_check_interval_seconds,
+                              timeout=self.settings.health_check_timeout_seconds)
         if consume:
             self._consumer = await self.broker.consume(REGENERATE_QUEUE, self.worker.handle,
                                                        prefetch=self.settings.worker_concurrency)
@@ -83,6 +85,9 @@ class RegeneratorService:
         return self.grpc
 
     async def stop(self) -> None:
+        """Not serving first, then no new messages; the work in hand gets the shutdown grace."""
+        if self.grpc is not None:
+            await self.grpc.set_serving(False)
         if self._consumer is not None:
             await self._consumer.cancel()
         if self.grpc is not None:

@@ -4,36 +4,42 @@ from __future__ import annotations
 
 import logging
 
-from clipchat.broker import Delivery, RequeueMessage
+from clipchat.broker import Delivery
 from clipchat.errors import ClipChatError
+from clipchat.lease import WorkClaim, run_claimed
+from clipchat.status_client import StatusClient
 from clipchat.telemetry import extract_context, tracer
+from clipchat.v1 import jobs_pb2, tasks_pb2
 from services.regenerator.pipeline import RegenerationPipeline, RegenerationTask
 
 log = logging.getLogger("clipchat.regenerator")
 
+GAVE_UP_MESSAGE = "Regeneration failed because a service was unavailable. Please try again."
+
 
 class RegenerateWorker:
-    """Runs one regeneration a message; idempotent on the regeneration id."""
+    """Runs one regeneration a message, under the delivery's claim (``clipchat.lease.run_claimed``)."""
 
-    def __init__(self, pipeline: RegenerationPipeline) -> None:
+    def __init__(self, pipeline: RegenerationPipeline, status: StatusClient, *, delivery_limit: int) -> None:
         self.pipeline = pipeline
+        self.status = status
+        self.delivery_limit = delivery_limit
 
     async def handle(self, delivery: Delivery) -> None:
-        body = delivery.body
-        try:
-            task = RegenerationTask(job_id=str(body["job_id"]), regeneration_id=str(body["regeneration_id"]),
-                                    lease_token=str(body["lease_token"]))
-        except KeyError as exc:
+        task: tasks_pb2.RegenerateTask = delivery.task
+        if not task.job_id or not task.regeneration_id or not task.lease_token:
             log.error("regenerate.bad_message", extra={"message_id": delivery.message_id})
-            raise ValueError("malformed regenerate message") from exc
+            raise ValueError("malformed regenerate message")
+
+        async def work(claim: WorkClaim) -> None:
+            await self.pipeline.run(RegenerationTask(task.job_id, task.regeneration_id, task.lease_token,
+                                                     claim_id=claim.claim_id, attempt=claim.attempt))
+
         with tracer("clipchat.regenerator").start_as_current_span(
-                "regenerate.message", context=extract_context(delivery.headers)):
-            try:
-                await self.pipeline.run(task)
-            except ClipChatError as exc:
-                if exc.retryable:
-                    # The status service was unreachable: try the message again later.
-                    log.warning("regenerate.requeue", extra={"job_id": task.job_id,
-                                                             "regeneration_id": task.regeneration_id})
-                    raise RequeueMessage(str(exc)) from exc
-                raise
+                "regenerate.message", context=extract_context(dict(task.trace_context))):
+            await run_claimed(self.status, delivery, jobs_pb2.WORK_PHASE_REGENERATE, work,
+                              delivery_limit=self.delivery_limit, give_up=self._give_up)
+
+    async def _give_up(self, claim: WorkClaim, exc: ClipChatError) -> None:
+        await self.status.fail(claim.job_id, claim.token, code="unavailable", message=GAVE_UP_MESSAGE,
+                               detail=f"gave up after the last attempt: {exc.code}: {exc.message}", retryable=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -17,18 +17,32 @@ from clipchat.errors import InvalidInput
 from clipchat.rpc import rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from services.status.events import EventHub
-from services.status.state_machine import ClipInput, JobSnapshot, JobStateMachine, NewClip
+from services.status.state_machine import (
+    PHASE_COMPOSE,
+    PHASE_REGENERATE,
+    ClipInput,
+    JobSnapshot,
+    JobStateMachine,
+    NewClip,
+)
 
 log = logging.getLogger("clipchat.status")
 
 SERVICE_NAME = "clipchat.v1.JobStatusService"
-# Starts the initial composition of a new job (publishes its compose work).
-JobCreated = Callable[[JobSnapshot, str], Awaitable[None]]
 _JOB_STATES = {
     JobStatus.COMPOSING: common_pb2.JOB_STATE_COMPOSING,
     JobStatus.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
     JobStatus.REGENERATING: common_pb2.JOB_STATE_REGENERATING,
     JobStatus.FAILED: common_pb2.JOB_STATE_FAILED,
+}
+_PHASES = {
+    jobs_pb2.WORK_PHASE_REGENERATE: PHASE_REGENERATE,
+    jobs_pb2.WORK_PHASE_COMPOSE: PHASE_COMPOSE,
+}
+_CLAIM_OUTCOMES = {
+    "claimed": jobs_pb2.CLAIM_OUTCOME_CLAIMED,
+    "busy": jobs_pb2.CLAIM_OUTCOME_BUSY,
+    "obsolete": jobs_pb2.CLAIM_OUTCOME_OBSOLETE,
 }
 _REGEN_STATES = {
     "queued": common_pb2.REGENERATION_STATE_QUEUED,
@@ -114,12 +128,10 @@ def _json(text: str, default: Any, what: str) -> Any:
 
 
 class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
-    def __init__(self, machine: JobStateMachine, hub: EventHub, *, poll_seconds: float = 1.0,
-                 on_job_created: JobCreated | None = None) -> None:
+    def __init__(self, machine: JobStateMachine, hub: EventHub, *, poll_seconds: float = 1.0) -> None:
         self.machine = machine
         self.hub = hub
         self.poll_seconds = poll_seconds
-        self.on_job_created = on_job_created
 
     @rpc_method
     async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Any) -> jobs_pb2.CreateJobResponse:
@@ -131,8 +143,6 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
             beat_timestamps=list(request.beat_timestamps), aspect_ratio=request.aspect_ratio or "16:9",
             fit=request.fit or "pad", budget_limit=request.budget_limit, title=request.title,
             job_id=request.job_id)
-        if self.on_job_created is not None:
-            await self.on_job_created(snapshot, token)
         return jobs_pb2.CreateJobResponse(job=job_to_proto(snapshot), lease_token=token)
 
     @rpc_method
@@ -162,15 +172,40 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def RenewLease(self, request: jobs_pb2.RenewLeaseRequest, context: Any) -> jobs_pb2.RenewLeaseResponse:
-        expires = await self.machine.renew(request.job_id, request.lease_token)
+        expires = await self.machine.renew(request.job_id, request.lease_token, request.claim_id)
         return jobs_pb2.RenewLeaseResponse(lease_expires_at=_ts(expires))
+
+    @rpc_method
+    async def ClaimWork(self, request: jobs_pb2.ClaimWorkRequest, context: Any) -> jobs_pb2.ClaimWorkResponse:
+        phase = _PHASES.get(request.phase)
+        if phase is None:
+            raise InvalidInput("A claim needs a work phase.")
+        claim = await self.machine.claim_work(request.job_id, request.lease_token, phase, request.claim_id)
+        return jobs_pb2.ClaimWorkResponse(outcome=_CLAIM_OUTCOMES[claim.outcome], attempt=claim.attempt,
+                                          retry_after_seconds=claim.retry_after)
+
+    @rpc_method
+    async def ReleaseClaim(self, request: jobs_pb2.ReleaseClaimRequest,
+                           context: Any) -> jobs_pb2.ReleaseClaimResponse:
+        await self.machine.release_claim(request.job_id, request.lease_token, request.claim_id)
+        return jobs_pb2.ReleaseClaimResponse()
+
+    @rpc_method
+    async def QueueComposition(self, request: jobs_pb2.QueueCompositionRequest,
+                               context: Any) -> jobs_pb2.QueueCompositionResponse:
+        c = request.new_clip
+        await self.machine.queue_composition(
+            request.job_id, request.lease_token, request.claim_id, clip_index=request.clip_index,
+            new_clip=ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key))
+        return jobs_pb2.QueueCompositionResponse()
 
     @rpc_method
     async def RecordProgress(self, request: jobs_pb2.RecordProgressRequest,
                              context: Any) -> jobs_pb2.RecordProgressResponse:
         sequence = await self.machine.record_progress(
             request.job_id, request.lease_token, stage=stage_from_proto(request.stage),
-            fraction=request.fraction, message=request.message, eta_seconds=request.eta_seconds)
+            fraction=request.fraction, message=request.message, eta_seconds=request.eta_seconds,
+            claim_id=request.claim_id)
         return jobs_pb2.RecordProgressResponse(sequence=sequence)
 
     @rpc_method
@@ -179,7 +214,8 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         row = await self.machine.record_step(
             request.job_id, request.lease_token, step=request.step, cost=request.cost,
             modified_prompt=request.modified_prompt, change_summary=request.change_summary,
-            rewriter=request.rewriter, checkpoint=checkpoint)
+            rewriter=request.rewriter, checkpoint=checkpoint, claim_id=request.claim_id,
+            charge_key=request.charge_key)
         return jobs_pb2.RecordStepResponse(regeneration=regeneration_to_proto(row))
 
     @rpc_method
@@ -193,7 +229,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
             request.job_id, request.lease_token, regeneration_id=request.regeneration_id,
             new_clip=new_clip, video_key=request.video_key, video_duration=request.video_duration,
             composition_cost=request.composition_cost, encoder=request.encoder,
-            clip_thumbnail_keys=list(request.clip_thumbnail_keys))
+            clip_thumbnail_keys=list(request.clip_thumbnail_keys), claim_id=request.claim_id)
         return jobs_pb2.SucceedRegenerationResponse(job=job_to_proto(snapshot))
 
     @rpc_method
@@ -202,7 +238,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         snapshot = await self.machine.fail(
             request.job_id, request.lease_token, error_code=request.error_code,
             error_message=request.error_message, technical_detail=request.technical_detail,
-            retryable=request.retryable)
+            retryable=request.retryable, claim_id=request.claim_id)
         return jobs_pb2.FailRegenerationResponse(job=job_to_proto(snapshot))
 
     @rpc_method

@@ -10,6 +10,14 @@
 Every method is one short transaction. The job row is the lock: ``SELECT … FOR UPDATE`` on
 PostgreSQL (``NOWAIT`` for ``begin``), an immediate transaction on SQLite. Writes about running
 work carry the lease token; a token that is not the job's live lease is refused (``StaleLease``).
+
+The work under a lease is done by one delivery of its task message at a time: a worker claims it
+(``claim_work``) for its phase (regenerate, then compose), each claim is a new attempt, and the
+claim lapses after ``claim_seconds`` without a heartbeat, so a redelivered message takes over from a
+worker that died without waiting for the whole lease. Writes that carry a claim are refused once
+another delivery holds the work. The task messages themselves are written to the outbox in the
+same transaction as the change that causes them (``OutboxMessage``); the status service's relay
+publishes them.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from clipchat.broker.topology import COMPOSE_QUEUE, REGENERATE_QUEUE
 from clipchat.db import Database
 from clipchat.db.models import (
     Clip,
@@ -35,6 +45,8 @@ from clipchat.db.models import (
     Job,
     JobEvent,
     JobStatus,
+    OutboxMessage,
+    RegenerationCharge,
     RegenerationStatus,
     VideoVersion,
     utcnow,
@@ -47,6 +59,8 @@ from clipchat.errors import (
     NotFound,
     StaleLease,
 )
+from clipchat.telemetry import inject_headers
+from clipchat.v1 import jobs_pb2, tasks_pb2
 
 log = logging.getLogger("clipchat.status")
 
@@ -58,6 +72,21 @@ COMPOSE_LEASE_EXPIRED_MESSAGE = "Composition failed. Please try again."
 Notifier = Callable[[str, int, JobEvent], Awaitable[None]]
 # Paid steps whose result a retry of the same change reuses (their checkpoints).
 REUSABLE_STEPS = ("rewrite", "generate")
+# Steps a worker records; "generation_started" checkpoints a remote prediction before it is paid,
+# so a worker that takes over resumes it instead of paying for another.
+STEPS = ("rewrite", "generate", "compose", "generation_started")
+# The two phases of a regeneration's work, each the work of one queue.
+PHASE_REGENERATE = "regenerate"
+PHASE_COMPOSE = "compose"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What ``claim_work`` answers: the outcome, the attempt claimed, or when to try again."""
+
+    outcome: str  # "claimed", "busy" or "obsolete"
+    attempt: int = 0
+    retry_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +126,7 @@ class BeginResult:
 @dataclass
 class _Pending:
     events: list[JobEvent] = field(default_factory=list)
+    outbox: bool = False
 
 
 def money(value: str | Decimal | None) -> Decimal:
@@ -133,9 +163,12 @@ def current_clips(job: Job, versions: Sequence[VideoVersion] | None = None) -> l
 class JobStateMachine:
     def __init__(self, db: Database, *, lease_seconds: float, budget_limit: Decimal,
                  budget_warning_fraction: Decimal, notifier: Notifier | None = None,
+                 claim_seconds: float | None = None, on_outbox: Callable[[], None] | None = None,
                  clock: Callable[[], datetime] = utcnow) -> None:
         self.db = db
         self.lease = timedelta(seconds=lease_seconds)
+        self.claim = timedelta(seconds=claim_seconds if claim_seconds is not None else lease_seconds / 4)
+        self.on_outbox = on_outbox
         self.default_budget = budget_limit
         self.warning_fraction = budget_warning_fraction
         self.notifier = notifier
@@ -170,7 +203,7 @@ class JobStateMachine:
                   aspect_ratio=aspect_ratio, fit=fit, total_cost=Decimal("0"),
                   budget_limit=money(budget_limit) if budget_limit else self.default_budget,
                   lease_token=token, lease_expires_at=now + self.lease, created_at=now, updated_at=now,
-                  last_event_sequence=0)
+                  last_event_sequence=0, work_phase=PHASE_COMPOSE, work_attempt=0)
         pending = _Pending()
         async with self.db.transaction() as session:
             session.add(job)
@@ -181,6 +214,8 @@ class JobStateMachine:
                                  thumbnail_key=clip.thumbnail_key, created_at=now))
             self._event(session, job, pending, "job.created", stage="queued",
                         payload={"clips": len(clips)})
+            self._outbox(session, pending, COMPOSE_QUEUE, f"compose-{job.id}-initial", tasks_pb2.ComposeTask(
+                job_id=str(job.id), lease_token=token, attempt=1))
         await self._flush(pending)
         return await self.get_job(str(job.id)), token
 
@@ -264,9 +299,12 @@ class JobStateMachine:
             job.lease_token = token
             job.lease_expires_at = now + self.lease
             job.active_regeneration_id = regeneration.id
+            self._start_work(job, PHASE_REGENERATE)
             job.error_code = job.error_message = None
             job.error_retryable = False
             warning = job.total_cost + estimate >= job.budget_limit * self.warning_fraction
+            self._outbox(session, pending, REGENERATE_QUEUE, str(regeneration.id), tasks_pb2.RegenerateTask(
+                job_id=str(job.id), regeneration_id=str(regeneration.id), lease_token=token, attempt=1))
             self._event(session, job, pending, "regeneration.queued", stage="queued", payload={
                 "regeneration_id": str(regeneration.id), "clip_index": clip_index,
                 "estimated_cost": str(estimate)})
@@ -278,21 +316,90 @@ class JobStateMachine:
         log.info("regeneration.begun", extra={"job_id": job_id, "regeneration_id": str(regeneration.id)})
         return BeginResult(regeneration, token, job.lease_expires_at or now, warning)
 
-    async def renew(self, job_id: str, token: str) -> datetime:
-        """Extend a live lease (the worker's heartbeat). Raises ``StaleLease`` if it is not live."""
+    async def renew(self, job_id: str, token: str, claim_id: str = "") -> datetime:
+        """Extend a live lease, and the claim when given (the worker's heartbeat).
+
+        Raises ``StaleLease`` if the lease is not live or another delivery holds the work."""
         async with self.db.transaction() as session:
-            job = await self._fenced(session, job_id, token)
-            job.lease_expires_at = self.clock() + self.lease
+            job = await self._fenced(session, job_id, token, claim_id)
+            now = self.clock()
+            job.lease_expires_at = now + self.lease
+            if claim_id:
+                job.claim_expires_at = now + self.claim
             return job.lease_expires_at
 
+    async def claim_work(self, job_id: str, token: str, phase: str, claim_id: str) -> Claim:
+        """Claim the job's work in ``phase`` for one delivery (``claim_id``).
+
+        ``obsolete`` when the lease is gone or the work is in another phase (drop the message),
+        ``busy`` while another delivery's claim is live (try again after ``retry_after``), else
+        ``claimed`` with the new attempt number. Raises ``InvalidInput`` for an empty claim id.
+        """
+        if not claim_id or phase not in (PHASE_REGENERATE, PHASE_COMPOSE):
+            raise InvalidInput("A claim needs a phase and a claim id.")
+        now = self.clock()
+        async with self.db.transaction() as session:
+            try:
+                job = await self._fenced(session, job_id, token)
+            except (StaleLease, NotFound):
+                return Claim("obsolete")
+            if job.work_phase != phase:
+                return Claim("obsolete")
+            if job.claim_id and job.claim_id != claim_id and job.claim_expires_at and job.claim_expires_at > now:
+                return Claim("busy", retry_after=(job.claim_expires_at - now).total_seconds())
+            job.work_attempt += 1
+            job.claim_id = claim_id
+            job.claim_expires_at = now + self.claim
+            job.lease_expires_at = now + self.lease
+            regeneration = await session.get(ClipRegeneration, job.active_regeneration_id) \
+                if job.active_regeneration_id else None
+            if regeneration is not None:
+                regeneration.attempts = job.work_attempt
+            attempt = job.work_attempt
+        log.info("work.claimed", extra={"job_id": job_id, "phase": phase, "attempt": attempt})
+        return Claim("claimed", attempt=attempt)
+
+    async def release_claim(self, job_id: str, token: str, claim_id: str) -> None:
+        """Give the claim up, so the next delivery need not wait for it to lapse. A claim that is
+        not held (any more) is left alone."""
+        async with self.db.transaction() as session:
+            try:
+                job = await self._fenced(session, job_id, token, claim_id)
+            except StaleLease:
+                return
+            job.claim_id = None
+            job.claim_expires_at = None
+
+    async def queue_composition(self, job_id: str, token: str, claim_id: str, *, clip_index: int,
+                                new_clip: ClipInput) -> None:
+        """Hand a regeneration's new clip to the composer: the work moves to the compose phase,
+        the claim is given up and the compose task goes into the outbox, in one transaction.
+
+        Raises ``StaleLease`` when the lease or the claim is no longer this worker's."""
+        pending = _Pending()
+        async with self.db.transaction() as session:
+            job = await self._fenced(session, job_id, token, claim_id)
+            regeneration = await self._active(session, job)
+            if regeneration.clip_index != clip_index:
+                raise InvalidInput("The new clip is not for the clip being regenerated.")
+            self._start_work(job, PHASE_COMPOSE)
+            self._outbox(session, pending, COMPOSE_QUEUE, f"compose-{regeneration.id}", tasks_pb2.ComposeTask(
+                job_id=job_id, regeneration_id=str(regeneration.id), lease_token=token, clip_index=clip_index,
+                new_clip=jobs_pb2.ClipInput(prompt=new_clip.prompt, duration=new_clip.duration,
+                                            video_key=new_clip.video_key, thumbnail_key=new_clip.thumbnail_key),
+                attempt=1))
+        await self._flush(pending)
+
     async def record_progress(self, job_id: str, token: str, *, stage: str, fraction: float,
-                              message: str = "", eta_seconds: float = 0.0) -> int:
-        """Append a progress event (and extend the lease: progress is a sign of life)."""
+                              message: str = "", eta_seconds: float = 0.0, claim_id: str = "") -> int:
+        """Append a progress event (and extend the lease and the claim: progress is a sign of life)."""
         fraction = min(max(float(fraction), 0.0), 1.0)
         pending = _Pending()
         async with self.db.transaction() as session:
-            job = await self._fenced(session, job_id, token)
+            job = await self._fenced(session, job_id, token, claim_id)
             job.lease_expires_at = self.clock() + self.lease
+            if claim_id:
+                job.claim_expires_at = self.clock() + self.claim
             payload: dict[str, Any] = {"message": message[:200]}
             if eta_seconds > 0:
                 payload["eta_seconds"] = round(eta_seconds, 1)
@@ -303,7 +410,7 @@ class JobStateMachine:
                     regeneration.progress = fraction
                     if regeneration.status == RegenerationStatus.QUEUED:
                         regeneration.status = RegenerationStatus.RUNNING
-                        regeneration.attempts += 1
+                        regeneration.attempts = max(regeneration.attempts, 1)
                     payload["regeneration_id"] = str(regeneration.id)
             event = self._event(session, job, pending, "progress", stage=stage, fraction=fraction,
                                 payload=payload)
@@ -312,15 +419,23 @@ class JobStateMachine:
 
     async def record_step(self, job_id: str, token: str, *, step: str, cost: str = "",
                           modified_prompt: str = "", change_summary: str = "", rewriter: str = "",
-                          checkpoint: dict[str, Any] | None = None) -> ClipRegeneration:
-        """Checkpoint one step's result and what it cost (paid even if a later step fails)."""
-        if step not in ("rewrite", "generate", "compose"):
+                          checkpoint: dict[str, Any] | None = None, claim_id: str = "",
+                          charge_key: str = "") -> ClipRegeneration:
+        """Checkpoint one step's result and what it cost (paid even if a later step fails).
+
+        A cost recorded with a ``charge_key`` already recorded (the same paid call, reported
+        again after a lost answer) is not added twice."""
+        if step not in STEPS:
             raise InvalidInput("Unknown step.")
         amount = money(cost)
         pending = _Pending()
         async with self.db.transaction() as session:
-            job = await self._fenced(session, job_id, token)
+            job = await self._fenced(session, job_id, token, claim_id)
             regeneration = await self._active(session, job)
+            if charge_key and amount and not await self._charge_once(session, regeneration, step, charge_key,
+                                                                    amount):
+                log.info("charge.duplicate", extra={"job_id": job_id, "charge_key": charge_key})
+                amount = Decimal("0")
             if step == "rewrite":
                 regeneration.llm_cost += amount
                 regeneration.modified_prompt = modified_prompt or regeneration.modified_prompt
@@ -328,7 +443,7 @@ class JobStateMachine:
                 regeneration.rewriter = rewriter or regeneration.rewriter
             elif step == "generate":
                 regeneration.generation_cost += amount
-            else:
+            elif step == "compose":
                 regeneration.composition_cost += amount
             regeneration.cost = (regeneration.llm_cost + regeneration.generation_cost
                                  + regeneration.composition_cost)
@@ -344,7 +459,7 @@ class JobStateMachine:
     async def succeed(self, job_id: str, token: str, *, regeneration_id: str = "",
                       new_clip: NewClip | None = None, video_key: str, video_duration: float,
                       composition_cost: str = "", encoder: str = "",
-                      clip_thumbnail_keys: Sequence[str] = ()) -> JobSnapshot:
+                      clip_thumbnail_keys: Sequence[str] = (), claim_id: str = "") -> JobSnapshot:
         """Publish a finished composition as the job's new current version (fenced by the token)."""
         if not video_key:
             raise InvalidInput("A finished composition needs its video.")
@@ -352,7 +467,7 @@ class JobStateMachine:
         now = self.clock()
         pending = _Pending()
         async with self.db.transaction() as session:
-            job = await self._fenced(session, job_id, token)
+            job = await self._fenced(session, job_id, token, claim_id)
             revisions = [c.revision for c in current_clips(job)]
             regeneration: ClipRegeneration | None = None
             if regeneration_id:
@@ -407,12 +522,12 @@ class JobStateMachine:
         return await self.get_job(job_id)
 
     async def fail(self, job_id: str, token: str, *, error_code: str, error_message: str,
-                   technical_detail: str = "", retryable: bool = True) -> JobSnapshot:
+                   technical_detail: str = "", retryable: bool = True, claim_id: str = "") -> JobSnapshot:
         """Mark the running work failed; the current version stays where it was."""
         now = self.clock()
         pending = _Pending()
         async with self.db.transaction() as session:
-            job = await self._fenced(session, job_id, token)
+            job = await self._fenced(session, job_id, token, claim_id)
             await self._fail_locked(session, job, pending, now, code=error_code or "failed",
                                     message=error_message or LEASE_EXPIRED_MESSAGE,
                                     detail=technical_detail, retryable=retryable)
@@ -552,11 +667,42 @@ class JobStateMachine:
                 and last.clip_index == clip_index and last.user_instruction == instruction
                 and last.base_version == job.current_version)
 
-    async def _fenced(self, session: AsyncSession, job_id: str, token: str) -> Job:
+    async def _fenced(self, session: AsyncSession, job_id: str, token: str, claim_id: str = "") -> Job:
+        """The locked job, if ``token`` is its live lease (and ``claim_id``, when given, holds its
+        work); else ``StaleLease``."""
         job = await self._lock(session, job_id)
         if not token or job.lease_token != token or not self._lease_live(job, self.clock()):
             raise StaleLease()
+        if claim_id and job.claim_id != claim_id:
+            raise StaleLease("This attempt was taken over by another delivery; its result was discarded.")
         return job
+
+    async def _charge_once(self, session: AsyncSession, regeneration: ClipRegeneration, step: str,
+                           charge_key: str, amount: Decimal) -> bool:
+        """Record one paid call; False when its key was recorded before (the job row lock makes
+        the check and the insert atomic; the unique key is the backstop)."""
+        seen = (await session.execute(select(RegenerationCharge.id)
+                                      .where(RegenerationCharge.charge_key == charge_key))).first()
+        if seen is not None:
+            return False
+        session.add(RegenerationCharge(regeneration_id=regeneration.id, charge_key=charge_key[:200], step=step,
+                                       cost=amount, created_at=self.clock()))
+        return True
+
+    @staticmethod
+    def _start_work(job: Job, phase: str) -> None:
+        job.work_phase = phase
+        job.work_attempt = 0
+        job.claim_id = None
+        job.claim_expires_at = None
+
+    def _outbox(self, session: AsyncSession, pending: _Pending, queue: str, message_id: str,
+                task: Message) -> None:
+        """Queue ``task`` in the outbox of this transaction, with the caller's trace context."""
+        task.trace_context.update(inject_headers())  # type: ignore[attr-defined]
+        session.add(OutboxMessage(queue=queue, message_id=message_id, body=task.SerializeToString(),
+                                  created_at=self.clock()))
+        pending.outbox = True
 
     async def _active(self, session: AsyncSession, job: Job) -> ClipRegeneration:
         regeneration = (await session.get(ClipRegeneration, job.active_regeneration_id)
@@ -573,6 +719,9 @@ class JobStateMachine:
         job.lease_token = None
         job.lease_expires_at = None
         job.active_regeneration_id = None
+        job.work_phase = None
+        job.claim_id = None
+        job.claim_expires_at = None
 
     async def _expire(self, session: AsyncSession, job: Job, pending: _Pending, now: datetime) -> None:
         composing = job.status == JobStatus.COMPOSING
@@ -611,6 +760,8 @@ class JobStateMachine:
         return event
 
     async def _flush(self, pending: _Pending) -> None:
+        if pending.outbox and self.on_outbox is not None:
+            self.on_outbox()
         if self.notifier is None:
             return
         for event in pending.events:

@@ -492,7 +492,7 @@ def test_cancel_during_composition_then_the_same_change_reuses_the_clip(rig: Rig
     assert cancelled.status_code == 200, cancelled.text
     time.sleep(2)  # past the composer's next heartbeat, which is refused
     rig.s3.release()
-    wait_for(lambda: rig.log_lines("compose.dropped_lease_lost", rid), "the composer to drop the work", limit=30)
+    wait_for(lambda: rig.log_lines("work.dropped_lease_lost", rid), "the composer to drop the work", limit=30)
 
     job = get_job(client, job["id"])
     assert job["status"] == "completed" and job["current_version"] == 1

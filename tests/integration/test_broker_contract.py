@@ -23,12 +23,29 @@ from clipchat.broker import (
 )
 from clipchat.broker.memory import InMemoryBroker
 from clipchat.broker.rabbitmq import RabbitMQBroker
-from clipchat.broker.topology import DEAD_LETTER_EXCHANGE, EVENTS_EXCHANGE, WORK_QUEUES
+from clipchat.broker.topology import (
+    DEAD_LETTER_EXCHANGE,
+    EVENTS_EXCHANGE,
+    WORK_QUEUES,
+    delay_queue,
+    retry_delays,
+)
 from clipchat.errors import DependencyUnavailable
+from clipchat.v1 import jobs_pb2, tasks_pb2
 
 DELIVERY_LIMIT = 3
 GRACE_SECONDS = 0.5
 TIMEOUT = 15.0
+# Doubling waits between attempts: 0.2 s, then 0.4 s.
+RETRY_DELAYS = retry_delays(0.2, 1.0, DELIVERY_LIMIT)
+
+
+def regenerate(n: int | str, **fields: Any) -> tasks_pb2.RegenerateTask:
+    return tasks_pb2.RegenerateTask(job_id=f"job-{n}", regeneration_id=f"regen-{n}", lease_token="t", **fields)
+
+
+def compose(n: int | str, **fields: Any) -> tasks_pb2.ComposeTask:
+    return tasks_pb2.ComposeTask(job_id=f"job-{n}", lease_token="t", **fields)
 
 BrokerFactory = Callable[[], Awaitable[Broker]]
 
@@ -41,6 +58,9 @@ async def _delete_namespace(url: str, namespace: str) -> None:
         channel = await connection.channel()
         for queue in (*WORK_QUEUES, DEAD_LETTER_QUEUE):
             await channel.queue_delete(namespace + queue)
+        for queue in WORK_QUEUES:
+            for delay in set(RETRY_DELAYS):
+                await channel.queue_delete(namespace + delay_queue(queue, delay))
         for exchange in (DEAD_LETTER_EXCHANGE, EVENTS_EXCHANGE):
             await channel.exchange_delete(namespace + exchange)
 
@@ -55,10 +75,11 @@ async def make_broker(request: pytest.FixtureRequest) -> AsyncIterator[BrokerFac
     async def make() -> Broker:
         broker: Broker
         if request.param == "memory":
-            broker = InMemoryBroker(delivery_limit=DELIVERY_LIMIT, shutdown_grace_seconds=GRACE_SECONDS)
+            broker = InMemoryBroker(delivery_limit=DELIVERY_LIMIT, retry_delays=RETRY_DELAYS,
+                                    shutdown_grace_seconds=GRACE_SECONDS)
         else:
             broker = RabbitMQBroker(url, delivery_limit=DELIVERY_LIMIT, namespace=namespace,
-                                    shutdown_grace_seconds=GRACE_SECONDS)
+                                    retry_delays=RETRY_DELAYS, shutdown_grace_seconds=GRACE_SECONDS)
         await broker.connect()
         made.append(broker)
         return broker
@@ -99,12 +120,14 @@ class Recorder:
 
     def __init__(self, outcome: Callable[[Delivery], Awaitable[None]] | None = None) -> None:
         self.deliveries: list[Delivery] = []
+        self.times: list[float] = []
         self._outcome = outcome
         self._changed = asyncio.Condition()
 
     async def __call__(self, delivery: Delivery) -> None:
         async with self._changed:
             self.deliveries.append(delivery)
+            self.times.append(asyncio.get_running_loop().time())
             self._changed.notify_all()
         if self._outcome is not None:
             await self._outcome(delivery)
@@ -116,20 +139,20 @@ class Recorder:
 
 
 async def test_publish_consume_ack_removes_message(broker: Broker) -> None:
-    body: dict[str, Any] = {"regeneration_id": "r-1", "clip": 3, "prompt": "nuit étoilée ✨",
-                            "beats": [0.5, 1.25], "extra": {"nested": None, "ok": True}}
-    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-               "attempt": 2, "flag": True}
+    task = compose("nuit étoilée ✨", regeneration_id="r-1", clip_index=3, attempt=1,
+                   new_clip=jobs_pb2.ClipInput(prompt="nuit étoilée ✨", duration=1.25, video_key="k"),
+                   trace_context={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
     recorder = Recorder()
-    subscription = await broker.consume(REGENERATE_QUEUE, recorder)
+    subscription = await broker.consume(COMPOSE_QUEUE, recorder)
 
-    await broker.publish(REGENERATE_QUEUE, body, message_id="r-1", headers=headers)
+    await broker.publish(COMPOSE_QUEUE, task, message_id="r-1")
     [delivery] = await recorder.wait_for(1)
 
-    assert delivery.body == body
+    assert delivery.task == task
+    assert delivery.queue == COMPOSE_QUEUE
     assert delivery.message_id == "r-1"
-    assert delivery.delivery_count == 1
-    assert delivery.headers == headers
+    assert delivery.attempt == 1
+    assert not delivery.redelivered
     await subscription.cancel()
 
     # After a reconnect the acked message is not delivered again: only the sentinel arrives.
@@ -139,10 +162,11 @@ async def test_publish_consume_ack_removes_message(broker: Broker) -> None:
     assert await broker.ping()
     after = Recorder()
     subscription = await broker.consume(REGENERATE_QUEUE, after)
-    await broker.publish(REGENERATE_QUEUE, {"sentinel": True}, message_id="sentinel")
+    await broker.publish(REGENERATE_QUEUE, regenerate("sentinel"), message_id="sentinel")
     await after.wait_for(1)
     await subscription.cancel()
     assert [d.message_id for d in after.deliveries] == ["sentinel"]
+    assert await broker.dead_letters(COMPOSE_QUEUE) == []
     assert await broker.dead_letters(REGENERATE_QUEUE) == []
     assert await broker.dead_letters() == []
 
@@ -151,7 +175,7 @@ async def test_acked_message_is_not_redelivered_to_a_new_connection(make_broker:
     first = await make_broker()
     recorder = Recorder()
     await first.consume(COMPOSE_QUEUE, recorder)
-    await first.publish(COMPOSE_QUEUE, {"n": 1}, message_id="m-1")
+    await first.publish(COMPOSE_QUEUE, compose(1), message_id="m-1")
     await recorder.wait_for(1)
     await first.close()
 
@@ -160,34 +184,62 @@ async def test_acked_message_is_not_redelivered_to_a_new_connection(make_broker:
     assert await second.dead_letters(COMPOSE_QUEUE) == []
 
 
-async def test_requeue_redelivers_then_dead_letters_at_the_limit(broker: Broker) -> None:
+async def test_requeue_comes_back_later_then_dead_letters_at_the_limit(broker: Broker) -> None:
     async def always_requeue(delivery: Delivery) -> None:
         raise RequeueMessage
 
     recorder = Recorder(always_requeue)
     await broker.consume(REGENERATE_QUEUE, recorder)
 
-    await broker.publish(REGENERATE_QUEUE, {"n": 1}, message_id="flaky", headers={"job_id": "j"})
+    await broker.publish(REGENERATE_QUEUE, regenerate(1, attempt=1), message_id="flaky")
     [dead] = await drain_until(broker, DEAD_LETTER_QUEUE, 1)
 
-    assert [d.delivery_count for d in recorder.deliveries] == list(range(1, DELIVERY_LIMIT + 1))
+    # The attempt is the message's own count, raised on each retry: the limit holds whatever the
+    # broker counts (RabbitMQ 4.3 no longer counts nacks).
+    assert [d.attempt for d in recorder.deliveries] == list(range(1, DELIVERY_LIMIT + 1))
     assert {d.message_id for d in recorder.deliveries} == {"flaky"}
-    assert (dead.message_id, dead.body, dead.headers) == ("flaky", {"n": 1}, {"job_id": "j"})
+    assert (dead.message_id, dead.queue, dead.task.job_id, dead.attempt) == (
+        "flaky", REGENERATE_QUEUE, "job-1", DELIVERY_LIMIT)
+    # Each retry waited longer than the one before: 0.2 s, then 0.4 s.
+    gaps = [later - earlier for earlier, later in zip(recorder.times, recorder.times[1:], strict=False)]
+    assert gaps[0] >= RETRY_DELAYS[0] * 0.9
+    assert gaps[1] >= RETRY_DELAYS[1] * 0.9
+    assert gaps[1] > gaps[0]
+
+
+async def test_uncounted_requeue_keeps_the_attempt(broker: Broker) -> None:
+    async def busy_twice(delivery: Delivery) -> None:
+        if len(recorder.deliveries) <= 2:
+            raise RequeueMessage("held elsewhere", counted=False, delay=0.1)
+
+    recorder = Recorder(busy_twice)
+    subscription = await broker.consume(COMPOSE_QUEUE, recorder)
+    await broker.publish(COMPOSE_QUEUE, compose(1, attempt=1), message_id="busy")
+    await recorder.wait_for(3)
+    await subscription.cancel()
+
+    assert [d.attempt for d in recorder.deliveries] == [1, 1, 1]
+    assert await broker.dead_letters() == []
+
+
+async def test_publish_refuses_another_queues_message_type(broker: Broker) -> None:
+    with pytest.raises(TypeError):
+        await broker.publish(COMPOSE_QUEUE, regenerate(1), message_id="wrong")
 
 
 async def test_requeued_message_succeeds_on_a_later_delivery(broker: Broker) -> None:
     async def fail_once(delivery: Delivery) -> None:
-        if delivery.delivery_count == 1:
+        if delivery.attempt == 1:
             raise RequeueMessage
 
     recorder = Recorder(fail_once)
     subscription = await broker.consume(REGENERATE_QUEUE, recorder)
 
-    await broker.publish(REGENERATE_QUEUE, {"n": 1}, message_id="once")
+    await broker.publish(REGENERATE_QUEUE, regenerate(1), message_id="once")
     await recorder.wait_for(2)
     await subscription.cancel()
 
-    assert [d.delivery_count for d in recorder.deliveries] == [1, 2]
+    assert [d.attempt for d in recorder.deliveries] == [1, 2]
     assert await broker.dead_letters(REGENERATE_QUEUE) == []
     assert await broker.dead_letters() == []
 
@@ -199,36 +251,36 @@ async def test_other_exception_dead_letters_at_once(broker: Broker) -> None:
     recorder = Recorder(broken)
     subscription = await broker.consume(COMPOSE_QUEUE, recorder)
 
-    await broker.publish(COMPOSE_QUEUE, {"n": 1}, message_id="poison")
+    await broker.publish(COMPOSE_QUEUE, compose(1), message_id="poison")
     [dead] = await drain_until(broker, DEAD_LETTER_QUEUE, 1)
     await subscription.cancel()
 
-    assert [d.delivery_count for d in recorder.deliveries] == [1]
+    assert [d.attempt for d in recorder.deliveries] == [1]
     assert dead.message_id == "poison"
     assert await broker.dead_letters(COMPOSE_QUEUE) == []
 
 
 async def test_unknown_queue_is_unavailable(broker: Broker) -> None:
     with pytest.raises(DependencyUnavailable):
-        await broker.publish("clipchat.no-such-queue", {"n": 1}, message_id="lost")
+        await broker.publish("clipchat.no-such-queue", compose(1), message_id="lost")
     with pytest.raises(DependencyUnavailable):
         await broker.consume("clipchat.no-such-queue", Recorder())
 
     # The broker is still usable after the refusal.
     recorder = Recorder()
     await broker.consume(COMPOSE_QUEUE, recorder)
-    await broker.publish(COMPOSE_QUEUE, {"n": 2}, message_id="kept")
+    await broker.publish(COMPOSE_QUEUE, compose(2), message_id="kept")
     assert [d.message_id for d in await recorder.wait_for(1)] == ["kept"]
 
 
 async def test_unavailable_before_connect_and_after_close() -> None:
     broker = InMemoryBroker(delivery_limit=DELIVERY_LIMIT)
     with pytest.raises(DependencyUnavailable):
-        await broker.publish(REGENERATE_QUEUE, {}, message_id="m")
+        await broker.publish(REGENERATE_QUEUE, regenerate(1), message_id="m")
     await broker.connect()
     await broker.close()
     with pytest.raises(DependencyUnavailable):
-        await broker.publish(REGENERATE_QUEUE, {}, message_id="m")
+        await broker.publish(REGENERATE_QUEUE, regenerate(1), message_id="m")
 
 
 @pytest.mark.rabbitmq
@@ -239,7 +291,7 @@ async def test_rabbitmq_unreachable_is_unavailable() -> None:
         await broker.connect()
     assert not await broker.ping()
     with pytest.raises(DependencyUnavailable):
-        await broker.publish(REGENERATE_QUEUE, {}, message_id="m")
+        await broker.publish(REGENERATE_QUEUE, regenerate(1), message_id="m")
 
 
 class Concurrency:
@@ -278,7 +330,7 @@ async def test_prefetch_one_runs_one_handler_at_a_time(broker: Broker) -> None:
 
     await broker.consume(REGENERATE_QUEUE, handle, prefetch=1)
     for i in range(4):
-        await broker.publish(REGENERATE_QUEUE, {"n": i}, message_id=f"m-{i}")
+        await broker.publish(REGENERATE_QUEUE, regenerate(i), message_id=f"m-{i}")
     async with asyncio.timeout(TIMEOUT):
         await all_done.wait()
 
@@ -303,7 +355,7 @@ async def test_handlers_run_concurrently_up_to_prefetch(broker: Broker) -> None:
 
     await broker.consume(COMPOSE_QUEUE, handle, prefetch=3)
     for i in range(6):
-        await broker.publish(COMPOSE_QUEUE, {"n": i}, message_id=f"m-{i}")
+        await broker.publish(COMPOSE_QUEUE, compose(i), message_id=f"m-{i}")
 
     async with asyncio.timeout(TIMEOUT):
         await three_running.wait()
@@ -317,19 +369,19 @@ async def test_handlers_run_concurrently_up_to_prefetch(broker: Broker) -> None:
 
 async def test_slow_handler_loses_no_message(broker: Broker) -> None:
     async def slow(delivery: Delivery) -> None:
-        await asyncio.sleep(0.01 * (delivery.body["n"] % 3))
+        await asyncio.sleep(0.01 * (int(delivery.task.job_id.removeprefix("job-")) % 3))
 
     recorder = Recorder(slow)
     subscription = await broker.consume(REGENERATE_QUEUE, recorder, prefetch=2)
     ids = [f"m-{i}" for i in range(20)]
     for i, message_id in enumerate(ids):
-        await broker.publish(REGENERATE_QUEUE, {"n": i}, message_id=message_id)
+        await broker.publish(REGENERATE_QUEUE, regenerate(i), message_id=message_id)
 
     await recorder.wait_for(len(ids))
     await subscription.cancel()
 
     assert sorted(d.message_id for d in recorder.deliveries) == sorted(ids)
-    assert all(d.delivery_count == 1 for d in recorder.deliveries)
+    assert all(d.attempt == 1 and not d.redelivered for d in recorder.deliveries)
     assert await broker.dead_letters(REGENERATE_QUEUE) == []
     assert await broker.dead_letters() == []
 
@@ -343,7 +395,7 @@ async def test_cancel_lets_a_running_handler_finish(broker: Broker) -> None:
 
     recorder = Recorder(gated)
     subscription = await broker.consume(COMPOSE_QUEUE, recorder)
-    await broker.publish(COMPOSE_QUEUE, {"n": 1}, message_id="in-flight")
+    await broker.publish(COMPOSE_QUEUE, compose(1), message_id="in-flight")
     async with asyncio.timeout(TIMEOUT):
         await started.wait()
 
@@ -364,7 +416,7 @@ async def test_handler_cut_off_at_shutdown_is_redelivered(broker: Broker) -> Non
         await asyncio.Event().wait()
 
     await broker.consume(COMPOSE_QUEUE, Recorder(stuck))
-    await broker.publish(COMPOSE_QUEUE, {"n": 1}, message_id="interrupted")
+    await broker.publish(COMPOSE_QUEUE, compose(1), message_id="interrupted")
     async with asyncio.timeout(TIMEOUT):
         await started.wait()
 
@@ -375,7 +427,8 @@ async def test_handler_cut_off_at_shutdown_is_redelivered(broker: Broker) -> Non
 
     [delivery] = await recorder.wait_for(1)
     assert delivery.message_id == "interrupted"
-    assert delivery.delivery_count == 2
+    assert delivery.redelivered  # cut off by the shutdown: not a failure, so no attempt used
+    assert delivery.attempt == 1
 
 
 async def test_topic_subscriptions_receive_matching_events_only(broker: Broker) -> None:

@@ -1,7 +1,7 @@
 """``RegenerationPipeline``: retries, checkpoints, costs and what a failure records.
 
-The status service, the rewriter, the generator and the broker are small in-process fakes that
-record what the pipeline asks of them; storage is a local folder.
+The status service, the rewriter and the generator are small in-process fakes that record what the
+pipeline asks of them; storage is a local folder.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from clipchat.errors import StaleLease
+from clipchat.errors import DependencyUnavailable, StaleLease
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.settings import Settings
 from clipchat.storage.local import LocalStorage
-from clipchat.v1 import common_pb2
-from services.regenerator.generator import GeneratedClip, ProgressFn
+from clipchat.v1 import common_pb2, jobs_pb2
+from services.regenerator.generator import GeneratedClip, ProgressFn, StartedFn
 from services.regenerator.http_generator import (
     REJECTED_MESSAGE,
     TIMEOUT_MESSAGE,
@@ -50,6 +50,7 @@ class FakeStatus:
     def __init__(self, checkpoints: dict[str, Any] | None = None) -> None:
         self.checkpoints = checkpoints or {}
         self.cancelled = False
+        self.unavailable_writes = 0  # this many writes fail as if the status service were down
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def cancel(self) -> None:
@@ -61,6 +62,9 @@ class FakeStatus:
     def _write(self, name: str, **kwargs: Any) -> None:
         if self.cancelled:
             raise StaleLease()
+        if self.unavailable_writes and name != "progress":
+            self.unavailable_writes -= 1
+            raise DependencyUnavailable()
         self.calls.append((name, kwargs))
 
     async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[common_pb2.Regeneration,
@@ -76,18 +80,22 @@ class FakeStatus:
             common_pb2.Clip(clip_index=i, prompt=p, duration=1.0, video_key=f"jobs/x/clip{i}.mp4")
             for i, p in enumerate(PROMPTS)])
 
-    async def renew(self, job_id: str, token: str) -> None:
+    async def renew(self, job_id: str, token: str, claim_id: str = "") -> None:
         self._write("renew")
 
     async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
-                       eta_seconds: float = 0.0) -> None:
+                       eta_seconds: float = 0.0, claim_id: str = "") -> None:
         self._write("progress", stage=stage, fraction=fraction)
 
-    async def record_step(self, job_id: str, token: str, step: str, **kwargs: Any) -> None:
+    async def record_step(self, job_id: str, token: str, step: str, *, claim_id: str = "", **kwargs: Any) -> None:
         self._write("record_step", step=step, **kwargs)
 
+    async def queue_composition(self, job_id: str, token: str, claim_id: str, clip_index: int,
+                                new_clip: jobs_pb2.ClipInput) -> None:
+        self._write("queue_composition", token=token, claim_id=claim_id, clip_index=clip_index, new_clip=new_clip)
+
     async def fail(self, job_id: str, token: str, *, code: str, message: str, detail: str = "",
-                   retryable: bool = True) -> None:
+                   retryable: bool = True, claim_id: str = "") -> None:
         self._write("fail", code=code, message=message, detail=json.loads(detail), retryable=retryable)
 
 
@@ -117,6 +125,7 @@ class ScriptedGenerator:
         self.errors = list(errors)
         self.sample = sample
         self.prompts: list[str] = []
+        self.keys: list[tuple[str, str]] = []  # (idempotency key, resumed prediction) of each call
         self.started = asyncio.Event()
         self.cancelled = False
 
@@ -124,11 +133,15 @@ class ScriptedGenerator:
         return Decimal("0.05") * Decimal(str(duration))
 
     async def generate(self, prompt: str, duration: float, dest: Path, *,
-                       on_progress: ProgressFn | None = None) -> GeneratedClip:
+                       on_progress: ProgressFn | None = None, idempotency_key: str = "", resume_id: str = "",
+                       on_started: StartedFn | None = None) -> GeneratedClip:
         self.prompts.append(prompt)
+        self.keys.append((idempotency_key, resume_id))
         self.started.set()
         if self.errors:
             raise self.errors.pop(0)
+        if on_started is not None and not resume_id:
+            await on_started(f"pred-{len(self.prompts)}")
         if self.sample is None:
             try:
                 await asyncio.sleep(3600)
@@ -140,39 +153,30 @@ class ScriptedGenerator:
         return GeneratedClip(path=dest, duration=duration, cost=Decimal("0.1234"), provider_id="pred-1")
 
 
-class RecordingBroker:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, dict[str, Any], str]] = []
-
-    async def publish(self, queue: str, body: dict[str, Any], *, message_id: str,
-                      headers: dict[str, Any] | None = None) -> None:
-        self.published.append((queue, body, message_id))
-
-
 LLM_RESULT = RewriteResult(prompt="the city skyline, anime style", summary="Anime style.", cost=Decimal("0.0042"),
                            rewriter="llm")
 
-PipelineFactory = Callable[..., tuple[RegenerationPipeline, FakeStatus, RecordingBroker]]
+PipelineFactory = Callable[..., tuple[RegenerationPipeline, FakeStatus]]
 
 
 @pytest.fixture
 def make_pipeline(tmp_path: Path) -> PipelineFactory:
     def make(rewriter: ScriptedRewriter, generator: ScriptedGenerator, *, checkpoints: dict[str, Any] | None = None,
-             retry_max_seconds: float = 0.01) -> tuple[RegenerationPipeline, FakeStatus, RecordingBroker]:
-        status, broker = FakeStatus(checkpoints), RecordingBroker()
+             retry_max_seconds: float = 0.01) -> tuple[RegenerationPipeline, FakeStatus]:
+        status = FakeStatus(checkpoints)
         settings = Settings(retry_attempts=3, retry_base_seconds=0.001, retry_max_seconds=retry_max_seconds,
                             heartbeat_seconds=0.05)
         pipeline = RegenerationPipeline(status=status, storage=LocalStorage(tmp_path / "storage"),  # type: ignore[arg-type]
-                                        broker=broker, rewriter=rewriter, generator=generator,  # type: ignore[arg-type]
+                                        rewriter=rewriter, generator=generator,  # type: ignore[arg-type]
                                         ffmpeg=FfmpegRunner(None), settings=settings)
-        return pipeline, status, broker
+        return pipeline, status
     return make
 
 
 async def test_generation_timeout_has_its_own_message(make_pipeline: PipelineFactory) -> None:
     timeout = TransientGenerationError(TIMEOUT_MESSAGE, code="generation_timeout")
     generator = ScriptedGenerator(timeout, timeout, timeout)
-    pipeline, status, _ = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
 
     await pipeline.run(TASK)
 
@@ -188,11 +192,11 @@ async def test_transient_failures_are_retried_then_reported_with_the_generic_mes
         make_pipeline: PipelineFactory) -> None:
     down = [TransientGenerationError(detail="HTTP 500: upstream exploded") for _ in range(3)]
     generator = ScriptedGenerator(*down)
-    pipeline, status, broker = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
 
     await pipeline.run(TASK)
 
-    assert len(generator.prompts) == 3 and not broker.published
+    assert len(generator.prompts) == 3 and not status.named("queue_composition")
     [failed] = status.named("fail")
     assert (failed["code"], failed["message"], failed["retryable"]) == ("generation_failed", FAILED_MESSAGE, True)
     assert FAILED_MESSAGE == "Regeneration failed. Please try again."
@@ -207,7 +211,7 @@ async def test_transient_failures_are_retried_then_reported_with_the_generic_mes
 
 async def test_a_content_policy_refusal_is_not_retried(make_pipeline: PipelineFactory) -> None:
     generator = ScriptedGenerator(GenerationRejected(code="content_policy", detail="flagged (nsfw)"))
-    pipeline, status, _ = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
 
     await pipeline.run(TASK)
 
@@ -221,7 +225,7 @@ async def test_a_rejected_llm_answer_is_still_paid_for(make_pipeline: PipelineFa
     rejected = RewriteRejected(detail="the answer repeats the system prompt", cost=Decimal("0.0031"))
     generator = ScriptedGenerator()
     rewriter = ScriptedRewriter(rejected)
-    pipeline, status, _ = make_pipeline(rewriter, generator)
+    pipeline, status = make_pipeline(rewriter, generator)
 
     await pipeline.run(TASK)
 
@@ -229,7 +233,8 @@ async def test_a_rejected_llm_answer_is_still_paid_for(make_pipeline: PipelineFa
     writes = [name for name, _ in status.calls if name in ("record_step", "fail")]
     assert writes == ["record_step", "fail"]  # the cost is on the row before the failure adds it up
     [step] = status.named("record_step")
-    assert step == {"step": "rewrite", "cost": "0.0031", "rewriter": "llm"}
+    assert step == {"step": "rewrite", "cost": "0.0031", "rewriter": "llm",
+                    "charge_key": f"{REGENERATION_ID}:rewrite:1.1"}
     [failed] = status.named("fail")
     assert (failed["code"], failed["message"], failed["retryable"]) == (
         "rewrite_rejected", RewriteRejected.default_message, False)
@@ -239,7 +244,7 @@ async def test_a_rejected_llm_answer_is_still_paid_for(make_pipeline: PipelineFa
 async def test_an_llm_outage_is_retried_then_reported_with_the_generic_message(
         make_pipeline: PipelineFactory) -> None:
     rewriter = ScriptedRewriter(LLMUnavailable(detail="HTTP 503"))
-    pipeline, status, _ = make_pipeline(rewriter, ScriptedGenerator())
+    pipeline, status = make_pipeline(rewriter, ScriptedGenerator())
 
     await pipeline.run(TASK)
 
@@ -253,7 +258,7 @@ async def test_retry_after_is_honoured(make_pipeline: PipelineFactory) -> None:
     rewriter = ScriptedRewriter(LLMUnavailable(code="llm_rate_limited", retry_after=0.3), LLM_RESULT)
     generator = ScriptedGenerator(GenerationRejected(code="invalid_prompt"))
     # (RetryPolicy waits at most 4 × retry_max_seconds, even when a provider asks for longer.)
-    pipeline, status, _ = make_pipeline(rewriter, generator, retry_max_seconds=0.1)
+    pipeline, status = make_pipeline(rewriter, generator, retry_max_seconds=0.1)
 
     await pipeline.run(TASK)
 
@@ -266,22 +271,22 @@ async def test_checkpointed_steps_are_not_paid_for_again(make_pipeline: Pipeline
     generated = {"video_key": "jobs/x/clips/new.mp4", "thumbnail_key": "jobs/x/clips/new.jpg", "duration": 1.0,
                  "probed_duration": 1.0, "prompt": "p2", "provider": "http", "provider_id": "pred-9"}
     rewriter, generator = ScriptedRewriter(LLM_RESULT), ScriptedGenerator()
-    pipeline, status, broker = make_pipeline(rewriter, generator,
+    pipeline, status = make_pipeline(rewriter, generator,
                                              checkpoints={"rewrite": {"prompt": "p2"}, "generate": generated})
 
     await pipeline.run(TASK)
 
     assert not rewriter.requests and not generator.prompts
     assert not status.named("record_step") and not status.named("fail")
-    [(queue, body, message_id)] = broker.published
-    assert queue.endswith("compose") and message_id == f"compose-{REGENERATION_ID}"
-    assert body["new_clip"] == {"clip_index": 1, "prompt": "p2", "duration": 1.0,
-                                "video_key": generated["video_key"], "thumbnail_key": generated["thumbnail_key"]}
+    [queued] = status.named("queue_composition")
+    assert queued["clip_index"] == 1
+    assert queued["new_clip"] == jobs_pb2.ClipInput(prompt="p2", duration=1.0, video_key=generated["video_key"],
+                                                    thumbnail_key=generated["thumbnail_key"])
 
 
 async def test_a_cancel_stops_the_generation_and_records_nothing(make_pipeline: PipelineFactory) -> None:
     generator = ScriptedGenerator()  # hangs until cancelled
-    pipeline, status, broker = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
 
     async def cancel_when_generating() -> None:
         await generator.started.wait()
@@ -291,7 +296,7 @@ async def test_a_cancel_stops_the_generation_and_records_nothing(make_pipeline: 
         await asyncio.gather(pipeline.run(TASK), cancel_when_generating())
 
     assert generator.cancelled
-    assert not status.named("fail") and not broker.published
+    assert not status.named("fail") and not status.named("queue_composition")
 
 
 async def test_a_generated_clip_is_stored_paid_for_and_handed_to_the_composer(
@@ -300,17 +305,71 @@ async def test_a_generated_clip_is_stored_paid_for_and_handed_to_the_composer(
 
     sample = render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe)
     generator = ScriptedGenerator(sample=sample)
-    pipeline, status, broker = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
 
     await pipeline.run(TASK)
 
     assert generator.prompts == [LLM_RESULT.prompt]
-    rewrite, generate = status.named("record_step")
+    rewrite, started, generate = status.named("record_step")
     assert rewrite["step"] == "rewrite" and generate["step"] == "generate"
+    # The prediction was checkpointed before it was waited for; each paid call has its own key.
+    assert started == {"step": "generation_started", "checkpoint": {"provider_id": "pred-1"}}
+    assert generator.keys == [(f"{REGENERATION_ID}:generate:1.1", "")]
+    assert rewrite["charge_key"] == f"{REGENERATION_ID}:rewrite:1.1"
+    assert generate["charge_key"] == f"{REGENERATION_ID}:generate:1.1"
     assert generate["cost"] == "0.1234" and "cost" not in generate["checkpoint"]
     assert (tmp_path / "storage" / generate["checkpoint"]["video_key"]).is_file()
     assert (tmp_path / "storage" / generate["checkpoint"]["thumbnail_key"]).is_file()
-    [(_, body, _)] = broker.published
-    assert body["lease_token"] == TOKEN and body["new_clip"]["video_key"] == generate["checkpoint"]["video_key"]
+    [queued] = status.named("queue_composition")
+    assert queued["token"] == TOKEN and queued["new_clip"].video_key == generate["checkpoint"]["video_key"]
     stages = [p["stage"] for p in status.named("progress")]
     assert stages[0] == "rewriting" and "generating" in stages and stages[-1] == "queued"
+
+
+async def test_a_started_prediction_is_resumed_by_the_next_attempt(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator, checkpoints={
+        "rewrite": {"prompt": "p2"}, "generation_started": {"provider_id": "pred-7"}})
+
+    await pipeline.run(RegenerationTask(JOB_ID, REGENERATION_ID, TOKEN, claim_id="c-2", attempt=2))
+
+    # The worker that died had created pred-7: this attempt waits for it instead of paying again.
+    assert generator.keys == [(f"{REGENERATION_ID}:generate:2.1", "pred-7")]
+    assert [step["step"] for step in status.named("record_step")] == ["generate"]
+    assert status.named("queue_composition")
+
+
+async def test_a_status_outage_while_checkpointing_does_not_repeat_paid_work(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    rewriter = ScriptedRewriter(LLM_RESULT)
+    pipeline, status = make_pipeline(rewriter, generator)
+    status.unavailable_writes = 4  # the rewrite's checkpoint waits for the status service to come back
+
+    await pipeline.run(TASK)
+
+    assert len(rewriter.requests) == 1 and len(generator.prompts) == 1
+    assert [step["step"] for step in status.named("record_step")] == ["rewrite", "generation_started", "generate"]
+    assert status.named("queue_composition") and not status.named("fail")
+
+
+async def test_progress_that_cannot_be_written_never_stops_the_work(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+
+    async def progress_down(*args: Any, **kwargs: Any) -> None:
+        raise DependencyUnavailable()
+
+    status.progress = progress_down  # type: ignore[method-assign]
+    await pipeline.run(TASK)
+
+    assert len(generator.prompts) == 1
+    assert status.named("queue_composition") and not status.named("fail")
