@@ -133,7 +133,7 @@ async def test_a_cost_reported_twice_for_one_paid_call_counts_once(machine: JobS
 
 async def test_state_changes_write_their_task_messages_in_the_same_transaction(
         machine: JobStateMachine, db: Database) -> None:
-    snapshot, token = await machine.create_job(
+    snapshot, _ = await machine.create_job(
         owner="alice", clips=[ClipInput("p", 2.0, "jobs/x/in/0.mp4")], audio_key="jobs/x/in/a.wav")
     [initial] = await unsent(db)
     assert (initial.queue, initial.message_id) == (COMPOSE_QUEUE, f"compose-{snapshot.job.id}-initial")
