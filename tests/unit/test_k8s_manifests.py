@@ -150,6 +150,15 @@ def test_every_deployment_container_has_probes_and_a_prestop() -> None:
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
+def test_workers_finish_their_work_within_the_pods_grace() -> None:
+    """The services' own shutdown grace is set, and below the pod's, so SIGTERM drains before SIGKILL."""
+    for name in GRPC_PORTS:
+        spec = of_kind("Deployment")[name]["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for c in spec["containers"] for e in c.get("env", [])}
+        grace = float(env[f"{PREFIX}SHUTDOWN_GRACE_SECONDS"])
+        assert 0 < grace < spec["terminationGracePeriodSeconds"] - 5, name
+
+
 def test_only_readiness_follows_dependencies() -> None:
     # gRPC health "" goes NOT_SERVING while a dependency is down: a restart would not help.
     for name in GRPC_PORTS:
