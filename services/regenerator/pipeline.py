@@ -18,6 +18,7 @@ for a while (it may be restarting); progress reports are best effort (``LeaseKee
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tempfile
@@ -201,13 +202,26 @@ class RegenerationPipeline:
             tries = _Tries()
             generated = await self._step("generate", lambda: self._generate(
                 task, prompt, clip.duration, keeper, resume, task.charge_key("generate", tries.next())))
-            await self._record_step(task, "generate", cost=generated.pop("cost"), checkpoint=generated,
-                                    charge_key=task.charge_key("generate", tries.count))
+            try:
+                await self._record_step(task, "generate", cost=generated.pop("cost"), checkpoint=generated,
+                                        charge_key=task.charge_key("generate", tries.count))
+            except BaseException:
+                # Not checkpointed (cancelled, taken over, status down): nothing will ever use it.
+                await asyncio.shield(self._discard(generated))
+                raise
 
         await keeper.progress("queued", 0.6, "Waiting for the composer")
         await keeper.flush()
         await self.status_policy.run(lambda: self._hand_to_composer(task, index, prompt, generated),
                                      what="queue_composition")
+
+    async def _discard(self, generated: dict[str, Any]) -> None:
+        for key in (generated.get("video_key"), generated.get("thumbnail_key")):
+            if key:
+                try:
+                    await self.storage.delete(str(key))
+                except ClipChatError:
+                    log.warning("regeneration.discard_failed", extra={"key": key})
 
     async def _record_step(self, task: RegenerationTask, step: str, **fields: Any) -> None:
         """Checkpoint a step under the claim, retried while the status service is unavailable."""

@@ -51,6 +51,7 @@ class FakeStatus:
         self.checkpoints = checkpoints or {}
         self.cancelled = False
         self.unavailable_writes = 0  # this many writes fail as if the status service were down
+        self.refuse_step = ""  # this step's checkpoint is refused, as after a cancel
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def cancel(self) -> None:
@@ -88,6 +89,8 @@ class FakeStatus:
         self._write("progress", stage=stage, fraction=fraction)
 
     async def record_step(self, job_id: str, token: str, step: str, *, claim_id: str = "", **kwargs: Any) -> None:
+        if step == self.refuse_step:
+            raise StaleLease()
         self._write("record_step", step=step, **kwargs)
 
     async def queue_composition(self, job_id: str, token: str, claim_id: str, clip_index: int,
@@ -373,3 +376,18 @@ async def test_progress_that_cannot_be_written_never_stops_the_work(
 
     assert len(generator.prompts) == 1
     assert status.named("queue_composition") and not status.named("fail")
+
+
+async def test_a_clip_whose_checkpoint_is_refused_leaves_no_object_behind(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    pipeline, status = make_pipeline(ScriptedRewriter(LLM_RESULT), generator)
+    status.refuse_step = "generate"  # cancelled while the clip was uploaded
+
+    await pipeline.run(TASK)
+
+    assert len(generator.prompts) == 1 and not status.named("queue_composition")
+    stored = [p for p in (tmp_path / "storage").rglob("*") if p.is_file()]
+    assert stored == []
