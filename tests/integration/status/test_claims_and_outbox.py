@@ -7,7 +7,6 @@ messages with the state change that causes them; a cost reported twice for one p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
@@ -17,7 +16,6 @@ from clipchat.broker import REGENERATE_QUEUE
 from clipchat.broker.memory import InMemoryBroker
 from clipchat.broker.topology import COMPOSE_QUEUE
 from clipchat.db import Database
-from clipchat.db.migrate import upgrade
 from clipchat.db.models import OutboxMessage
 from clipchat.errors import DependencyUnavailable, StaleLease
 from services.status.outbox import OutboxRelay
@@ -28,22 +26,10 @@ from services.status.state_machine import (
     JobStateMachine,
     NewClip,
 )
-from tests.integration.status.test_state_machine import Clock, begin, composed_job
+from tests.integration.status.conftest import Clock
+from tests.integration.status.test_state_machine import begin, composed_job
 
 CLAIM_SECONDS = 3
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    await upgrade(database_url)
-    database = Database(database_url)
-    yield database
-    await database.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from clipchat.db import Database
-from clipchat.db.migrate import upgrade
-from clipchat.db.models import utcnow
 from clipchat.errors import (
     BudgetExceeded,
     ConcurrentRegeneration,
@@ -21,30 +17,7 @@ from clipchat.errors import (
     StaleLease,
 )
 from services.status.state_machine import ClipInput, JobStateMachine, NewClip
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = utcnow()
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    await upgrade(database_url)
-    database = Database(database_url)
-    yield database
-    await database.dispose()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+from tests.integration.status.conftest import Clock
 
 
 @pytest.fixture
