@@ -76,9 +76,9 @@ def test_readiness_shows_the_encoder_the_versions_were_made_with(embedded: Runni
     shown = embedded.cli("health")
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert lines[:3] == ["status       ok", "regenerator  ok", "storage      ok"]
-    assert lines[3].startswith(f"composer     ok  {composer['encoder']} (") and composer["encoder_reason"] in lines[3]
-    assert "segment cache:" in lines[4] and lines[-1] == "ready"
+    assert lines[:5] == ["status       ok", "regenerator  ok", "storage      ok", "database     ok", "broker       ok"]
+    assert lines[5].startswith(f"composer     ok  {composer['encoder']} (") and composer["encoder_reason"] in lines[5]
+    assert "segment cache:" in lines[6] and lines[-1] == "ready"
 
 
 def test_cli_regenerate_publishes_new_version_and_keeps_the_old(embedded: RunningClipChat,
