@@ -83,6 +83,12 @@ class Spend:
     def new_cancelled_ids(self) -> list[str]:
         return self.rig.base.predictions.cancelled_ids[self.cancels:]
 
+    def describe(self) -> str:
+        """What was paid since, for failure messages."""
+        keys = [call.idempotency_key or "(no key)" for call in self.new_creates()]
+        return (f"{self.new_predictions_paid()} predictions paid from {len(keys)} creates (keys {keys}), "
+                f"{self.new_llm_answers()} LLM answers")
+
     def paid_twice(self, *, predictions: int, llm_answers: int = 0) -> int:
         """Provider calls paid beyond the ``predictions`` and ``llm_answers`` the work needed."""
         return (max(0, self.new_predictions_paid() - predictions)

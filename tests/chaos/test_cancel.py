@@ -154,6 +154,7 @@ def wait_no_orphans(rig: ChaosRig, job_id: str) -> set[str]:
     return orphans
 
 
+@pytest.mark.chaos_slow
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_cancel_in_each_phase(phase: str, rig: ChaosRig, client: httpx.Client, chaos: ChaosRecord) -> None:
     job, original = new_job(rig, client)
@@ -192,7 +193,7 @@ def test_cancel_in_each_phase(phase: str, rig: ChaosRig, client: httpx.Client, c
     assert late_calls == [], f"{phase}: providers called again {late_calls} s after the cancel"
     assert_original_kept(after, row, original)
     assert orphans == set(), f"{phase}: objects nothing names: {sorted(orphans - before)}"
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
 
 
 def assert_original_kept(job: dict[str, Any], row: dict[str, Any], original: Original) -> None:

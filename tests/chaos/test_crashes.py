@@ -60,7 +60,7 @@ def test_kill9_composer_mid_encode(rig: ChaosRig, client: httpx.Client, chaos: C
     chaos.paid_twice = spend.paid_twice(predictions=1)
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
     assert len(rig.deliveries(COMPOSE_QUEUE, rid)) >= 2, "the compose message was not delivered again"
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
 
 
 def test_kill9_regenerator_mid_generation(rig: ChaosRig, client: httpx.Client, chaos: ChaosRecord) -> None:
@@ -84,7 +84,7 @@ def test_kill9_regenerator_mid_generation(rig: ChaosRig, client: httpx.Client, c
     assert spend.new_predictions_paid() == 1, (
         f"{spend.new_predictions_paid()} predictions paid; the first was {prediction}; "
         f"creates: {[c.idempotency_key for c in spend.new_creates()]}")
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
 
 
 class HealthWatch:
@@ -148,4 +148,4 @@ def test_sigterm_composer_mid_encode(rig: ChaosRig, client: httpx.Client, chaos:
         f"the composer exited before finishing its encode: {row_at_exit['status']}/{row_at_exit['stage']}")
     assert len(rig.deliveries(COMPOSE_QUEUE, rid)) == 1, "the compose message was delivered again (not acked)"
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()

@@ -57,7 +57,7 @@ def test_the_same_message_delivered_twice_at_once(rig: ChaosRig, client: httpx.C
     creates = spend.new_creates()
     assert len(creates) == 1, f"{len(creates)} generation calls: {[c.idempotency_key for c in creates]}"
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
 
 
 def _eventually(probe: Callable[[], bool], *, within: float) -> bool:

@@ -115,6 +115,7 @@ def test_rabbitmq_stopped_and_started_mid_job(rig: ChaosRig, client: httpx.Clien
     chaos.recovery_s = outcome.finished_at - outage.ended
     chaos.lost = lost(outcome, original, versions=[1, 2])
     chaos.paid_twice = spend.paid_twice(predictions=1)
+    paid = spend.describe()
     failed = [(a.what, a.status) for a in answers if a.what.startswith("GET") and a.status != 200]
     assert failed == [], f"the API stopped answering while RabbitMQ was down: {failed[:10]}"
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
@@ -123,7 +124,7 @@ def test_rabbitmq_stopped_and_started_mid_job(rig: ChaosRig, client: httpx.Clien
     after = finish(rig, client, job["id"], again, original)
     assert after.row["status"] == "completed", after.row
     assert after.versions == [1, 2, 3]
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, paid
 
 
 def test_postgres_stopped_20s_during_a_regeneration(rig: ChaosRig, client: httpx.Client,
@@ -152,7 +153,7 @@ def test_postgres_stopped_20s_during_a_regeneration(rig: ChaosRig, client: httpx
     assert {s: rig.pid(s) for s in SERVICES} == pids and all(rig.proc(s).poll() is None for s in SERVICES), (
         "a service was restarted or died")
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
 
 
 def test_broker_unreachable_when_a_regeneration_is_requested(rig: ChaosRig, client: httpx.Client,
@@ -178,7 +179,7 @@ def test_broker_unreachable_when_a_regeneration_is_requested(rig: ChaosRig, clie
     assert waiting["status"] == "queued", f"while the broker was down the regeneration was {waiting['status']}"
     assert created_while_down == [], "work started with no broker to hand it over"
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
 
 
 def test_status_service_down_15s_during_a_generation(rig: ChaosRig, client: httpx.Client,
@@ -210,4 +211,4 @@ def test_status_service_down_15s_during_a_generation(rig: ChaosRig, client: http
     assert len(creates) == 1 and polled == {prediction}, (
         f"the generation was restarted: {len(creates)} creates, predictions polled {sorted(polled)}")
     assert_completed_once(rig, outcome, original, money(job["total_cost"]))
-    assert chaos.paid_twice == 0
+    assert chaos.paid_twice == 0, spend.describe()
