@@ -95,9 +95,9 @@ class Settings(BaseSettings):
     generator_poll_initial_seconds: float = 0.5
     generator_poll_max_seconds: float = 5.0
 
-    # Workers. A work message gets delivery_limit attempts, the waits between them doubling from
-    # retry_base_seconds up to retry_max_seconds (the same policy retries each step in a worker,
-    # retry_attempts times). A claim on work lapses after three missed heartbeats.
+    # Workers. A work message gets delivery_limit attempts; each step inside one is retried
+    # retry_attempts times, the waits doubling from retry_base_seconds up to retry_max_seconds.
+    # A claim on work lapses after three missed heartbeats.
     worker_concurrency: int = 1
     delivery_limit: int = 5
     retry_attempts: int = 3
@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     # On SIGTERM a service stops taking work and lets the work in hand finish for this long; the
     # Kubernetes manifests give the pod a little more (terminationGracePeriodSeconds).
     shutdown_grace_seconds: float = 60.0
+    # A work message that failed for a retryable reason (a dependency down) comes back after a
+    # wait doubling from redelivery_base_seconds up to redelivery_max_seconds: with the defaults its
+    # five attempts span 75 s, longer than a database failover or a service restart.
+    redelivery_base_seconds: float = 5.0
+    redelivery_max_seconds: float = 60.0
     # gRPC health follows each service's dependencies (database, broker), checked this often.
     health_check_interval_seconds: float = 5.0
     health_check_timeout_seconds: float = 2.0

@@ -145,7 +145,7 @@ def create_broker(settings: object) -> Broker:
     from clipchat.settings import Settings
 
     assert isinstance(settings, Settings)
-    delays = retry_delays(settings.retry_base_seconds, settings.retry_max_seconds, settings.delivery_limit)
+    delays = retry_delays(settings.redelivery_base_seconds, settings.redelivery_max_seconds, settings.delivery_limit)
     if settings.broker_url.startswith("memory://"):
         from clipchat.broker.memory import InMemoryBroker
 

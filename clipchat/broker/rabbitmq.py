@@ -366,13 +366,13 @@ class _QueueConsumer:
         await _close_channel(self._channel)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+        # The work runs in a task of its own: when the connection drops, aiormq cancels this
+        # callback, but the work in hand (a paid generation, an encode) goes on; its ack then fails
+        # and the redelivered copy finds the work claimed. Only ``cancel`` (shutdown) cancels it.
+        task = asyncio.create_task(self._process(message), name=f"handle:{self._queue_name}")
         self._running.add(task)
-        try:
-            await self._process(message)
-        finally:
-            self._running.discard(task)
+        task.add_done_callback(self._running.discard)
+        await asyncio.shield(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         fields: dict[str, Any] = {"queue": self._queue_name, "message_id": message.message_id}

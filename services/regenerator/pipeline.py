@@ -29,7 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from clipchat.errors import ClipChatError, InvalidInput, StaleLease
+from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.probe import probe
@@ -112,15 +112,12 @@ class _Tries:
         return self.count
 
 
+@dataclass
 class _Resume:
-    """A remote prediction to resume, handed to the first try only."""
+    """The remote prediction the next try resumes ("" to create one): the one a worker started
+    before (checkpointed), or this step's own once it exists, until the prediction itself fails."""
 
-    def __init__(self, provider_id: str) -> None:
-        self._provider_id = provider_id
-
-    def take(self) -> str:
-        provider_id, self._provider_id = self._provider_id, ""
-        return provider_id
+    provider_id: str
 
 
 class RegenerationPipeline:
@@ -246,14 +243,20 @@ class RegenerationPipeline:
 
         async def on_started(provider_id: str) -> None:
             # Durable before any wait: a delivery that takes over resumes this prediction.
+            resume.provider_id = provider_id
             await self._record_step(task, "generation_started", checkpoint={"provider_id": provider_id})
 
         with tempfile.TemporaryDirectory(prefix="clipchat-gen-") as tmp:
             video = Path(tmp) / "clip.mp4"
-            # Only the first try resumes: a prediction that failed under us is not resumed again.
-            clip = await self.generator.generate(prompt, duration, video, on_progress=on_progress,
-                                                 idempotency_key=idempotency_key, resume_id=resume.take(),
-                                                 on_started=on_started)
+            try:
+                clip = await self.generator.generate(prompt, duration, video, on_progress=on_progress,
+                                                     idempotency_key=idempotency_key,
+                                                     resume_id=resume.provider_id, on_started=on_started)
+            except Exception:
+                # The prediction itself failed or was cancelled: the next try pays for a new one.
+                resume.provider_id = ""
+                raise
+            # From here a failure (probe, storage) retries with the same, finished prediction.
             info = await probe(clip.path, label="The generated clip")
             thumb = Path(tmp) / "thumb.jpg"
             await render_thumbnail(self.ffmpeg, clip.path, thumb)
@@ -283,7 +286,9 @@ class RegenerationPipeline:
 
         try:
             return await self.policy.run(fn, what=name, on_retry=on_retry)
-        except (LeaseLost, StaleLease):
+        except (LeaseLost, StaleLease, DependencyUnavailable):
+            # Our own storage or status service down is not the regeneration failing: the message
+            # comes back later (``run_claimed``) and resumes from the checkpoints.
             raise
         except Exception as exc:
             raise StepFailed(name, exc, attempts) from exc

@@ -71,7 +71,9 @@ COMPOSE_LEASE_EXPIRED_MESSAGE = "Composition failed. Please try again."
 # Called after commit with (job_id, sequence, event) for every event written.
 Notifier = Callable[[str, int, JobEvent], Awaitable[None]]
 # Paid steps whose result a retry of the same change reuses (their checkpoints).
-REUSABLE_STEPS = ("rewrite", "generate")
+# A started prediction is reused too: when it succeeded at the provider, its output is fetched
+# instead of paying again; when it failed, the generator creates a new one.
+REUSABLE_STEPS = ("rewrite", "generate", "generation_started")
 # Steps a worker records; "generation_started" checkpoints a remote prediction before it is paid,
 # so a worker that takes over resumes it instead of paying for another.
 STEPS = ("rewrite", "generate", "compose", "generation_started")

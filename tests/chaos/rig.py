@@ -36,10 +36,11 @@ COMPOSE_QUEUE = "clipchat.compose"
 DEAD_LETTER_QUEUE = "clipchat.dead-letter"
 READY_WITHIN = 120.0  # seconds for a restarted service to serve (a bounded wait, not a speed check)
 BASELINE_STEPS = 2  # what ``start_rig`` gives the fake prediction API
-# The product's own retry defaults (``Settings``), in place of the regeneration suite's quick ones:
-# a work message's retries wait as they would in production, so an outage is ridden out (or not)
-# as it would be there.
-CHAOS_SETTINGS = {"CLIPCHAT_RETRY_BASE_SECONDS": "0.5", "CLIPCHAT_RETRY_MAX_SECONDS": "8"}
+# The product's own step-retry defaults (``Settings``), in place of the regeneration suite's quick
+# ones; a work message's redeliveries wait 1, 2, 4, 8 s (production: 5 … 60 s), so the poison
+# message reaches the dead-letter queue within the suite's time and an outage is still ridden out.
+CHAOS_SETTINGS = {"CLIPCHAT_RETRY_BASE_SECONDS": "0.5", "CLIPCHAT_RETRY_MAX_SECONDS": "8",
+                  "CLIPCHAT_REDELIVERY_BASE_SECONDS": "1", "CLIPCHAT_REDELIVERY_MAX_SECONDS": "8"}
 HELD_STEPS = 10**9
 
 
