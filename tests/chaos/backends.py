@@ -240,7 +240,25 @@ def _rabbitmq_script(name: str) -> str:
     return found
 
 
-class PrivateRabbitMQ:
+class _RabbitMQApp:
+    """Stopping, starting and asking a node through its ``ctl`` (``rabbitmqctl``)."""
+
+    def ctl(self, *args: str, timeout: float = COMMAND_TIMEOUT,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        raise NotImplementedError
+
+    def stop_app(self) -> None:
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup", "--timeout", str(int(READY_WITHIN)))
+
+    def is_up(self) -> bool:
+        return self.ctl("await_startup", "--timeout", "5", check=False, timeout=30).returncode == 0
+
+
+class PrivateRabbitMQ(_RabbitMQApp):
     """A RabbitMQ node of our own (node name, AMQP and distribution ports, data in /tmp)."""
 
     def __init__(self) -> None:
@@ -292,16 +310,6 @@ class PrivateRabbitMQ:
         return _run([_rabbitmq_script("rabbitmqctl"), "-n", self.node, *args], user=self.user, env=self._env,
                     timeout=timeout, check=check)
 
-    def stop_app(self) -> None:
-        self.ctl("stop_app")
-
-    def start_app(self) -> None:
-        self.ctl("start_app")
-        self.ctl("await_startup", "--timeout", str(int(READY_WITHIN)))
-
-    def is_up(self) -> bool:
-        return self.ctl("await_startup", "--timeout", "5", check=False, timeout=30).returncode == 0
-
     def close(self) -> None:
         try:
             if self._proc is not None and self._proc.poll() is None:
@@ -315,7 +323,7 @@ class PrivateRabbitMQ:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class SystemRabbitMQ:
+class SystemRabbitMQ(_RabbitMQApp):
     """The machine's own default node (``rabbitmqctl stop_app`` / ``start_app``)."""
 
     def __init__(self) -> None:
@@ -324,16 +332,6 @@ class SystemRabbitMQ:
     def ctl(self, *args: str, timeout: float = COMMAND_TIMEOUT,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run(["rabbitmqctl", *args], timeout=timeout, check=check)
-
-    def stop_app(self) -> None:
-        self.ctl("stop_app")
-
-    def start_app(self) -> None:
-        self.ctl("start_app")
-        self.ctl("await_startup", "--timeout", str(int(READY_WITHIN)))
-
-    def is_up(self) -> bool:
-        return self.ctl("await_startup", "--timeout", "5", check=False, timeout=30).returncode == 0
 
     def close(self) -> None:
         self.start_app()  # never leave the machine's broker down
