@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.processes import spawn, stop_process
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_ADMIN_DSN = os.environ.get("CLIPCHAT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("CLIPCHAT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -128,8 +130,8 @@ def moto_s3() -> Iterator[str]:
     if not moto.exists():
         missing("moto_server (moto[server])")
     port = free_port()
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while not port_open("127.0.0.1", port):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -137,8 +139,7 @@ def moto_s3() -> Iterator[str]:
             missing("moto S3 server (did not start)")
         time.sleep(0.1)
     yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    stop_process(proc, grace=10)
 
 
 @pytest.fixture

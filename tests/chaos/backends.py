@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tests.conftest import free_port
-from tests.e2e.conftest import spawn
+from tests.processes import spawn
 
 READY_WITHIN = 120.0  # seconds: a bounded wait for a server to accept work, not a speed check
 COMMAND_TIMEOUT = 120.0
