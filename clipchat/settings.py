@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, Literal, Self, get_args
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["dev", "test", "production"]
+
+DEV_AUTH_TOKENS = "dev-token=demo"
+DEV_MEDIA_SIGNING_KEY = "change-me-in-production"
+MIN_SIGNING_KEY_BYTES = 32
+MIN_TOKEN_CHARS = 24
+# "CHANGE_ME", "change-me", "changeme", "REPLACE_ME", … left in from an example file.
+_PLACEHOLDER = re.compile(r"(change|replace)[-_ .]?me", re.IGNORECASE)
+
+
+class InvalidSettings(Exception):
+    """Settings that must not be used; the message is one line naming the setting and the fix.
+
+    Not a ``ValueError`` on purpose: pydantic lets it through unwrapped, so whoever prints it
+    (``clipchat serve``) shows this line rather than "1 validation error for Settings".
+    """
 
 
 class Settings(BaseSettings):
@@ -18,7 +37,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLIPCHAT_", env_file=None, extra="ignore")
 
-    environment: str = "dev"
+    # "production" refuses the development defaults and placeholders (see _safe_for_production).
+    environment: Environment = "dev"
     data_dir: Path = Path(".clipchat")
 
     # Backends. Empty database_url / storage_url mean "under data_dir".
@@ -45,9 +65,9 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     public_url: str = ""
     # "token=owner" pairs, comma separated. The embedded page gets page_token.
-    auth_tokens: str = "dev-token=demo"
+    auth_tokens: str = DEV_AUTH_TOKENS
     page_token: str = ""
-    media_signing_key: str = "change-me-in-production"
+    media_signing_key: str = DEV_MEDIA_SIGNING_KEY
     media_url_ttl_seconds: int = 3600
     sse_heartbeat_seconds: float = 10.0
     rate_limit_per_minute: int = 120
@@ -120,6 +140,50 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     extra_env: dict[str, str] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _known_environment(cls, value: Any) -> Any:
+        known = get_args(Environment)
+        if value not in known:
+            raise InvalidSettings(f"CLIPCHAT_ENVIRONMENT={str(value)[:40]!r} is not one of "
+                                  f"{', '.join(known)}.")
+        return value
+
+    @model_validator(mode="after")
+    def _safe_for_production(self) -> Self:
+        """In production, refuse the development defaults, short secrets and example placeholders."""
+        if self.environment != "production":
+            return self
+        problems: dict[str, str] = {}
+        key = self.media_signing_key
+        if key == DEV_MEDIA_SIGNING_KEY:
+            problems.setdefault("media_signing_key", "is the development default; set a random secret "
+                                f"of at least {MIN_SIGNING_KEY_BYTES} bytes (openssl rand -hex 32)")
+        elif len(key.encode()) < MIN_SIGNING_KEY_BYTES:
+            problems.setdefault("media_signing_key", f"is {len(key.encode())} bytes; set a random secret "
+                                f"of at least {MIN_SIGNING_KEY_BYTES} bytes (openssl rand -hex 32)")
+        if self.auth_tokens.strip() == DEV_AUTH_TOKENS:
+            problems.setdefault("auth_tokens", f"is the development default ({DEV_AUTH_TOKENS}); set "
+                                f"token=owner pairs with random tokens of at least {MIN_TOKEN_CHARS} "
+                                "characters (openssl rand -hex 16)")
+        short = sorted(owner for token, owner in self.token_owners().items()
+                       if len(token) < MIN_TOKEN_CHARS)
+        if short:
+            problems.setdefault("auth_tokens", f"has a token shorter than {MIN_TOKEN_CHARS} characters "
+                                f"(owner {', '.join(short)}); use random tokens (openssl rand -hex 16)")
+        if self.page_token and len(self.page_token) < MIN_TOKEN_CHARS:
+            problems.setdefault("page_token", f"is shorter than {MIN_TOKEN_CHARS} characters; use a "
+                                "random token, or leave it empty")
+        # A placeholder anywhere means the deployment was never finished; values are not echoed
+        # because some (database and broker URLs) carry passwords.
+        for name, value in self:
+            if isinstance(value, str) and _PLACEHOLDER.search(value):
+                problems.setdefault(name, "holds a placeholder (CHANGE_ME); set the real value")
+        if problems:
+            raise InvalidSettings("CLIPCHAT_ENVIRONMENT=production refuses unsafe settings: " + "; ".join(
+                f"CLIPCHAT_{name.upper()} {problem}" for name, problem in problems.items()) + ".")
+        return self
 
     @property
     def resolved_database_url(self) -> str:
