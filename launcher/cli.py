@@ -15,6 +15,7 @@ import httpx
 import typer
 
 from clipchat.settings import Settings
+from launcher.errors import StartupError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="ClipChat: change one clip of a music video by chatting.")
@@ -41,7 +42,7 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2) or 2)
-    except CliError as exc:
+    except (CliError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except httpx.HTTPError as exc:
@@ -109,6 +110,9 @@ async def _up(settings: Settings, demo: bool) -> None:
     try:
         if demo:
             await _ensure_demo(system.url, settings)
+        if system.settings.gateway_port != settings.gateway_port:
+            print(f"Port {settings.gateway_port} is in use; the gateway took {system.settings.gateway_port}.",
+                  flush=True)
         print(f"\nClipChat is running: {system.url}/\n"
               f"API: {system.url}/api/v1 (token: {settings.page_token})  ·  Ctrl-C to stop", flush=True)
         await stop.wait()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +18,10 @@ import uvicorn
 from clipchat.broker import Broker, create_broker
 from clipchat.db import Database
 from clipchat.db.migrate import upgrade
+from clipchat.errors import ClipChatError
 from clipchat.settings import Settings
 from clipchat.storage import Storage, create_storage
+from launcher.errors import StartupError
 
 log = logging.getLogger("clipchat.launcher")
 
@@ -59,18 +63,48 @@ class RunningSystem:
             await self.storage.close()
 
 
-async def start_gateway(settings: Settings, storage: Storage) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+# How far past the configured port embedded mode looks for a free one.
+_PORT_SEARCH = 100
+
+
+def gateway_socket(settings: Settings, *, search: bool) -> socket.socket:
+    """A listening socket for the gateway on ``gateway_host:gateway_port``.
+
+    With ``search`` (embedded mode) a busy port is no error: the next free one is taken. Raises
+    ``StartupError`` naming the port and the setting to change when none can be bound.
+    """
+    first = settings.gateway_port
+    candidates = range(first, first + _PORT_SEARCH) if search and first else (first,)
+    for port in candidates:
+        sock = socket.socket(socket.AF_INET6 if ":" in settings.gateway_host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.gateway_host, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE and port != candidates[-1]:
+                continue
+            raise StartupError(f"cannot listen on {settings.gateway_host}:{port} ({exc.strerror or exc}); "
+                               "set CLIPCHAT_GATEWAY_PORT (or --port) to a free port") from exc
+        sock.listen(2048)
+        sock.setblocking(False)
+        return sock
+    raise AssertionError("unreachable")
+
+
+async def start_gateway(settings: Settings, storage: Storage, sock: socket.socket) -> tuple[uvicorn.Server,
+                                                                                          asyncio.Task[None]]:
+    """Serve the gateway on ``sock`` (bound already, so a busy port is found before anything starts)."""
     from gateway.app import create_app
 
     app = create_app(settings, storage=storage)
-    config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(), name="gateway")
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
     while not server.started:
         if task.done():
             task.result()
-            raise RuntimeError(f"The gateway could not start on port {settings.gateway_port}.")
+            raise StartupError(f"the gateway could not start on port {settings.gateway_port}")
         await asyncio.sleep(0.05)
     return server, task
 
@@ -81,6 +115,8 @@ async def start_embedded(settings: Settings, *, services: tuple[str, ...] = SERV
     from services.regenerator.service import RegeneratorService
     from services.status.service import StatusService
 
+    # The port first: a busy 8000 just means the next free one, found before anything starts.
+    sock = gateway_socket(settings, search=True) if "gateway" in services else None
     await upgrade(settings.resolved_database_url)
     storage = create_storage(settings)
     broker = create_broker(settings)
@@ -105,13 +141,13 @@ async def start_embedded(settings: Settings, *, services: tuple[str, ...] = SERV
             system.parts.append(regenerator)
             settings = settings.model_copy(update={"regenerator_addr": f"127.0.0.1:{server.port}"})
         system.settings = settings
-        if "gateway" in services:
-            system.gateway_server, system.gateway_task = await start_gateway(settings, storage)
-            if settings.gateway_port == 0:
-                sock = system.gateway_server.servers[0].sockets[0]
-                settings = settings.model_copy(update={"gateway_port": sock.getsockname()[1]})
-                system.settings = settings
+        if sock is not None:
+            settings = settings.model_copy(update={"gateway_port": sock.getsockname()[1]})
+            system.settings = settings
+            system.gateway_server, system.gateway_task = await start_gateway(settings, storage, sock)
     except BaseException:
+        if sock is not None and system.gateway_server is None:
+            sock.close()
         await system.stop()
         raise
     return system
@@ -121,23 +157,36 @@ async def serve_one(service: str, settings: Settings, stop: asyncio.Event) -> No
     """Distributed mode: run one service until ``stop`` is set, then shut down gracefully."""
     if service not in SERVICES:
         raise ValueError(f"unknown service {service!r}")
-    storage = create_storage(settings)
     if service == "gateway":
-        server, task = await start_gateway(settings, storage)
+        sock = gateway_socket(settings, search=False)
+        storage = create_storage(settings)
+        server, task = await start_gateway(settings, storage, sock)
         log.info("gateway.serving", extra={"port": settings.gateway_port})
         await stop.wait()
         server.should_exit = True
         await task
         await storage.close()
         return
+    storage = create_storage(settings)
     broker = create_broker(settings)
-    await broker.connect()
+    try:
+        await broker.connect()
+    except ClipChatError as exc:
+        await storage.close()
+        raise StartupError("the message broker cannot be reached; check CLIPCHAT_BROKER_URL and that "
+                           "RabbitMQ is running") from exc
     db: Database | None = None
     part: Any
     if service == "status":
         from services.status.service import StatusService
 
         db = Database(settings.resolved_database_url)
+        if not await db.ping():
+            await db.dispose()
+            await broker.close()
+            await storage.close()
+            raise StartupError("the database cannot be reached; check CLIPCHAT_DATABASE_URL and that "
+                               "PostgreSQL is running")
         part = StatusService(settings, db, broker)
         port = settings.grpc_port or _port_of(settings.status_addr)
     elif service == "regenerator":
@@ -150,7 +199,16 @@ async def serve_one(service: str, settings: Settings, stop: asyncio.Event) -> No
 
         part = ComposerService(settings, storage=storage, broker=broker)
         port = settings.grpc_port or _port_of(settings.composer_addr)
-    await part.start(host=settings.grpc_host, port=port)
+    try:
+        await part.start(host=settings.grpc_host, port=port)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address"
+        await part.stop()
+        await broker.close()
+        if db is not None:
+            await db.dispose()
+        await storage.close()
+        raise StartupError(f"cannot listen on {settings.grpc_host}:{port}; set CLIPCHAT_GRPC_PORT to a free "
+                           "port") from exc
     log.info("service.serving", extra={"service": service, "port": port})
     try:
         await stop.wait()

@@ -71,7 +71,7 @@ class FfmpegRunner:
         return cls(getattr(settings, "ffmpeg_path", "") or None)
 
     async def run(self, args: Sequence[str], *, expected_duration: float | None = None,
-                  on_progress: FfmpegProgressFn | None = None) -> None:
+                  on_progress: FfmpegProgressFn | None = None, quiet: bool = False) -> None:
         """Run ffmpeg with ``args`` (everything after the fixed global options) to completion.
 
         ``on_progress`` receives the fraction of ``expected_duration`` (seconds of output) done,
@@ -79,7 +79,8 @@ class FfmpegRunner:
 
         Raises ``FfmpegError`` when ffmpeg cannot start or exits non-zero, ``FfmpegKilled`` when a
         signal ended it. Cancelling the awaiting task kills ffmpeg's whole process group, waits for
-        it to exit and re-raises ``CancelledError``.
+        it to exit and re-raises ``CancelledError``. ``quiet`` leaves a failure's stderr out of
+        the log (a probe that is expected to fail on most machines says why itself).
         """
         command = [self.path, "-hide_banner", "-nostdin", "-y", "-progress", "pipe:1", "-nostats",
                    *_restrict_protocols(args)]
@@ -113,7 +114,8 @@ class FfmpegRunner:
             log.warning("ffmpeg.killed", extra={"returncode": returncode, "stderr_tail": detail[-2000:]})
             raise FfmpegKilled(detail=detail, returncode=returncode)
         if returncode != 0:
-            log.warning("ffmpeg.failed", extra={"returncode": returncode, "stderr_tail": detail[-2000:]})
+            if not quiet:
+                log.warning("ffmpeg.failed", extra={"returncode": returncode, "stderr_tail": detail[-2000:]})
             raise FfmpegError(detail=detail, returncode=returncode)
         if on_progress is not None:
             await on_progress(1.0)
