@@ -79,6 +79,8 @@ class Settings(BaseSettings):
 
     # Money.
     budget_limit: Decimal = Decimal("50")
+    # The most a job's own budget_limit may be (POST /jobs answers 422 above it).
+    max_budget_limit: Decimal = Decimal("10000")
     budget_warning_fraction: Decimal = Decimal("0.8")
     generation_price_per_second: Decimal = Decimal("0.05")
     composition_price_per_second: Decimal = Decimal("0.001")
@@ -92,6 +94,8 @@ class Settings(BaseSettings):
     composer_workers: int = 2
     max_instruction_chars: int = 2000
     max_upload_bytes: int = 512 * 1024 * 1024
+    # All the files of one POST /jobs together (413 above it); max_upload_bytes is per file.
+    max_request_bytes: int = 2 * 1024**3
 
     # Prompt rewriting: templates first, then an OpenAI-compatible LLM when llm_base_url is set.
     llm_base_url: str = ""
@@ -149,6 +153,14 @@ class Settings(BaseSettings):
             raise InvalidSettings(f"CLIPCHAT_ENVIRONMENT={str(value)[:40]!r} is not one of "
                                   f"{', '.join(known)}.")
         return value
+
+    @model_validator(mode="after")
+    def _budget_within_maximum(self) -> Self:
+        if self.budget_limit > self.max_budget_limit:
+            raise InvalidSettings(f"CLIPCHAT_BUDGET_LIMIT ({self.budget_limit}) is above "
+                                  f"CLIPCHAT_MAX_BUDGET_LIMIT ({self.max_budget_limit}); lower the one "
+                                  "or raise the other.")
+        return self
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Self:

@@ -24,12 +24,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clipchat.errors import ClipChatError, DependencyUnavailable, unexpected_error
+from clipchat.errors import CODE_KEY, BudgetExceeded, ClipChatError, DependencyUnavailable, unexpected_error
 
 log = logging.getLogger("clipchat.gateway")
 
 GENERIC_MESSAGE = "Something went wrong on our side. Please try again in a moment."
 RATE_LIMITED_CODE = "rate_limited"
+BUDGET_CODE = BudgetExceeded.code
+RESOURCE_EXHAUSTED_MESSAGE = ("This answer is too large to send. Ask for less (a smaller page) or try "
+                              "again later.")
 # What a retryable 503 asks the client to wait before trying again (Retry-After, seconds).
 RETRY_AFTER_SECONDS = 5
 
@@ -40,7 +43,9 @@ GRPC_TO_HTTP: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ABORTED: 409,
     grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 402,  # the budget; code "rate_limited" → 429
+    # The budget (code "budget_exceeded"); "rate_limited" → 429; any other (a message over gRPC's
+    # size limit) → 503 "resource_exhausted", never a budget answer.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 402,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
     grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -82,9 +87,25 @@ def from_domain_error(exc: ClipChatError) -> tuple[int, ErrorBody]:
     status = GRPC_TO_HTTP.get(exc.status)
     if status is None:
         return 503, ErrorBody(code="internal", message=GENERIC_MESSAGE, retryable=exc.retryable)
-    if exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED and exc.code == RATE_LIMITED_CODE:
-        status = 429
+    if exc.status is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if exc.code == RATE_LIMITED_CODE:
+            status = 429
+        elif exc.code != BUDGET_CODE or not _stated_by_a_service(exc):
+            return 503, ErrorBody(code="resource_exhausted", message=RESOURCE_EXHAUSTED_MESSAGE,
+                                  retryable=False)
     return status, ErrorBody(code=exc.code, message=exc.message, retryable=exc.retryable)
+
+
+def _stated_by_a_service(exc: ClipChatError) -> bool:
+    """Whether a domain error rebuilt from a gRPC status carried its code in the trailing metadata.
+
+    gRPC itself answers RESOURCE_EXHAUSTED for a message over the size limit, with no ClipChat code;
+    ``from_rpc_error`` still rebuilds that as ``BudgetExceeded``, so the code alone cannot tell.
+    """
+    cause = exc.__cause__
+    if not isinstance(cause, grpc.aio.AioRpcError):
+        return True  # raised in this process, by ClipChat code
+    return any(key == CODE_KEY for key, _ in cause.trailing_metadata() or ())
 
 
 def error_response(status_code: int, body: ErrorBody,
@@ -185,7 +206,8 @@ _DESCRIPTIONS: Mapping[int, str] = {
     403: "Invalid or expired media link.",
     404: "No such job (or not yours), regeneration or version.",
     409: "Conflicting state (another regeneration runs, or it already finished).",
-    413: "An upload is larger than allowed.",
+    413: "An upload is larger than allowed (CLIPCHAT_MAX_UPLOAD_BYTES per file, "
+         "CLIPCHAT_MAX_REQUEST_BYTES in all).",
     422: "Invalid input.",
     429: "Too many requests; see Retry-After.",
     503: "A dependency is unavailable; retry later.",

@@ -26,6 +26,14 @@ MAX_CLIP_SECONDS = 60.0
 MAX_PROMPT_CHARS = 2000
 MAX_TURN_CHARS = 4000
 MAX_TURNS = 50
+# The transition kinds the composer knows (services/composer/timeline.py: "cut" and the keys of
+# TRANSITIONS; a unit test keeps the two equal). Checked here so an unknown one is a 422 at upload,
+# not a failed composition later.
+TransitionKind = Literal[
+    "cut", "crossfade", "fade", "dissolve", "fade_black", "fadeblack", "dip_white", "fadewhite",
+    "wipeleft", "wiperight", "wipeup", "wipedown", "slideleft", "slideright", "slideup", "slidedown",
+    "circleopen", "circleclose", "radial", "smoothleft", "smoothright",
+]
 
 # ---------------------------------------------------------------------------------------------
 # Requests
@@ -46,7 +54,7 @@ class ClipSpec(BaseModel):
 
 
 class TransitionSpec(BaseModel):
-    kind: str = Field(pattern=r"^[a-z][a-z_]{0,31}$", description='"cut", "crossfade", "fade_black", …')
+    kind: TransitionKind = Field(description='"cut", "crossfade", "fade_black", …')
     duration: float = Field(ge=0, le=10, allow_inf_nan=False, description="Seconds.")
 
 
@@ -61,8 +69,9 @@ class JobManifest(BaseModel):
                                                 description="Seconds, sorted, non-negative.")
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
     fit: Literal["pad", "crop"] = "pad"
-    budget_limit: Decimal | None = Field(default=None, gt=0, max_digits=14, decimal_places=4,
-                                         description='A decimal string, e.g. "25.00".')
+    budget_limit: Decimal | None = Field(
+        default=None, gt=0, max_digits=14, decimal_places=4,
+        description='A decimal string, e.g. "25.00"; at most CLIPCHAT_MAX_BUDGET_LIMIT (10000 by default).')
 
     @model_validator(mode="after")
     def _consistent(self) -> JobManifest:

@@ -140,18 +140,26 @@ class _Collector:
 
 
 async def receive_multipart(request: Request, workdir: Path, *, file_fields: frozenset[str],
-                            text_fields: frozenset[str], max_file_bytes: int, max_files: int) -> ReceivedForm:
+                            text_fields: frozenset[str], max_file_bytes: int, max_files: int,
+                            max_request_bytes: int) -> ReceivedForm:
     """Read a ``multipart/form-data`` body, streaming the file parts into ``workdir``.
 
     Parts named in ``file_fields`` are files whatever their headers say; parts in ``text_fields``
     are UTF-8 text of at most ``MAX_FIELD_BYTES``. Raises ``ApiError``: 413 for a file over
-    ``max_file_bytes``, 422 for a malformed body, an unexpected part or too many files.
+    ``max_file_bytes`` or a body over ``max_request_bytes`` (refused before reading when its
+    Content-Length says so), 422 for a malformed body, an unexpected part or too many files.
     """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise invalid_input("Send the job as multipart/form-data with a 'manifest' field and "
                             "'clips' and 'audio' files.")
+    too_large = ApiError(413, "payload_too_large", f"The upload is larger than "
+                         f"{_mib(max_request_bytes)} MiB in all. Send fewer or smaller files.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_request_bytes:
+        raise too_large
+    received = 0
     collector = _Collector()
     try:
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
@@ -164,9 +172,15 @@ async def receive_multipart(request: Request, workdir: Path, *, file_fields: fro
     text = bytearray()
     try:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_request_bytes:
+                raise too_large
             try:
                 parser.write(chunk)
-            except MultipartParseError:
+            except MultipartParseError as exc:
+                # python-multipart bounds a part's headers (8 lines of about 4 KiB each).
+                if "maximum header" in str(exc).lower():
+                    raise ApiError(413, "payload_too_large", "A form part's headers are too large.") from None
                 raise invalid_input("The upload is not valid multipart/form-data.") from None
             events, collector.events = collector.events, []
             for kind, data in events:
@@ -187,7 +201,7 @@ async def receive_multipart(request: Request, workdir: Path, *, file_fields: fro
                     current.size += len(data)
                     if current.size > max_file_bytes:
                         raise ApiError(413, "payload_too_large",
-                                       f"A file is larger than {max_file_bytes // (1024 * 1024)} MiB.")
+                                       f"A file is larger than {_mib(max_file_bytes)} MiB.")
                     if len(current.head) < SNIFF_BYTES:
                         current.head = (current.head + data)[:SNIFF_BYTES]
                     await anyio.to_thread.run_sync(out.write, data)
@@ -213,3 +227,9 @@ async def receive_multipart(request: Request, workdir: Path, *, file_fields: fro
     if not collector.ended:
         raise invalid_input("The upload was cut off before its end. Please send it again.")
     return form
+
+
+def _mib(size: int) -> str:
+    """Bytes as MiB for a message: whole when they are, else to one decimal."""
+    mib = size / (1024 * 1024)
+    return f"{mib:.0f}" if mib == int(mib) else f"{mib:.1f}"

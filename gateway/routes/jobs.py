@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import anyio
 import grpc
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from clipchat.errors import ClipChatError
 from clipchat.rpc import call
+from clipchat.settings import Settings
 from clipchat.storage import Storage, job_prefix, new_key
 from clipchat.v1 import common_pb2, jobs_pb2
 from gateway.deps import DownstreamDep, JobId, LimitedOwner, Owner, SettingsDep, SignerDep, StorageDep
@@ -28,6 +29,7 @@ from gateway.schemas import (
     JobList,
     JobManifest,
     JobOut,
+    TransitionKind,
     VersionList,
     clips_out,
     job_out,
@@ -58,7 +60,10 @@ _CREATE_JOB_BODY: dict[str, Any] = {
                                  "description": "JSON: {title?, clips: [{prompt, duration}], "
                                                 "transitions?: [{kind, duration}], beat_timestamps?, "
                                                 "aspect_ratio?: 16:9|9:16|1:1, fit?: pad|crop, "
-                                                "budget_limit?: decimal string}"},
+                                                "budget_limit?: decimal string, at most "
+                                                "CLIPCHAT_MAX_BUDGET_LIMIT (10000 by default)}. "
+                                                "Transition kinds: "
+                                                + ", ".join(get_args(TransitionKind)) + "."},
                     "clips": {"type": "array", "items": {"type": "string", "format": "binary"},
                               "description": "One video (MP4, MOV, WebM, MKV) per manifest clip, in "
                                              "order."},
@@ -86,8 +91,9 @@ async def create_job(request: Request, response: Response, owner: LimitedOwner, 
     try:
         form = await receive_multipart(request, workdir, file_fields=frozenset({"clips", "audio"}),
                                        text_fields=frozenset({"manifest"}),
-                                       max_file_bytes=settings.max_upload_bytes, max_files=MAX_CLIPS + 1)
-        manifest = _parse_manifest(form.fields.get("manifest"))
+                                       max_file_bytes=settings.max_upload_bytes, max_files=MAX_CLIPS + 1,
+                                       max_request_bytes=settings.max_request_bytes)
+        manifest = _parse_manifest(form.fields.get("manifest"), settings)
         clips = _checked_files(form.files_named("clips"), "clips", len(manifest.clips))
         audio = _checked_files(form.files_named("audio"), "audio", 1)[0]
         job_id = str(uuid.uuid4())
@@ -168,16 +174,20 @@ async def _get_job(downstream: DownstreamDep, deadline: float, job_id: str, owne
     return reply.job
 
 
-def _parse_manifest(text: str | None) -> JobManifest:
+def _parse_manifest(text: str | None, settings: Settings) -> JobManifest:
     if text is None:
         raise invalid_input("The form needs a 'manifest' field: JSON describing the clips.")
     try:
-        return JobManifest.model_validate_json(text)
+        manifest = JobManifest.model_validate_json(text)
     except ValidationError as exc:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             raise invalid_input("The 'manifest' field is not valid JSON.") from None
         raise invalid_input(describe_validation_errors(errors, prefix="manifest")) from None
+    if manifest.budget_limit is not None and manifest.budget_limit > settings.max_budget_limit:
+        raise invalid_input(f"Invalid request: manifest.budget_limit: at most "
+                            f"{settings.max_budget_limit} on this server.")
+    return manifest
 
 
 def _checked_files(files: list[ReceivedFile], name: str, expected: int) -> list[tuple[ReceivedFile, Sniffed]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -116,3 +117,11 @@ def test_every_problem_is_named_in_one_line() -> None:
 def test_environment_is_a_closed_set(environment: str) -> None:
     with pytest.raises(InvalidSettings, match="is not one of dev, test, production"):
         Settings(environment=environment)  # type: ignore[arg-type]
+
+
+def test_the_default_budget_must_be_within_the_maximum() -> None:
+    assert Settings().max_budget_limit == 10000
+    assert Settings(budget_limit=Decimal(10000)).budget_limit == 10000
+    with pytest.raises(InvalidSettings, match=r"CLIPCHAT_BUDGET_LIMIT \(2000\) is above "
+                                              r"CLIPCHAT_MAX_BUDGET_LIMIT \(1000\)"):
+        Settings(budget_limit=Decimal(2000), max_budget_limit=Decimal(1000))
