@@ -23,7 +23,6 @@ from services.status.state_machine import (
     ClipInput,
     JobSnapshot,
     JobStateMachine,
-    NewClip,
 )
 
 log = logging.getLogger("clipchat.status")
@@ -224,7 +223,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         new_clip = None
         if request.HasField("new_clip"):
             c = request.new_clip
-            new_clip = NewClip(c.prompt, c.duration, c.video_key, c.thumbnail_key)
+            new_clip = ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key)
         snapshot = await self.machine.succeed(
             request.job_id, request.lease_token, regeneration_id=request.regeneration_id,
             new_clip=new_clip, video_key=request.video_key, video_duration=request.video_duration,

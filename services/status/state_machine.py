@@ -92,15 +92,9 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class NewClip:
-    prompt: str
-    duration: float
-    video_key: str
-    thumbnail_key: str = ""
-
-
-@dataclass(frozen=True)
 class ClipInput:
+    """A clip as it enters a job: uploaded with the job, or made by a regeneration."""
+
     prompt: str
     duration: float
     video_key: str
@@ -459,7 +453,7 @@ class JobStateMachine:
         return regeneration
 
     async def succeed(self, job_id: str, token: str, *, regeneration_id: str = "",
-                      new_clip: NewClip | None = None, video_key: str, video_duration: float,
+                      new_clip: ClipInput | None = None, video_key: str, video_duration: float,
                       composition_cost: str = "", encoder: str = "",
                       clip_thumbnail_keys: Sequence[str] = (), claim_id: str = "") -> JobSnapshot:
         """Publish a finished composition as the job's new current version (fenced by the token)."""

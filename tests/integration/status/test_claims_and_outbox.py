@@ -24,7 +24,6 @@ from services.status.state_machine import (
     PHASE_REGENERATE,
     ClipInput,
     JobStateMachine,
-    NewClip,
 )
 from tests.integration.status.conftest import Clock
 from tests.integration.status.test_state_machine import begin, composed_job
@@ -87,7 +86,7 @@ async def test_a_message_of_a_finished_phase_is_obsolete(machine: JobStateMachin
     compose = await machine.claim_work(job_id, token, PHASE_COMPOSE, "composer")
     assert (compose.outcome, compose.attempt) == ("claimed", 1)
     await machine.succeed(job_id, token, regeneration_id=str(began.regeneration.id), claim_id="composer",
-                          new_clip=NewClip("night", 2.0, "jobs/x/clips/n.mp4"),
+                          new_clip=ClipInput("night", 2.0, "jobs/x/clips/n.mp4"),
                           video_key="jobs/x/v2.mp4", video_duration=6.0)
     # After success the lease is gone: every copy of either message is obsolete.
     assert (await machine.claim_work(job_id, token, PHASE_COMPOSE, "again")).outcome == "obsolete"

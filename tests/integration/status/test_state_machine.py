@@ -16,7 +16,7 @@ from clipchat.errors import (
     NotFound,
     StaleLease,
 )
-from services.status.state_machine import ClipInput, JobStateMachine, NewClip
+from services.status.state_machine import ClipInput, JobStateMachine
 from tests.integration.status.conftest import Clock
 
 
@@ -61,7 +61,7 @@ async def test_regeneration_succeeds_with_new_version_and_costs(machine: JobStat
                               rewriter="llm")
     await machine.record_step(job_id, token, step="generate", cost="0.2500", checkpoint={"video_key": "k"})
     snap = await machine.succeed(job_id, token, regeneration_id=str(started.regeneration.id),
-                                 new_clip=NewClip("night prompt", 2.0, "jobs/x/c1r1.mp4"),
+                                 new_clip=ClipInput("night prompt", 2.0, "jobs/x/c1r1.mp4"),
                                  video_key="jobs/x/v2.mp4", video_duration=6.0, composition_cost="0.0060")
     assert snap.job.status == "completed"
     assert snap.job.current_version == 2
@@ -102,7 +102,7 @@ async def test_expired_lease_fails_job_and_fences_late_writes(machine: JobStateM
         machine.renew(job_id, started.lease_token),
         machine.record_progress(job_id, started.lease_token, stage="encoding", fraction=0.9),
         machine.succeed(job_id, started.lease_token, regeneration_id=str(started.regeneration.id),
-                        new_clip=NewClip("late", 2.0, "k"), video_key="jobs/x/late.mp4", video_duration=6.0),
+                        new_clip=ClipInput("late", 2.0, "k"), video_key="jobs/x/late.mp4", video_duration=6.0),
         machine.fail(job_id, started.lease_token, error_code="x", error_message="x"),
     ):
         with pytest.raises(StaleLease):
@@ -175,7 +175,7 @@ async def test_restore_version(machine: JobStateMachine) -> None:
     job_id = await composed_job(machine)
     started = await begin(machine, job_id)
     await machine.succeed(job_id, started.lease_token, regeneration_id=str(started.regeneration.id),
-                          new_clip=NewClip("night", 2.0, "k1"), video_key="jobs/x/v2.mp4", video_duration=6.0)
+                          new_clip=ClipInput("night", 2.0, "k1"), video_key="jobs/x/v2.mp4", video_duration=6.0)
     snap = await machine.restore_version(job_id, "alice", 1)
     assert snap.job.current_version == 1
     assert snap.clips[1].prompt == "prompt 1"
