@@ -245,72 +245,104 @@ class JobStateMachine:
         ``ConcurrentRegeneration`` (a live lease), ``Conflict`` (still composing) and
         ``BudgetExceeded`` (job total + estimate over the budget) — before anything is spent.
         """
-        step_estimates = {step: money(cost) for step, cost in (estimated_step_costs or {}).items()}
         now = self.clock()
         pending = _Pending()
         async with self.db.transaction() as session:
             job = await self._lock(session, job_id, owner, nowait=True)
-            if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING) and self._lease_live(job, now):
-                if job.status == JobStatus.COMPOSING:
-                    raise Conflict("The video is still being composed. Try again when it is ready.",
-                                   code="still_composing", retryable=True)
-                raise ConcurrentRegeneration()
-            if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING):
-                await self._expire(session, job, pending, now)
-            if job.current_version is None:
-                raise Conflict("This video has no composition yet, so there is nothing to change.",
-                               code="no_video")
-            clips = current_clips(job)
-            if not 0 <= clip_index < len(clips):
-                raise InvalidInput(f"Clip index {clip_index} is out of range: this video has clips "
-                                   f"0 to {len(clips) - 1}.", code="clip_index_out_of_range")
+            await self._check_can_begin(session, job, pending, clip_index, now)
             last = (await session.execute(
                 select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
                 .order_by(ClipRegeneration.created_at.desc()).limit(1))).scalar_one_or_none()
             source = last if self._is_retry_of(last, job, clip_index, instruction) else None
             reused = {step: value for step, value in (source.checkpoints or {}).items()
                       if step in REUSABLE_STEPS} if source is not None else {}
-            estimate = (sum((cost for step, cost in step_estimates.items() if step not in reused), Decimal(0))
-                        if step_estimates else money(estimated_cost))
-            if job.total_cost + estimate > job.budget_limit:
-                raise BudgetExceeded(
-                    f"This regeneration (about ${estimate:.2f}) would take the video past its budget "
-                    f"of ${job.budget_limit:.2f} (${job.total_cost:.2f} spent so far).")
-            token = secrets.token_hex(16)
+            estimate = self._quote(job, estimated_cost, estimated_step_costs, reused)
             if last is not None and last.created_at >= now:
                 # Keeps (job, clip, created_at) unique and history ordered even if replicas' clocks differ.
                 now = last.created_at + timedelta(microseconds=1)
-            regeneration = ClipRegeneration(
-                id=uuid.uuid4(), job_id=job.id, clip_index=clip_index,
-                original_prompt=clips[clip_index].prompt, user_instruction=instruction,
-                conversation_history=history, status=RegenerationStatus.QUEUED, stage="queued",
-                estimated_cost=estimate, base_version=job.current_version, created_at=now, checkpoints=reused)
-            if source is not None:
-                if "rewrite" in reused:
-                    regeneration.modified_prompt = source.modified_prompt
-                    regeneration.change_summary = source.change_summary
-                    regeneration.rewriter = source.rewriter
+            regeneration = self._new_regeneration(job, clip_index, instruction, history, estimate, reused,
+                                                  source, now)
             session.add(regeneration)
-            job.status = JobStatus.REGENERATING
-            job.lease_token = token
-            job.lease_expires_at = now + self.lease
-            job.active_regeneration_id = regeneration.id
-            self._start_work(job, PHASE_REGENERATE)
-            job.error_code = job.error_message = None
-            job.error_retryable = False
-            warning = job.total_cost + estimate >= job.budget_limit * self.warning_fraction
-            self._outbox(session, pending, REGENERATE_QUEUE, str(regeneration.id), tasks_pb2.RegenerateTask(
-                job_id=str(job.id), regeneration_id=str(regeneration.id), lease_token=token, attempt=1))
-            self._event(session, job, pending, "regeneration.queued", stage="queued", payload={
-                "regeneration_id": str(regeneration.id), "clip_index": clip_index,
-                "estimated_cost": str(estimate)})
-            if warning:
-                self._event(session, job, pending, "budget.warning", payload={
-                    "total_cost": str(job.total_cost), "estimated_cost": str(estimate),
-                    "budget_limit": str(job.budget_limit)})
+            token = self._take_lease(session, job, pending, regeneration, now)
+            warning = self._queued_events(session, job, pending, regeneration, estimate)
         await self._flush(pending)
         log.info("regeneration.begun", extra={"job_id": job_id, "regeneration_id": str(regeneration.id)})
         return BeginResult(regeneration, token, job.lease_expires_at or now, warning)
+
+    async def _check_can_begin(self, session: AsyncSession, job: Job, pending: _Pending, clip_index: int,
+                               now: datetime) -> None:
+        """Refuse while other work holds a live lease, or when there is nothing to change; fail
+        work whose lease expired first (its worker died)."""
+        if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING) and self._lease_live(job, now):
+            if job.status == JobStatus.COMPOSING:
+                raise Conflict("The video is still being composed. Try again when it is ready.",
+                               code="still_composing", retryable=True)
+            raise ConcurrentRegeneration()
+        if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING):
+            await self._expire(session, job, pending, now)
+        if job.current_version is None:
+            raise Conflict("This video has no composition yet, so there is nothing to change.", code="no_video")
+        count = len(current_clips(job))
+        if not 0 <= clip_index < count:
+            raise InvalidInput(f"Clip index {clip_index} is out of range: this video has clips "
+                               f"0 to {count - 1}.", code="clip_index_out_of_range")
+
+    @staticmethod
+    def _quote(job: Job, estimated_cost: str, estimated_step_costs: dict[str, str] | None,
+               reused: dict[str, Any]) -> Decimal:
+        """The estimate of the steps still to pay for; ``BudgetExceeded`` past the job's budget."""
+        step_estimates = {step: money(cost) for step, cost in (estimated_step_costs or {}).items()}
+        estimate = (sum((cost for step, cost in step_estimates.items() if step not in reused), Decimal(0))
+                    if step_estimates else money(estimated_cost))
+        if job.total_cost + estimate > job.budget_limit:
+            raise BudgetExceeded(
+                f"This regeneration (about ${estimate:.2f}) would take the video past its budget "
+                f"of ${job.budget_limit:.2f} (${job.total_cost:.2f} spent so far).")
+        return estimate
+
+    @staticmethod
+    def _new_regeneration(job: Job, clip_index: int, instruction: str, history: list[dict[str, Any]],
+                          estimate: Decimal, reused: dict[str, Any], source: ClipRegeneration | None,
+                          now: datetime) -> ClipRegeneration:
+        """The regeneration row, carrying over the paid steps (and the rewritten prompt) it reuses."""
+        regeneration = ClipRegeneration(
+            id=uuid.uuid4(), job_id=job.id, clip_index=clip_index,
+            original_prompt=current_clips(job)[clip_index].prompt, user_instruction=instruction,
+            conversation_history=history, status=RegenerationStatus.QUEUED, stage="queued",
+            estimated_cost=estimate, base_version=job.current_version, created_at=now, checkpoints=reused)
+        if source is not None and "rewrite" in reused:
+            regeneration.modified_prompt = source.modified_prompt
+            regeneration.change_summary = source.change_summary
+            regeneration.rewriter = source.rewriter
+        return regeneration
+
+    def _take_lease(self, session: AsyncSession, job: Job, pending: _Pending, regeneration: ClipRegeneration,
+                    now: datetime) -> str:
+        """Give the job a fresh lease for ``regeneration`` and queue its task (outbox); the token."""
+        token = secrets.token_hex(16)
+        job.status = JobStatus.REGENERATING
+        job.lease_token = token
+        job.lease_expires_at = now + self.lease
+        job.active_regeneration_id = regeneration.id
+        self._start_work(job, PHASE_REGENERATE)
+        job.error_code = job.error_message = None
+        job.error_retryable = False
+        self._outbox(session, pending, REGENERATE_QUEUE, str(regeneration.id), tasks_pb2.RegenerateTask(
+            job_id=str(job.id), regeneration_id=str(regeneration.id), lease_token=token, attempt=1))
+        return token
+
+    def _queued_events(self, session: AsyncSession, job: Job, pending: _Pending, regeneration: ClipRegeneration,
+                       estimate: Decimal) -> bool:
+        """The "queued" event, and a budget warning when the estimate nears the budget (returned)."""
+        self._event(session, job, pending, "regeneration.queued", stage="queued", payload={
+            "regeneration_id": str(regeneration.id), "clip_index": regeneration.clip_index,
+            "estimated_cost": str(estimate)})
+        warning = job.total_cost + estimate >= job.budget_limit * self.warning_fraction
+        if warning:
+            self._event(session, job, pending, "budget.warning", payload={
+                "total_cost": str(job.total_cost), "estimated_cost": str(estimate),
+                "budget_limit": str(job.budget_limit)})
+        return bool(warning)
 
     async def renew(self, job_id: str, token: str, claim_id: str = "") -> datetime:
         """Extend a live lease, and the claim when given (the worker's heartbeat).
