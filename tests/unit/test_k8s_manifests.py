@@ -52,7 +52,7 @@ Doc = dict[str, Any]
 def _render(overlay: str) -> tuple[list[Doc], str]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        return [], "kubectl (with kustomize) is not installed"
+        return [], "kubectl (with kustomize)"
     result = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
                             capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
