@@ -505,29 +505,13 @@ class JobStateMachine:
                 if new_clip is None:
                     raise InvalidInput("A regeneration's result needs its new clip.")
                 index = regeneration.clip_index
-                revision = max(c.revision for c in job.clips if c.clip_index == index) + 1
-                session.add(Clip(job_id=job.id, clip_index=index, revision=revision, prompt=new_clip.prompt,
-                                 duration=new_clip.duration, video_key=new_clip.video_key,
-                                 thumbnail_key=new_clip.thumbnail_key, cost=regeneration.generation_cost,
-                                 created_by_regeneration_id=regeneration.id, created_at=now))
-                revisions[index] = revision
-                regeneration.composition_cost += cost
-                regeneration.cost = (regeneration.llm_cost + regeneration.generation_cost
-                                     + regeneration.composition_cost)
-                regeneration.status = RegenerationStatus.COMPLETED
-                regeneration.stage = "done"
-                regeneration.progress = 1.0
-                regeneration.finished_at = now
-                regeneration.error_code = regeneration.error_message = None
+                revisions[index] = self._complete_regeneration(session, job, regeneration, new_clip, cost, now)
                 spent = regeneration.cost
             elif job.status != JobStatus.COMPOSING:
                 raise StaleLease()
             else:
                 spent = cost
-                for clip in job.clips:
-                    if clip.revision == 0 and clip.clip_index < len(clip_thumbnail_keys) \
-                            and clip_thumbnail_keys[clip.clip_index] and not clip.thumbnail_key:
-                        clip.thumbnail_key = clip_thumbnail_keys[clip.clip_index]
+                self._keep_thumbnails(job, clip_thumbnail_keys)
             number = max((v.version for v in job.versions), default=0) + 1
             session.add(VideoVersion(job_id=job.id, version=number, storage_key=video_key,
                                      duration=video_duration, encoder=encoder, clip_revisions=revisions,
@@ -548,6 +532,34 @@ class JobStateMachine:
         log.info("job.version_published", extra={"job_id": job_id, "regeneration_id": regeneration_id,
                                                  "version": number})
         return await self.get_job(job_id)
+
+    @staticmethod
+    def _complete_regeneration(session: AsyncSession, job: Job, regeneration: ClipRegeneration,
+                               new_clip: ClipInput, composition_cost: Decimal, now: datetime) -> int:
+        """Add the new clip as the next revision of its index and close the regeneration as
+        completed, with its composition cost; returns the new revision."""
+        index = regeneration.clip_index
+        revision = max(c.revision for c in job.clips if c.clip_index == index) + 1
+        session.add(Clip(job_id=job.id, clip_index=index, revision=revision, prompt=new_clip.prompt,
+                         duration=new_clip.duration, video_key=new_clip.video_key,
+                         thumbnail_key=new_clip.thumbnail_key, cost=regeneration.generation_cost,
+                         created_by_regeneration_id=regeneration.id, created_at=now))
+        regeneration.composition_cost += composition_cost
+        regeneration.cost = regeneration.llm_cost + regeneration.generation_cost + regeneration.composition_cost
+        regeneration.status = RegenerationStatus.COMPLETED
+        regeneration.stage = "done"
+        regeneration.progress = 1.0
+        regeneration.finished_at = now
+        regeneration.error_code = regeneration.error_message = None
+        return revision
+
+    @staticmethod
+    def _keep_thumbnails(job: Job, clip_thumbnail_keys: Sequence[str]) -> None:
+        """The initial composition's stills, for uploaded clips that came without one."""
+        for clip in job.clips:
+            if clip.revision == 0 and clip.clip_index < len(clip_thumbnail_keys) \
+                    and clip_thumbnail_keys[clip.clip_index] and not clip.thumbnail_key:
+                clip.thumbnail_key = clip_thumbnail_keys[clip.clip_index]
 
     async def fail(self, job_id: str, token: str, *, error_code: str, error_message: str,
                    technical_detail: str = "", retryable: bool = True, claim_id: str = "") -> JobSnapshot:
