@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     media_url_ttl_seconds: int = 3600
     sse_heartbeat_seconds: float = 10.0
     rate_limit_per_minute: int = 120
+    # Failed authentications (401) a client address may make a minute before it gets 429s; the
+    # address is the one the peer gives, or X-Forwarded-For from a proxy in forwarded_allow_ips.
+    auth_failures_per_minute: int = 20
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # Job state machine.
     lease_seconds: float = 60.0

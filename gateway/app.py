@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from clipchat import telemetry
 from clipchat.rpc import insecure_channel
 from clipchat.settings import Settings
 from clipchat.storage import Storage, create_storage
@@ -77,9 +78,11 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI
     app.state.signer = MediaSigner(settings.media_signing_key, settings.media_url_ttl_seconds,
                                    base_url=settings.public_url)
     app.state.limiter = TokenBucketLimiter(settings.rate_limit_per_minute)
+    app.state.auth_failures = TokenBucketLimiter(settings.auth_failures_per_minute)
     install_error_handlers(app)
     app.include_router(api_router())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    telemetry.instrument_app(app)
     return app
 
 
@@ -90,6 +93,9 @@ async def serve(settings: Settings, *, storage: Storage | None = None) -> None:
         # Logging is configured by clipchat.telemetry; uvicorn's access log would print the query
         # strings that carry EventSource tokens, and request spans already record each request.
         log_config=None, access_log=False,
+        # The client address (failed-authentication limits) comes from X-Forwarded-For only when
+        # the peer is a trusted proxy (an ingress controller).
+        proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
         # Open SSE streams must not hold a rolling restart for long; EventSource reconnects.
         timeout_graceful_shutdown=5)
     await uvicorn.Server(config).serve()

@@ -20,7 +20,7 @@ from clipchat.errors import NotFound
 from clipchat.settings import Settings
 from clipchat.storage import Storage
 from clipchat.v1 import composer_pb2_grpc, jobs_pb2_grpc, regenerator_pb2_grpc
-from gateway.errors import ApiError
+from gateway.errors import RATE_LIMITED_CODE, ApiError
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.signing import MediaSigner
 
@@ -90,8 +90,20 @@ _query_token = APIKeyQuery(name="access_token", auto_error=False,
                            description="The API token, for EventSource which cannot send headers.")
 
 
-def _owner_of(token: str | None, settings: Settings) -> str:
+def _owner_of(token: str | None, settings: Settings, request: Request) -> str:
+    """The owner of ``token``; 401 when there is none or it is unknown.
+
+    Each 401 costs the client address one of its ``auth_failures_per_minute``; an address that has
+    none left gets 429 before its token is even looked at, so guessing tokens learns nothing faster.
+    """
+    failures: TokenBucketLimiter = request.app.state.auth_failures
+    client = request.client.host if request.client else "unknown"
+    retry_after = failures.waiting(client)
+    if retry_after is not None:
+        raise ApiError(429, RATE_LIMITED_CODE, f"Too many failed sign-ins from this address. Try again "
+                       f"in {retry_after} s.", retryable=True, headers={"Retry-After": str(retry_after)})
     if not token:
+        failures.acquire(client)
         raise ApiError(401, "unauthenticated", "Sign in: send your API token as 'Authorization: Bearer "
                                                "<token>'.", headers={"WWW-Authenticate": "Bearer"})
     owner = None
@@ -100,14 +112,15 @@ def _owner_of(token: str | None, settings: Settings) -> str:
         if hmac.compare_digest(known.encode(), token.encode()):
             owner = known_owner
     if owner is None:
+        failures.acquire(client)
         raise ApiError(401, "invalid_token", "This API token is not valid. Check it and sign in again.",
                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return owner
 
 
-def _current_owner(settings: SettingsDep,
+def _current_owner(request: Request, settings: SettingsDep,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
-    return _owner_of(credentials.credentials if credentials else None, settings)
+    return _owner_of(credentials.credentials if credentials else None, settings, request)
 
 
 def _stream_owner(request: Request, settings: SettingsDep,
@@ -117,14 +130,14 @@ def _stream_owner(request: Request, settings: SettingsDep,
     # normally found in the scope; the query parameter covers the app run without that wrapper.
     token = (credentials.credentials if credentials else None) \
         or request.scope.get(QUERY_TOKEN_SCOPE_KEY) or query_token
-    return _owner_of(token, settings)
+    return _owner_of(token, settings, request)
 
 
 def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current_owner)]) -> str:
     limiter: TokenBucketLimiter = request.app.state.limiter
     retry_after = limiter.acquire(owner)
     if retry_after is not None:
-        raise ApiError(429, "rate_limited", f"Too many requests. Try again in {retry_after} s.",
+        raise ApiError(429, RATE_LIMITED_CODE, f"Too many requests. Try again in {retry_after} s.",
                        retryable=True, headers={"Retry-After": str(retry_after)})
     return owner
 

@@ -209,12 +209,13 @@ _DESCRIPTIONS: Mapping[int, str] = {
     413: "An upload is larger than allowed (CLIPCHAT_MAX_UPLOAD_BYTES per file, "
          "CLIPCHAT_MAX_REQUEST_BYTES in all).",
     422: "Invalid input.",
-    429: "Too many requests; see Retry-After.",
+    429: "Too many requests, or too many failed sign-ins from this address; see Retry-After.",
     503: "A dependency is unavailable; retry later.",
 }
 
 
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for these error statuses (503 is always possible)."""
-    codes: Iterable[int] = sorted({*statuses, 503})
+    """OpenAPI ``responses`` entries for these error statuses (503 is always possible, and 429
+    wherever 401 is: failed authentications are limited per client address)."""
+    codes: Iterable[int] = sorted({*statuses, 503, *((429,) if 401 in statuses else ())})
     return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in codes}

@@ -146,7 +146,8 @@ class JobOut(BaseModel):
 
 
 class JobList(BaseModel):
-    jobs: list[JobOut]
+    jobs: list[JobOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null on the last.")
 
 
 class ClipList(BaseModel):

@@ -14,7 +14,7 @@ from clipchat.errors import ClipChatError
 from clipchat.rpc import call, stream
 from clipchat.v1 import jobs_pb2
 from gateway.deps import Downstream, DownstreamDep, JobId, SettingsDep, SignerDep, StreamOwner
-from gateway.errors import from_domain_error, invalid_input
+from gateway.errors import documented, from_domain_error, invalid_input
 from gateway.schemas import event_out
 from gateway.signing import MediaSigner
 
@@ -38,8 +38,7 @@ _MAX_SEQUENCE = 2**63 - 1
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "id: sequence, event: type, data: JSON {sequence, type, stage, "
                                     "fraction, payload, created_at}; ': ping' comments as heartbeats."},
-               401: {"description": "Missing or unknown token."},
-               404: {"description": "No such job (or not yours)."}})
+               **documented(401, 404, 422)})
 async def job_events(
     job_id: JobId, owner: StreamOwner, settings: SettingsDep, downstream: DownstreamDep, signer: SignerDep,
     after: Annotated[int | None, Query(ge=0, le=_MAX_SEQUENCE,

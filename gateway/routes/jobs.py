@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import shutil
 import tempfile
@@ -12,7 +14,7 @@ from typing import Annotated, Any, get_args
 
 import anyio
 import grpc
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from pydantic import ValidationError
 
@@ -75,6 +77,9 @@ _CREATE_JOB_BODY: dict[str, Any] = {
     },
 }
 
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
 VersionNumber = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="A video version number.")]
 
 
@@ -123,12 +128,25 @@ async def create_job(request: Request, response: Response, owner: LimitedOwner, 
     return job_out(created.job, signer, settings.budget_warning_fraction)
 
 
-@router.get("/jobs", response_model=JobList, summary="The caller's jobs", responses=documented(401))
-async def list_jobs(owner: Owner, settings: SettingsDep, downstream: DownstreamDep,
-                    signer: SignerDep) -> JobList:
+@router.get("/jobs", response_model=JobList, summary="The caller's jobs",
+            responses=documented(401, 422))
+async def list_jobs(owner: Owner, settings: SettingsDep, downstream: DownstreamDep, signer: SignerDep,
+                    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE,
+                                                description="Jobs on one page.")] = DEFAULT_PAGE_SIZE,
+                    cursor: Annotated[str | None, Query(max_length=200, description="The next_cursor of "
+                                                        "the previous page.")] = None) -> JobList:
+    """The caller's jobs, newest first, a page at a time: follow ``next_cursor`` until it is null."""
+    after = _decode_cursor(cursor) if cursor else None
     reply = await call(downstream.status.ListJobs, jobs_pb2.ListJobsRequest(owner=owner),
                        timeout=settings.grpc_deadline_seconds)
-    return JobList(jobs=[job_out(job, signer, settings.budget_warning_fraction) for job in reply.jobs])
+    # Keyed on (created_at, job_id), not an offset: jobs created meanwhile do not shift the pages.
+    ordered = sorted(reply.jobs, key=_page_key, reverse=True)
+    if after is not None:
+        ordered = [job for job in ordered if _page_key(job) < after]
+    page = ordered[:limit]
+    next_cursor = _encode_cursor(_page_key(page[-1])) if len(ordered) > limit else None
+    return JobList(jobs=[job_out(job, signer, settings.budget_warning_fraction) for job in page],
+                   next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job",
@@ -172,6 +190,28 @@ async def _get_job(downstream: DownstreamDep, deadline: float, job_id: str, owne
     reply = await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
                        timeout=deadline)
     return reply.job
+
+
+_PageKey = tuple[int, int, str]
+
+
+def _page_key(job: common_pb2.Job) -> _PageKey:
+    return job.created_at.seconds, job.created_at.nanos, job.job_id
+
+
+def _encode_cursor(key: _PageKey) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> _PageKey:
+    try:
+        seconds, nanos, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if isinstance(seconds, int) and isinstance(nanos, int) and isinstance(job_id, str):
+            return seconds, nanos, job_id
+    except (ValueError, TypeError):
+        pass
+    raise invalid_input("Invalid request: cursor is not valid; pass the next_cursor of the previous "
+                        "page, or leave it out for the first page.")
 
 
 def _parse_manifest(text: str | None, settings: Settings) -> JobManifest:
