@@ -10,12 +10,13 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from clipchat.broker import REGENERATE_QUEUE
 from clipchat.broker.memory import InMemoryBroker
 from clipchat.broker.topology import COMPOSE_QUEUE
 from clipchat.db import Database
+from clipchat.db.migrate import upgrade
 from clipchat.db.models import OutboxMessage
 from clipchat.errors import DependencyUnavailable, StaleLease
 from services.status.outbox import OutboxRelay
@@ -157,3 +158,18 @@ async def test_the_relay_publishes_what_was_committed_once_the_broker_is_back(
         await asyncio.sleep(0.01)
     await subscription.cancel()
     assert queued == [str(began.regeneration.id)]
+
+
+async def test_migrations_started_at_once_both_succeed(database_url: str) -> None:
+    """Two status pods migrating at once: one waits for the other (PostgreSQL) and finds it done."""
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer at a time anyway")
+    await asyncio.gather(upgrade(database_url), upgrade(database_url), upgrade(database_url))
+    database = Database(database_url)
+    try:
+        assert await database.ping()
+        async with database.read() as session:
+            version = (await session.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+        assert version == "0002"
+    finally:
+        await database.dispose()
