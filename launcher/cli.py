@@ -13,6 +13,7 @@ from typing import Any
 import click
 import httpx
 import typer
+from pydantic import ValidationError
 
 from clipchat.settings import Settings
 from launcher.errors import StartupError
@@ -57,6 +58,10 @@ def main() -> None:
 def _settings() -> Settings:
     try:
         return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "CLIPCHAT_" + str(first["loc"][0]).upper() if first.get("loc") else "a setting"
+        raise CliError(f"invalid CLIPCHAT_* configuration: {name}: {first['msg']}") from exc
     except Exception as exc:
         raise CliError(f"invalid CLIPCHAT_* configuration: {str(exc).splitlines()[0]}") from exc
 

@@ -62,3 +62,10 @@ def test_serve_without_its_broker_says_which_setting_to_check() -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "error: the message broker cannot be reached; check CLIPCHAT_BROKER_URL and that RabbitMQ is running")
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_setting_of_the_wrong_type_is_named_in_one_line() -> None:
+    done = serve("gateway", CLIPCHAT_GATEWAY_PORT="abc")
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("error: invalid CLIPCHAT_* configuration: CLIPCHAT_GATEWAY_PORT: "
+                                   "Input should be a valid integer, unable to parse string as an integer")
