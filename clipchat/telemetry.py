@@ -1,30 +1,54 @@
-"""Structured logs and OpenTelemetry tracing (exported over OTLP when configured)."""
+"""Structured logs and OpenTelemetry tracing (exported over OTLP when configured).
+
+Spans come from the maintained instrumentations where one exists: grpc (``server_interceptors``,
+``client_interceptors``), FastAPI/ASGI (``instrument_app``), httpx (every client, from
+``configure``) and SQLAlchemy (``instrument_engine``). Work messages carry the trace in their
+``trace_context`` field (``inject_headers`` / ``extract_context``), so one regeneration is one
+trace from the browser's request to the composer's ffmpeg runs.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import weakref
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
 _configured = False
+# Probes call these every few seconds; a span each would drown the requests people make.
+_UNTRACED_URLS = "/api/v1/healthz,/api/v1/readyz"
+_instrumented_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: the event name plus its fields."""
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, event, its fields and, inside a
+    span, the trace and span ids."""
 
     _skip = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name,
-                                 "event": record.getMessage()}
+        timestamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        entry: dict[str, Any] = {"timestamp": timestamp.replace("+00:00", "Z"), "level": record.levelname.lower(),
+                                 "logger": record.name, "event": record.getMessage()}
         entry.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -55,16 +79,114 @@ def configure(service_name: str, *, otlp_endpoint: str = "", log_level: str = "I
     root.setLevel(log_level.upper())
     root.propagate = False
 
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = tracer_provider(service_name)
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
+    instrument_httpx()
+
+
+def tracer_provider(service_name: str) -> TracerProvider:
+    """A tracer provider that names ``service_name`` in its spans; no exporter yet."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    return TracerProvider(resource=Resource.create({"service.name": service_name}))
+
+
+def instrument_app(app: FastAPI) -> None:
+    """A server span for each HTTP request to ``app``, continuing an incoming ``traceparent``.
+
+    Health probes are left out, and so are the per-message send/receive spans (an SSE stream
+    would add one per event).
+    """
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(app, excluded_urls=_UNTRACED_URLS, exclude_spans=["receive", "send"])
+    build = app.build_middleware_stack
+
+    def build_with_fresh_context() -> ASGIApp:
+        return _FreshTraceContext(build())
+
+    app.build_middleware_stack = build_with_fresh_context  # type: ignore[method-assign]
+
+
+class _FreshTraceContext:
+    """Starts each request from an empty trace context, so its span is a server span of its own.
+
+    On the asyncio loop a request's task can inherit the context of the one before it on the same
+    connection (python/cpython#140947; with uvicorn, after a body over 64 KiB): the request's span
+    would then be an INTERNAL child of an unrelated, finished request. An incoming ``traceparent``
+    is still continued: the instrumentation reads it from the request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = otel_context.attach(otel_context.Context())
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+
+
+def instrument_httpx() -> None:
+    """A client span for each request of every httpx client in this process, with ``traceparent``
+    sent along (the providers' APIs, the LLM). Once per process; later calls do nothing."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    instrumentor = HTTPXClientInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
+
+
+def instrument_engine(engine: AsyncEngine | Engine) -> None:
+    """A client span for each statement run on ``engine`` (an async engine's ``sync_engine``).
+
+    Once per engine; later calls do nothing. Statements run outside any span are not traced.
+    """
+    from opentelemetry import metrics
+    from opentelemetry.instrumentation.sqlalchemy import __name__ as scope
+    from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+    from opentelemetry.instrumentation.sqlalchemy.version import __version__
+    from sqlalchemy.engine import Engine as SyncEngine
+
+    sync_engine = engine if isinstance(engine, SyncEngine) else engine.sync_engine
+    if sync_engine in _instrumented_engines:
+        return
+    _instrumented_engines.add(sync_engine)
+    # What SQLAlchemyInstrumentor.instrument(engine=...) does, without its once-per-process
+    # guard: a process here has several engines (the read and write ones, per database).
+    connections = metrics.get_meter(scope, __version__).create_up_down_counter(
+        "db.client.connections.usage", unit="connections",
+        description="The number of connections that are currently in state described by the state attribute.")
+    EngineTracer(_InsideSpansOnly(trace.get_tracer(scope, __version__)), sync_engine, connections)
+
+
+class _InsideSpansOnly(trace.Tracer):
+    """A tracer whose spans only start inside another span.
+
+    Queries are traced inside a request or a message; the outbox relay's and the lease sweeper's
+    polls (every second, outside any span) would otherwise each be a trace of their own.
+    """
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    def start_span(self, name: str, context: Context | None = None, *args: Any, **kwargs: Any) -> trace.Span:
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            return trace.INVALID_SPAN
+        return self._tracer.start_span(name, context, *args, **kwargs)
+
+    def start_as_current_span(self, name: str, context: Context | None = None, *args: Any,
+                              **kwargs: Any) -> Any:
+        if not trace.get_current_span(context).get_span_context().is_valid:
+            return trace.use_span(trace.INVALID_SPAN)
+        return self._tracer.start_as_current_span(name, context, *args, **kwargs)
 
 
 def tracer(name: str) -> trace.Tracer:

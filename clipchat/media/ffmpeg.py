@@ -14,6 +14,9 @@ import os
 import signal
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from opentelemetry import trace
 
 from clipchat.aio import settled
 from clipchat.errors import MediaError, TransientError
@@ -27,6 +30,7 @@ _STDERR_TAIL_LINES = 40
 # ffmpeg finishes the frame in hand and closes its outputs on SIGTERM; past this it gets SIGKILL.
 _TERM_GRACE_SECONDS = 1.0
 _ALLOWED_PROTOCOLS = "file,pipe"
+_PARENT_IDS = ("clipchat.job_id", "clipchat.regeneration_id")
 
 
 class FfmpegError(MediaError):
@@ -71,7 +75,7 @@ class FfmpegRunner:
         return cls(getattr(settings, "ffmpeg_path", "") or None)
 
     async def run(self, args: Sequence[str], *, expected_duration: float | None = None,
-                  on_progress: FfmpegProgressFn | None = None, quiet: bool = False) -> None:
+                  on_progress: FfmpegProgressFn | None = None, quiet: bool = False, makes: str = "") -> None:
         """Run ffmpeg with ``args`` (everything after the fixed global options) to completion.
 
         ``on_progress`` receives the fraction of ``expected_duration`` (seconds of output) done,
@@ -81,7 +85,17 @@ class FfmpegRunner:
         signal ended it. Cancelling the awaiting task kills ffmpeg's whole process group, waits for
         it to exit and re-raises ``CancelledError``. ``quiet`` leaves a failure's stderr out of
         the log (a probe that is expected to fail on most machines says why itself).
+
+        Each run is an ``ffmpeg`` span, a child of the current one: ``makes`` (a short label of the
+        output, never user text; the output format when not given), the expected duration, the
+        exit code, and the job and regeneration ids when the current span carries them.
         """
+        with trace.get_tracer("clipchat.media").start_as_current_span(
+                "ffmpeg", attributes=_span_attributes(args, makes, expected_duration)):
+            await self._run(args, expected_duration, on_progress, quiet)
+
+    async def _run(self, args: Sequence[str], expected_duration: float | None,
+                   on_progress: FfmpegProgressFn | None, quiet: bool) -> None:
         command = [self.path, "-hide_banner", "-nostdin", "-y", "-progress", "pipe:1", "-nostats",
                    *_restrict_protocols(args)]
         stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
@@ -109,6 +123,7 @@ class FfmpegRunner:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
 
+        trace.get_current_span().set_attribute("process.exit.code", returncode)
         detail = "\n".join(stderr_tail)
         if returncode < 0 or _ended_by_signal(stderr_tail):
             log.warning("ffmpeg.killed", extra={"returncode": returncode, "stderr_tail": detail[-2000:]})
@@ -119,6 +134,25 @@ class FfmpegRunner:
             raise FfmpegError(detail=detail, returncode=returncode)
         if on_progress is not None:
             await on_progress(1.0)
+
+
+def _span_attributes(args: Sequence[str], makes: str, expected_duration: float | None) -> dict[str, Any]:
+    attributes: dict[str, Any] = {"clipchat.ffmpeg.makes": makes or _output_format(args)}
+    if expected_duration is not None:
+        attributes["clipchat.ffmpeg.expected_duration_s"] = expected_duration
+    # The caller's span (the composer's compose.message, the generator's step) names the work.
+    parent = getattr(trace.get_current_span(), "attributes", None) or {}
+    attributes.update({key: parent[key] for key in _PARENT_IDS if key in parent})
+    return attributes
+
+
+def _output_format(args: Sequence[str]) -> str:
+    """The last output's ``-f`` format, else its file suffix: "mp4", "null", "m4a" (no user text)."""
+    formats = [args[i + 1] for i in range(len(args) - 1) if args[i] == "-f" and "-i" not in args[i + 2:]]
+    if formats:
+        return formats[-1]
+    suffix = os.path.splitext(args[-1])[1].lstrip(".") if args else ""
+    return suffix if suffix.isalnum() and len(suffix) <= 8 else "output"
 
 
 def _restrict_protocols(args: Sequence[str]) -> list[str]:
