@@ -231,10 +231,15 @@ def jobs(url: str = UrlOption, token: str = TokenOption) -> None:
     """List your jobs."""
     async def run() -> None:
         async with _client(url, token) as client:
-            data = _check(await client.get("/api/v1/jobs"), 200)
-            for job in data["jobs"] if isinstance(data, dict) else data:
-                print(f"{job['id']}  {job['status']:<12} v{job.get('current_version') or '-':<3} "
-                      f"${job['total_cost']:<9} {job.get('title', '')}")
+            cursor: str | None = None
+            while True:  # every page, newest first
+                data = _check(await client.get("/api/v1/jobs", params={"cursor": cursor} if cursor else None), 200)
+                for job in data["jobs"]:
+                    print(f"{job['id']}  {job['status']:<12} v{job.get('current_version') or '-':<3} "
+                          f"${job['total_cost']:<9} {job.get('title', '')}")
+                cursor = data.get("next_cursor")
+                if not cursor:
+                    return
 
     asyncio.run(run())
 

@@ -210,3 +210,11 @@ def test_sse_resumes_after_last_event_id(embedded: RunningClipChat) -> None:
     resumed = read(3, 3)
     assert [e["id"] for e in resumed] == [4, 5, 6]
     assert [e["data"] for e in resumed] == [e["data"] for e in everything[3:]]
+
+
+def test_cli_lists_the_jobs(embedded: RunningClipChat) -> None:
+    job = demo_job(embedded)
+    listed = embedded.cli("jobs")
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.splitlines()
+    assert line.startswith(f"{job['id']}  completed")
