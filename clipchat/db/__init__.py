@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from clipchat import telemetry
 from clipchat.errors import ClipChatError, DependencyUnavailable
 
 log = logging.getLogger("clipchat.db")
@@ -52,6 +53,9 @@ class Database:
                           connect_args={"timeout": connect_timeout})
         self.write_engine = create_async_engine(url, **kwargs)
         self.read_engine = create_async_engine(url, **kwargs) if self.is_sqlite else self.write_engine
+        telemetry.instrument_engine(self.write_engine)
+        if self.read_engine is not self.write_engine:
+            telemetry.instrument_engine(self.read_engine)
         if self.is_sqlite:
             _sqlite_setup(self.write_engine, begin="BEGIN IMMEDIATE")
             _sqlite_setup(self.read_engine, begin="BEGIN")

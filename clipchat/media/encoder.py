@@ -52,7 +52,7 @@ async def detect_encoder(ffmpeg: FfmpegRunner, preference: str) -> EncoderChoice
         # A small real encode: listing the encoder proves nothing (H100s list it and cannot open it).
         await ffmpeg.run(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30:duration=1",
                           "-pix_fmt", "yuv420p", *video_encoder_args(H264_NVENC, x264_preset="veryfast"),
-                          "-f", "null", "-"], quiet=True)
+                          "-f", "null", "-"], quiet=True, makes="nvenc probe")
     except FfmpegError as exc:
         reason = f"h264_nvenc test encode failed: {_failure_reason(exc.detail)}"
         # Asked for NVENC by name and not getting it is worth an operator's attention.

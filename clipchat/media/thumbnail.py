@@ -21,4 +21,4 @@ async def render_thumbnail(ffmpeg: FfmpegRunner, video: Path, dest: Path) -> Non
     at = min(_THUMBNAIL_AT_SECONDS, info.duration / 2)
     await ffmpeg.run(["-ss", f"{at:.3f}", "-i", str(video), "-map", "0:v:0", "-frames:v", "1",
                       "-vf", f"scale={THUMBNAIL_WIDTH}:-2,format=yuvj420p", "-q:v", "4",
-                      "-f", "image2", "-update", "1", str(dest)])
+                      "-f", "image2", "-update", "1", str(dest)], makes="thumbnail")

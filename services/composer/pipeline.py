@@ -671,7 +671,8 @@ class _Composition:
         ffmpeg = self.composer._ffmpeg
         try:
             await self.composer._retry.run(
-                lambda: ffmpeg.run(args, expected_duration=frames / FPS, on_progress=on_fraction), what="ffmpeg")
+                lambda: ffmpeg.run(args, expected_duration=frames / FPS, on_progress=on_fraction,
+                                   makes=label or "segment"), what="ffmpeg")
         except FfmpegError as exc:
             if not label:
                 raise

@@ -71,7 +71,7 @@ class ComposeWorker:
             await self._run(task, claim)
 
         with tracer("clipchat.composer").start_as_current_span(
-                "compose.message", context=extract_context(dict(task.trace_context))):
+                "compose.message", context=extract_context(dict(task.trace_context)), kind=trace.SpanKind.CONSUMER):
             await run_claimed(self.status, delivery, jobs_pb2.WORK_PHASE_COMPOSE, work,
                               delivery_limit=self.settings.delivery_limit, give_up=self._give_up)
 

@@ -142,7 +142,7 @@ class LocalVideoGenerator:
              "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p",
              "-g", str(self._fps * 2), "-color_primaries", "bt709", "-color_trc", "bt709",
              "-colorspace", "bt709", "-movflags", "+faststart", "-f", "mp4", str(dest)],
-            expected_duration=frames / self._fps, on_progress=on_progress)
+            expected_duration=frames / self._fps, on_progress=on_progress, makes="clip")
         info = await probe(dest, label="generated clip")
         if info.frame_count is not None and info.frame_count != frames:
             raise MediaError("The generated clip came out with the wrong length.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from opentelemetry import trace
+
 from clipchat.broker import Delivery
 from clipchat.errors import ClipChatError
 from clipchat.lease import WorkClaim, run_claimed
@@ -36,7 +38,8 @@ class RegenerateWorker:
                                                      claim_id=claim.claim_id, attempt=claim.attempt))
 
         with tracer("clipchat.regenerator").start_as_current_span(
-                "regenerate.message", context=extract_context(dict(task.trace_context))):
+                "regenerate.message", context=extract_context(dict(task.trace_context)),
+                kind=trace.SpanKind.CONSUMER):
             await run_claimed(self.status, delivery, jobs_pb2.WORK_PHASE_REGENERATE, work,
                               delivery_limit=self.delivery_limit, give_up=self._give_up)
 

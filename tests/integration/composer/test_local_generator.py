@@ -26,9 +26,10 @@ class RecordingRunner(FfmpegRunner):
         self.calls: list[list[str]] = []
 
     async def run(self, args: Sequence[str], *, expected_duration: float | None = None,
-                  on_progress: FfmpegProgressFn | None = None, quiet: bool = False) -> None:
+                  on_progress: FfmpegProgressFn | None = None, quiet: bool = False, makes: str = "") -> None:
         self.calls.append(list(args))
-        await super().run(args, expected_duration=expected_duration, on_progress=on_progress, quiet=quiet)
+        await super().run(args, expected_duration=expected_duration, on_progress=on_progress, quiet=quiet,
+                          makes=makes)
 
 
 @pytest.fixture
