@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     media_signing_key: str = DEV_MEDIA_SIGNING_KEY
     media_url_ttl_seconds: int = 3600
     sse_heartbeat_seconds: float = 10.0
+    # Open event streams one owner may hold on one gateway process (429 past it), the events a
+    # watcher may fall behind its job's shared feed before it is dropped (it resumes), and how long
+    # an event-stream ticket (the EventSource URL's credential) stays valid.
+    sse_max_streams_per_owner: int = Field(default=20, ge=1)
+    sse_subscriber_queue: int = Field(default=256, ge=1)
+    sse_ticket_ttl_seconds: int = Field(default=60, ge=5, le=3600)
     rate_limit_per_minute: int = 120
     # Failed authentications (401) a client address may make a minute before it gets 429s; the
     # address is the one the peer gives, or X-Forwarded-For from a proxy in forwarded_allow_ips.

@@ -20,12 +20,15 @@ from clipchat import telemetry
 from clipchat.rpc import insecure_channel
 from clipchat.settings import Settings
 from clipchat.storage import Storage, create_storage
-from gateway.deps import QUERY_TOKEN_SCOPE_KEY, Downstream
+from gateway.deps import QUERY_TICKET_SCOPE_KEY, QUERY_TOKEN_SCOPE_KEY, Downstream
 from gateway.errors import install_error_handlers
+from gateway.feeds import FeedHub, StreamSlots
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.routes import api_router
+from gateway.routes.events import WATCH_STREAM_SECONDS
 from gateway.routes.page import STATIC_DIR
 from gateway.signing import MediaSigner
+from gateway.tickets import TicketSigner
 
 API_DESCRIPTION = """Change one clip of an AI music video by chatting with it, and get the whole video
 back, recomposed.
@@ -35,21 +38,26 @@ Authenticate with `Authorization: Bearer <token>`. Errors always have the shape
 signed and expire; fetch the job again for fresh ones."""
 
 
-class GatewayApp(FastAPI):
-    """FastAPI that keeps a ``?access_token=`` out of the URL everything else sees.
+_SECRET_QUERY_KEYS = {"access_token": QUERY_TOKEN_SCOPE_KEY, "ticket": QUERY_TICKET_SCOPE_KEY}
 
-    EventSource cannot send headers, so the page passes its token in the query string. FastAPI's
-    telemetry records the query of each request in its span; the token is moved into the ASGI
-    scope before that happens, where the authentication dependency finds it.
+
+class GatewayApp(FastAPI):
+    """FastAPI that keeps ``?ticket=`` (and a stray ``?access_token=``) out of the URL everything else sees.
+
+    EventSource cannot send headers, so the page passes a short-lived ticket in the query string.
+    FastAPI's telemetry records the query of each request in its span; the value is moved into the
+    ASGI scope before that happens, where the authentication dependency finds it. An API token in
+    the URL is not accepted, but an old client may still send one: it is taken out all the same.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and b"access_token=" in scope.get("query_string", b""):
-            pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-            tokens = [value for key, value in pairs if key == "access_token"]
-            if tokens:
-                scope = {**scope, QUERY_TOKEN_SCOPE_KEY: tokens[0],
-                         "query_string": urlencode([(k, v) for k, v in pairs if k != "access_token"])
+        query = scope.get("query_string", b"") if scope["type"] == "http" else b""
+        if b"access_token=" in query or b"ticket=" in query:
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            found = {_SECRET_QUERY_KEYS[key]: value for key, value in reversed(pairs) if key in _SECRET_QUERY_KEYS}
+            if found:
+                scope = {**scope, **found,
+                         "query_string": urlencode([(k, v) for k, v in pairs if k not in _SECRET_QUERY_KEYS])
                          .encode("latin-1")}
         await super().__call__(scope, receive, send)
 
@@ -79,6 +87,9 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI
                                    base_url=settings.public_url)
     app.state.limiter = TokenBucketLimiter(settings.rate_limit_per_minute)
     app.state.auth_failures = TokenBucketLimiter(settings.auth_failures_per_minute)
+    app.state.tickets = TicketSigner(settings.media_signing_key, settings.sse_ticket_ttl_seconds)
+    app.state.feeds = FeedHub(queue_size=settings.sse_subscriber_queue, stream_seconds=WATCH_STREAM_SECONDS)
+    app.state.stream_slots = StreamSlots(settings.sse_max_streams_per_owner)
     install_error_handlers(app)
     app.include_router(api_router())
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

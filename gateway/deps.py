@@ -21,11 +21,14 @@ from clipchat.settings import Settings
 from clipchat.storage import Storage
 from clipchat.v1 import composer_pb2_grpc, jobs_pb2_grpc, regenerator_pb2_grpc
 from gateway.errors import RATE_LIMITED_CODE, ApiError
+from gateway.feeds import FeedHub, StreamSlots
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.signing import MediaSigner
+from gateway.tickets import TicketSigner
 
-# Where ``GatewayApp`` puts a ``?access_token=`` it took out of the query string.
+# Where ``GatewayApp`` puts the ``?access_token=`` / ``?ticket=`` it took out of the query string.
 QUERY_TOKEN_SCOPE_KEY = "clipchat.access_token"
+QUERY_TICKET_SCOPE_KEY = "clipchat.ticket"
 
 
 @dataclass
@@ -86,8 +89,9 @@ StorageDep = Annotated[Storage, Depends(_storage)]
 SignerDep = Annotated[MediaSigner, Depends(_signer)]
 
 _bearer = HTTPBearer(auto_error=False, description="A ClipChat API token.")
-_query_token = APIKeyQuery(name="access_token", auto_error=False,
-                           description="The API token, for EventSource which cannot send headers.")
+_query_ticket = APIKeyQuery(name="ticket", auto_error=False,
+                            description="A short-lived event-stream ticket from POST /api/v1/jobs/{id}/tickets, "
+                                        "for EventSource which cannot send headers.")
 
 
 def _owner_of(token: str | None, settings: Settings, request: Request) -> str:
@@ -123,14 +127,49 @@ def _current_owner(request: Request, settings: SettingsDep,
     return _owner_of(credentials.credentials if credentials else None, settings, request)
 
 
-def _stream_owner(request: Request, settings: SettingsDep,
+def _stream_owner(request: Request, settings: SettingsDep, job_id: Annotated[str, Depends(_job_id)],
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-                  query_token: Annotated[str | None, Security(_query_token)]) -> str:
-    # GatewayApp moves ?access_token= out of the URL before telemetry records it, so the token is
-    # normally found in the scope; the query parameter covers the app run without that wrapper.
-    token = (credentials.credentials if credentials else None) \
-        or request.scope.get(QUERY_TOKEN_SCOPE_KEY) or query_token
-    return _owner_of(token, settings, request)
+                  query_ticket: Annotated[str | None, Security(_query_ticket)]) -> str:
+    """The owner from ``Authorization: Bearer`` or a ticket for this job in ``?ticket=``.
+
+    The long-lived API token is never accepted in the URL (not even in development: the page and
+    the CLI never need it there, and a token in a URL lands in access logs and browser history).
+    GatewayApp moves ?ticket= out of the URL before telemetry records it, so the ticket is normally
+    found in the scope; the query parameter covers the app run without that wrapper.
+    """
+    if credentials:
+        return _owner_of(credentials.credentials, settings, request)
+    ticket = request.scope.get(QUERY_TICKET_SCOPE_KEY) or query_ticket
+    if not ticket:
+        # No token and no ticket: the same answer (and throttling) as a request without a token.
+        return _owner_of(None, settings, request)
+    failures: TokenBucketLimiter = request.app.state.auth_failures
+    client = request.client.host if request.client else "unknown"
+    retry_after = failures.waiting(client)
+    if retry_after is not None:
+        raise ApiError(429, RATE_LIMITED_CODE, f"Too many failed sign-ins from this address. Try again "
+                       f"in {retry_after} s.", retryable=True, headers={"Retry-After": str(retry_after)})
+    tickets: TicketSigner = request.app.state.tickets
+    try:
+        return tickets.owner_of(ticket, job_id)
+    except ApiError:
+        failures.acquire(client)
+        raise
+
+
+def _feeds(request: Request) -> FeedHub:
+    feeds: FeedHub = request.app.state.feeds
+    return feeds
+
+
+def _stream_slots(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.stream_slots
+    return slots
+
+
+def _tickets(request: Request) -> TicketSigner:
+    tickets: TicketSigner = request.app.state.tickets
+    return tickets
 
 
 def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current_owner)]) -> str:
@@ -153,7 +192,10 @@ def _job_id(job_id: Annotated[str, Path(description="The job's id (a UUID).")]) 
 Owner = Annotated[str, Depends(_current_owner)]
 """The caller's owner id, from ``Authorization: Bearer``."""
 StreamOwner = Annotated[str, Depends(_stream_owner)]
-"""The caller's owner id, from the header or ``?access_token=`` (for EventSource)."""
+"""The caller's owner id, from the header or a ticket for the path's job in ``?ticket=`` (for EventSource)."""
+FeedsDep = Annotated[FeedHub, Depends(_feeds)]
+StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]
+TicketsDep = Annotated[TicketSigner, Depends(_tickets)]
 LimitedOwner = Annotated[str, Depends(_rate_limited_owner)]
 """The caller's owner id, after taking a token from their rate-limit bucket."""
 JobId = Annotated[str, Depends(_job_id)]

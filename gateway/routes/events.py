@@ -1,20 +1,37 @@
-"""A job's live events as Server-Sent Events, fed by the status service's ``WatchJob`` stream."""
+"""A job's live events as Server-Sent Events, fed by one shared ``WatchJob`` stream per job.
+
+Every watcher of a job on this gateway process reads the same upstream stream (``gateway.feeds``);
+an owner holds at most ``sse_max_streams_per_owner`` streams at once. The EventSource URL carries a
+short-lived ticket (``POST /jobs/{id}/tickets``), never the API token.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
-import grpc
 from fastapi import APIRouter, Header, Query
+from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from clipchat.errors import ClipChatError
-from clipchat.rpc import call, stream
+from clipchat.rpc import call
 from clipchat.v1 import jobs_pb2
-from gateway.deps import Downstream, DownstreamDep, JobId, SettingsDep, SignerDep, StreamOwner
-from gateway.errors import documented, from_domain_error, invalid_input
+from gateway.deps import (
+    DownstreamDep,
+    FeedsDep,
+    JobId,
+    Owner,
+    SettingsDep,
+    SignerDep,
+    StreamOwner,
+    StreamSlotsDep,
+    TicketsDep,
+)
+from gateway.errors import RATE_LIMITED_CODE, ApiError, documented, from_domain_error, invalid_input
+from gateway.feeds import FeedHub, StreamSlots, SubscriberOverflow, WatchMethod
 from gateway.schemas import event_out
 from gateway.signing import MediaSigner
 
@@ -22,14 +39,57 @@ log = logging.getLogger("clipchat.gateway")
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 
-# The WatchJob deadline. The browser's EventSource reconnects with Last-Event-ID when a stream ends,
-# so a bounded stream loses nothing and no gRPC call ever runs without a deadline.
+# The deadline of each upstream WatchJob call; a job's shared feed reopens where it stopped, so no
+# gRPC call ever runs without a deadline and no watcher notices.
 WATCH_STREAM_SECONDS = 15 * 60
 # A client that stops reading for this long is dropped instead of holding the stream open.
 SEND_TIMEOUT_SECONDS = 30
 # How long the browser waits before reconnecting after the stream ends.
 RECONNECT_MILLISECONDS = 2000
+# What a client over its stream cap is asked to wait before trying again.
+STREAM_CAP_RETRY_AFTER_SECONDS = 5
 _MAX_SEQUENCE = 2**63 - 1
+
+
+class TicketOut(BaseModel):
+    """A short-lived credential for one job's event stream: ``GET .../events?ticket=<ticket>``."""
+
+    ticket: str = Field(description="Pass as ?ticket= on GET /api/v1/jobs/{id}/events.")
+    expires_in: int = Field(description="Seconds the ticket stays valid; ask for a new one on reconnect.")
+
+
+@router.post("/jobs/{job_id}/tickets", summary="A short-lived ticket for the job's event stream",
+             response_model=TicketOut, responses=documented(401, 404))
+async def create_ticket(job_id: JobId, owner: Owner, settings: SettingsDep, downstream: DownstreamDep,
+                        tickets: TicketsDep) -> TicketOut:
+    """Exchange the API token (``Authorization: Bearer``) for a ticket valid for this job only.
+
+    EventSource cannot send headers; a ticket in its URL is bound to the owner and the job and
+    expires after ``expires_in`` seconds, so the long-lived token never appears in a URL or a log.
+    """
+    await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
+               timeout=settings.grpc_deadline_seconds)
+    return TicketOut(ticket=tickets.issue(owner, job_id), expires_in=tickets.ttl_seconds)
+
+
+class _SlotHeldResponse(EventSourceResponse):
+    """An event stream that gives its owner's stream slot back however the stream ends."""
+
+    def __init__(self, *args: object, slots: StreamSlots, owner: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._slots = slots
+        self._owner: str | None = owner
+
+    def release(self) -> None:
+        if self._owner is not None:
+            self._slots.give_back(self._owner)
+            self._owner = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 @router.get(
@@ -38,26 +98,39 @@ _MAX_SEQUENCE = 2**63 - 1
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "id: sequence, event: type, data: JSON {sequence, type, stage, "
                                     "fraction, payload, created_at}; ': ping' comments as heartbeats."},
-               **documented(401, 404, 422)})
+               **documented(401, 404, 422, 429)})
 async def job_events(
     job_id: JobId, owner: StreamOwner, settings: SettingsDep, downstream: DownstreamDep, signer: SignerDep,
+    feeds: FeedsDep, slots: StreamSlotsDep,
     after: Annotated[int | None, Query(ge=0, le=_MAX_SEQUENCE,
                                        description="Replay events after this sequence number.")] = None,
     last_event_id: Annotated[str | None, Header(description="Set by EventSource on reconnect.")] = None,
 ) -> EventSourceResponse:
     """Replay the job's events after ``Last-Event-ID`` (or ``?after=``), then follow new ones.
 
-    Authenticate with ``Authorization: Bearer`` or ``?access_token=`` (EventSource cannot send
-    headers). Heartbeat comments keep proxies from closing an idle stream.
+    Authenticate with ``Authorization: Bearer`` or, from EventSource (which cannot send headers),
+    ``?ticket=`` from ``POST /jobs/{id}/tickets``; the API token is not accepted in the URL. One
+    owner holds at most ``CLIPCHAT_SSE_MAX_STREAMS_PER_OWNER`` streams per gateway process (429 with
+    ``Retry-After`` past it). A client that falls far behind is disconnected and resumes with
+    ``Last-Event-ID``. Heartbeat comments keep proxies from closing an idle stream.
     """
     after_sequence = _resume_point(last_event_id, after)
-    # Ask once before streaming so an unknown job is a 404 JSON answer, not an empty stream.
-    await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
-               timeout=settings.grpc_deadline_seconds)
-    request = jobs_pb2.WatchJobRequest(job_id=job_id, owner=owner, after_sequence=after_sequence)
-    return EventSourceResponse(
-        _events(downstream, request, signer), ping=settings.sse_heartbeat_seconds,
-        send_timeout=SEND_TIMEOUT_SECONDS, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if not slots.take(owner):
+        raise ApiError(429, RATE_LIMITED_CODE,
+                       f"You have {slots.per_owner} event streams open already. Close one (another tab?) "
+                       f"and try again.", retryable=True,
+                       headers={"Retry-After": str(STREAM_CAP_RETRY_AFTER_SECONDS)})
+    try:
+        # Ask once before streaming so an unknown job is a 404 JSON answer, not an empty stream.
+        await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
+                   timeout=settings.grpc_deadline_seconds)
+        return _SlotHeldResponse(
+            _events(feeds, downstream.status.WatchJob, owner, job_id, after_sequence, signer),
+            slots=slots, owner=owner, ping=settings.sse_heartbeat_seconds, send_timeout=SEND_TIMEOUT_SECONDS,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    except BaseException:
+        slots.give_back(owner)
+        raise
 
 
 def _resume_point(last_event_id: str | None, after: int | None) -> int:
@@ -72,38 +145,16 @@ def _resume_point(last_event_id: str | None, after: int | None) -> int:
     return after or 0
 
 
-class _WatchCall:
-    """Opens ``WatchJob`` and remembers the call so it can be cancelled when the client leaves."""
-
-    def __init__(self, downstream: Downstream) -> None:
-        self._downstream = downstream
-        self.call: Any = None
-
-    def __call__(self, request: jobs_pb2.WatchJobRequest, *, timeout: float | None) -> Any:
-        self.call = self._downstream.status.WatchJob(request, timeout=timeout)
-        return self.call
-
-    def cancel(self) -> None:
-        if self.call is not None and not self.call.done():
-            self.call.cancel()
-
-
-async def _events(downstream: Downstream, request: jobs_pb2.WatchJobRequest,
+async def _events(feeds: FeedHub, watch: WatchMethod, owner: str, job_id: str, after: int,
                   signer: MediaSigner) -> AsyncIterator[ServerSentEvent]:
-    watch = _WatchCall(downstream)
     try:
-        async for event in stream(watch, request, timeout=WATCH_STREAM_SECONDS):
+        async for event in feeds.events(watch, owner, job_id, after):
             yield ServerSentEvent(data=event_out(event, signer).model_dump_json(), event=event.type,
                                   id=str(event.sequence), retry=RECONNECT_MILLISECONDS)
+    except SubscriberOverflow:
+        return  # fell behind (or the feed ended): EventSource reconnects and resumes from its last id
     except ClipChatError as exc:
-        if exc.status is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return  # the planned end of a bounded stream; EventSource reconnects and resumes
         # Headers are already sent: tell the page in-band, then end the stream.
         status, body = from_domain_error(exc)
-        log.warning("gateway.watch_failed", extra={"job_id": request.job_id, "code": exc.code,
-                                                   "http_status": status})
-        yield ServerSentEvent(data=body.model_dump_json(), event="watch.error",
-                              retry=RECONNECT_MILLISECONDS)
-    finally:
-        # Runs when the client disconnects too (the response cancels this generator).
-        watch.cancel()
+        log.warning("gateway.watch_failed", extra={"job_id": job_id, "code": exc.code, "http_status": status})
+        yield ServerSentEvent(data=body.model_dump_json(), event="watch.error", retry=RECONNECT_MILLISECONDS)

@@ -122,6 +122,8 @@
   function signOut(message) {
     localStorage.removeItem(TOKEN_KEY);
     state.token = null;
+    state.eventsJob = null;
+    clearTimeout(state.reconnectTimer);
     if (state.events) state.events.close();
     $("workspace").hidden = true;
     $("sign-out").hidden = true;
@@ -347,28 +349,66 @@
 
   // --- live events -----------------------------------------------------------------------------
 
+  // The EventSource URL carries a ticket valid for a minute, never the API token. EventSource
+  // would reconnect with the same URL (and a stale ticket), so the page reconnects itself: a fresh
+  // ticket each time, resuming after the last event it saw.
+  const RECONNECT_MS = 2000;
+
   function connectEvents(jobId) {
     if (state.events) state.events.close();
-    const url = `${API}/jobs/${jobId}/events?access_token=${encodeURIComponent(state.token)}`;
-    const source = new EventSource(url);
+    clearTimeout(state.reconnectTimer);
+    state.eventsJob = jobId;
+    state.lastEventId = null;
+    openEvents(jobId);
+  }
+
+  function reconnectEvents(jobId) {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = setTimeout(() => {
+      if (state.eventsJob === jobId && state.token) openEvents(jobId);
+    }, RECONNECT_MS);
+  }
+
+  async function openEvents(jobId) {
+    let ticket;
+    try {
+      ticket = (await api(`/jobs/${jobId}/tickets`, { method: "POST" })).ticket;
+    } catch (error) {
+      if (state.eventsJob !== jobId || !state.token) return;
+      live(error.message);
+      if (error.retryable) reconnectEvents(jobId);
+      return;
+    }
+    if (state.eventsJob !== jobId) return;
+    const params = new URLSearchParams({ ticket });
+    if (state.lastEventId) params.set("after", state.lastEventId);
+    const source = new EventSource(`${API}/jobs/${jobId}/events?${params}`);
     state.events = source;
+    const seen = (event) => { if (event.lastEventId) state.lastEventId = event.lastEventId; };
     source.addEventListener("progress", (event) => {
+      seen(event);
       // The first connection replays the job's whole log; old progress of finished work is noise.
       if (!isRunning()) return;
       const data = JSON.parse(event.data);
       showProgress(data.stage, data.fraction, data.payload && data.payload.eta_seconds);
     });
     for (const type of REFRESH_ON) {
-      source.addEventListener(type, (event) => onJobEvent(JSON.parse(event.data)));
+      source.addEventListener(type, (event) => { seen(event); onJobEvent(JSON.parse(event.data)); });
     }
     source.addEventListener("watch.error", (event) => {
       const error = JSON.parse(event.data);
       live(error.message);
-      if (!error.retryable) source.close();
+      if (!error.retryable) {
+        source.close();
+        state.eventsJob = null;
+      }
     });
     source.addEventListener("open", () => live(""));
     source.addEventListener("error", () => {
-      if (source.readyState === EventSource.CONNECTING) live("Connection lost — reconnecting…");
+      source.close();
+      if (state.events !== source || state.eventsJob !== jobId) return;
+      live("Connection lost — reconnecting…");
+      reconnectEvents(jobId);
     });
   }
 

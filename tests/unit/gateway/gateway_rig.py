@@ -167,10 +167,12 @@ class FakeStatus(jobs_pb2_grpc.JobStatusServiceServicer):
         last = request.after_sequence
         try:
             while True:
-                for event in self.events[request.job_id]:
+                for event in list(self.events[request.job_id]):
                     if event.sequence > last:
                         yield event
                         last = event.sequence
+                if request.replay_only:
+                    return
                 await asyncio.sleep(0.05)
         finally:
             self.watch_closed.set()

@@ -64,10 +64,21 @@ async def _read_stream(lines: AsyncIterator[str], *, events: int,
     return frames, comments
 
 
+async def _ticket(base_url: str, job_id: str) -> str:
+    async with httpx.AsyncClient(base_url=base_url, timeout=10,
+                                 headers={"Authorization": f"Bearer {ALICE}"}) as client:
+        response = await client.post(f"/api/v1/jobs/{job_id}/tickets")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["expires_in"] == 60 and ALICE not in body["ticket"]
+    return str(body["ticket"])
+
+
 async def test_replays_after_last_event_id_then_follows(base_url: str, backend: Backend) -> None:
     job_id = _job_with_events(backend)
+    ticket = await _ticket(base_url, job_id)
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client, client.stream(
-            "GET", f"/api/v1/jobs/{job_id}/events", params={"access_token": ALICE},
+            "GET", f"/api/v1/jobs/{job_id}/events", params={"ticket": ticket},
             headers={"Last-Event-ID": "2"}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -89,9 +100,12 @@ async def test_replays_after_last_event_id_then_follows(base_url: str, backend: 
         live, comments = await _read_stream(lines, events=1, want_comment=True)
         assert live[0]["id"] == "6" and json.loads(live[0]["data"])["stage"] == "encoding"
         assert comments and comments[0].startswith(": ping")
-    assert backend.status.watch_requests[0].after_sequence == 2
-    assert backend.status.watch_requests[0].owner == "alice"
-    # The client left: the gateway cancels its WatchJob call.
+        backend.status.watch_closed.clear()
+    # A replay of its own after Last-Event-ID, then the job's shared feed.
+    replay, follow = backend.status.watch_requests
+    assert (replay.after_sequence, replay.replay_only, replay.owner) == (2, True, "alice")
+    assert (follow.after_sequence, follow.replay_only, follow.owner) == (5, False, "alice")
+    # The client left (the job's last watcher): the gateway cancels the feed's WatchJob call.
     await asyncio.wait_for(backend.status.watch_closed.wait(), 5)
 
 
@@ -107,7 +121,8 @@ async def test_after_query_parameter_and_bearer_header(base_url: str, backend: B
 async def test_heartbeat_on_a_quiet_stream(base_url: str, backend: Backend) -> None:
     job_id = _job_with_events(backend)
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client, client.stream(
-            "GET", f"/api/v1/jobs/{job_id}/events", params={"access_token": ALICE, "after": 5}) as response:
+            "GET", f"/api/v1/jobs/{job_id}/events", params={"after": 5},
+            headers={"Authorization": f"Bearer {ALICE}"}) as response:
         frames, comments = await _read_stream(response.aiter_lines(), events=0, want_comment=True)
     assert frames == [] and comments[0].startswith(": ping")
 
@@ -123,11 +138,14 @@ async def test_event_stream_errors_are_json(client: httpx.AsyncClient, backend: 
     client.headers.pop("Authorization")
     anonymous = await client.get(f"/api/v1/jobs/{job_id}/events")
     assert anonymous.status_code == 401
-    wrong = await client.get(f"/api/v1/jobs/{job_id}/events", params={"access_token": "nope"})
-    assert wrong.status_code == 401 and error_of(wrong)["code"] == "invalid_token"
+    # The API token is never accepted in the URL; a ticket is.
+    in_url = await client.get(f"/api/v1/jobs/{job_id}/events", params={"access_token": ALICE})
+    assert in_url.status_code == 401 and error_of(in_url)["code"] == "unauthenticated"
+    wrong = await client.get(f"/api/v1/jobs/{job_id}/events", params={"ticket": "nope"})
+    assert wrong.status_code == 401 and error_of(wrong)["code"] == "invalid_ticket"
 
 
-async def test_query_token_is_kept_out_of_the_url_seen_by_the_app(make_settings: SettingsFactory,
+async def test_query_secrets_are_kept_out_of_the_url_seen_by_the_app(make_settings: SettingsFactory,
                                                                    storage: LocalStorage) -> None:
     app = create_app(make_settings(), storage=storage)
     seen: list[str] = []
@@ -141,4 +159,7 @@ async def test_query_token_is_kept_out_of_the_url_seen_by_the_app(make_settings:
         client.headers.pop("Authorization")
         await client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000/events",
                          params={"access_token": ALICE, "after": 3})
-    assert seen and ALICE not in seen[0] and "after=3" in seen[0]
+        await client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000/events",
+                         params={"ticket": "1.YWxpY2U.abc", "after": 4})
+    assert len(seen) == 2 and ALICE not in seen[0] and "after=3" in seen[0]
+    assert "ticket" not in seen[1] and "after=4" in seen[1]

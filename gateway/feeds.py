@@ -1,0 +1,215 @@
+"""One upstream ``WatchJob`` per job per gateway process, fanned out to every watcher of the job.
+
+A ``FeedHub`` keeps a ``JobFeed`` per (owner, job). The first subscriber opens the feed's
+``WatchJob`` stream; every event it reads goes into each subscriber's bounded queue; the last
+subscriber to leave cancels it. A subscriber whose queue is full is dropped (its stream ends and
+EventSource resumes with ``Last-Event-ID``) so one slow reader never holds the others back.
+
+A subscriber first replays the events after its resume point with a ``replay_only`` call of its own,
+then reads the shared feed. Event sequences of a job are contiguous (1, 2, 3, …), so it skips what
+it already sent and fills any gap (an event it joined too late to get from the feed, or a feed that
+started ahead of it) with another replay: every watcher gets every event once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from clipchat.errors import ClipChatError
+from clipchat.rpc import stream
+from clipchat.v1 import common_pb2, jobs_pb2
+
+log = logging.getLogger("clipchat.gateway")
+
+WatchMethod = Callable[..., Any]
+"""``JobStatusServiceStub.WatchJob``: ``(request, *, timeout) -> call``."""
+
+
+class SubscriberOverflow(Exception):
+    """The subscriber did not keep up with the feed; its stream ends and the client resumes."""
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    queue: asyncio.Queue[common_pb2.JobEvent | BaseException]
+
+
+class _CallCanceller:
+    """Opens a streaming call and remembers it, so leaving cancels the call at once."""
+
+    def __init__(self, method: WatchMethod) -> None:
+        self._method = method
+        self.call: Any = None
+
+    def __call__(self, request: jobs_pb2.WatchJobRequest, *, timeout: float | None) -> Any:
+        self.call = self._method(request, timeout=timeout)
+        return self.call
+
+    def cancel(self) -> None:
+        if self.call is not None and not self.call.done():
+            self.call.cancel()
+
+
+@dataclass(eq=False)
+class JobFeed:
+    """The shared upstream stream of one job's events."""
+
+    owner: str
+    job_id: str
+    after: int
+    subscribers: set[_Subscriber] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+    async def run(self, method: WatchMethod, stream_seconds: float, on_end: Callable[[JobFeed], None]) -> None:
+        watch = _CallCanceller(method)
+        try:
+            while True:
+                request = jobs_pb2.WatchJobRequest(job_id=self.job_id, owner=self.owner,
+                                                   after_sequence=self.after)
+                try:
+                    async for event in stream(watch, request, timeout=stream_seconds):
+                        self.after = event.sequence
+                        self._publish(event)
+                except ClipChatError as exc:
+                    if exc.status is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    continue  # the planned end of a bounded call: reopen where it stopped
+                return  # the service ended the stream (it is shutting down): subscribers resume
+        except ClipChatError as exc:
+            self._publish_end(exc)
+        finally:
+            watch.cancel()
+            on_end(self)
+            # Subscribers still reading learn the feed is gone and end their streams.
+            self._publish_end(SubscriberOverflow("feed ended"))
+
+    def _publish(self, event: common_pb2.JobEvent) -> None:
+        for subscriber in list(self.subscribers):
+            try:
+                subscriber.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._drop(subscriber, SubscriberOverflow("queue full"))
+                log.info("gateway.watcher_dropped", extra={"job_id": self.job_id, "reason": "slow"})
+
+    def _publish_end(self, reason: BaseException) -> None:
+        for subscriber in list(self.subscribers):
+            self._drop(subscriber, reason)
+
+    def _drop(self, subscriber: _Subscriber, reason: BaseException) -> None:
+        self.subscribers.discard(subscriber)
+        while not subscriber.queue.empty():
+            subscriber.queue.get_nowait()
+        subscriber.queue.put_nowait(reason)
+
+
+class FeedHub:
+    """The job feeds of one gateway process."""
+
+    def __init__(self, *, queue_size: int, stream_seconds: float) -> None:
+        self._queue_size = queue_size
+        self._stream_seconds = stream_seconds
+        self._feeds: dict[tuple[str, str], JobFeed] = {}
+
+    @property
+    def upstream_streams(self) -> int:
+        """How many ``WatchJob`` follow streams are open (one per watched job)."""
+        return len(self._feeds)
+
+    def watchers(self, owner: str, job_id: str) -> int:
+        """How many subscribers read the shared feed of ``job_id`` now."""
+        feed = self._feeds.get((owner, job_id))
+        return len(feed.subscribers) if feed else 0
+
+    def _subscribe(self, method: WatchMethod, owner: str, job_id: str, after: int) -> tuple[JobFeed, _Subscriber]:
+        key = (owner, job_id)
+        feed = self._feeds.get(key)
+        if feed is None:
+            feed = self._feeds[key] = JobFeed(owner, job_id, after)
+            feed.task = asyncio.create_task(feed.run(method, self._stream_seconds, self._forget),
+                                            name=f"job-feed-{job_id}")
+        subscriber = _Subscriber(asyncio.Queue(maxsize=self._queue_size))
+        feed.subscribers.add(subscriber)
+        return feed, subscriber
+
+    def _forget(self, feed: JobFeed) -> None:
+        if self._feeds.get((feed.owner, feed.job_id)) is feed:
+            del self._feeds[(feed.owner, feed.job_id)]
+
+    def _leave(self, feed: JobFeed, subscriber: _Subscriber) -> None:
+        feed.subscribers.discard(subscriber)
+        if not feed.subscribers and feed.task is not None:
+            self._forget(feed)
+            feed.task.cancel()
+
+    async def _replay(self, method: WatchMethod, owner: str, job_id: str, after: int,
+                      ) -> AsyncIterator[common_pb2.JobEvent]:
+        watch = _CallCanceller(method)
+        request = jobs_pb2.WatchJobRequest(job_id=job_id, owner=owner, after_sequence=after, replay_only=True)
+        try:
+            async for event in stream(watch, request, timeout=self._stream_seconds):
+                yield event
+        finally:
+            watch.cancel()
+
+    async def events(self, method: WatchMethod, owner: str, job_id: str, after: int,
+                     ) -> AsyncIterator[common_pb2.JobEvent]:
+        """The job's events after ``after``, then new ones, each once and in order.
+
+        Ends by raising ``SubscriberOverflow`` when this subscriber fell behind or the feed ended,
+        or the feed's ``ClipChatError`` when the status service failed.
+        """
+        last = after
+        async for event in self._replay(method, owner, job_id, last):
+            yield event
+            last = event.sequence
+        feed, subscriber = self._subscribe(method, owner, job_id, last)
+        try:
+            while True:
+                item = await subscriber.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.sequence <= last:
+                    continue  # already sent from the replay
+                if item.sequence > last + 1:
+                    # Events between what was sent and the feed: they are in the log already.
+                    async for event in self._replay(method, owner, job_id, last):
+                        if event.sequence >= item.sequence:
+                            break
+                        yield event
+                        last = event.sequence
+                yield item
+                last = item.sequence
+        finally:
+            self._leave(feed, subscriber)
+
+
+class StreamSlots:
+    """Open event streams per owner, capped (``sse_max_streams_per_owner``) in this process."""
+
+    def __init__(self, per_owner: int) -> None:
+        self.per_owner = per_owner
+        self._open: dict[str, int] = {}
+
+    def take(self, owner: str) -> bool:
+        """Take a slot for a new stream of ``owner``; False when they have none left."""
+        held = self._open.get(owner, 0)
+        if held >= self.per_owner:
+            return False
+        self._open[owner] = held + 1
+        return True
+
+    def give_back(self, owner: str) -> None:
+        held = self._open.get(owner, 0) - 1
+        if held > 0:
+            self._open[owner] = held
+        else:
+            self._open.pop(owner, None)
+
+    def held(self, owner: str) -> int:
+        return self._open.get(owner, 0)

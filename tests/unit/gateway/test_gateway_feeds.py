@@ -1,0 +1,131 @@
+"""Job feeds: many watchers of one job share one upstream WatchJob; slow ones are dropped; a cap per owner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import pytest
+
+from clipchat.storage.local import LocalStorage
+from clipchat.v1 import jobs_pb2_grpc
+from gateway.app import create_app
+from gateway.feeds import FeedHub, SubscriberOverflow
+from tests.unit.gateway.gateway_rig import ALICE, BOB, Backend, SettingsFactory, error_of, make_job, served
+
+WATCHERS = 40
+
+
+async def _watch(base_url: str, job_id: str, resume: int, until: int) -> list[int]:
+    """Event ids of one SSE client, from ``resume`` until it has seen ``until``."""
+    ids: list[int] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=20) as client, client.stream(
+            "GET", f"/api/v1/jobs/{job_id}/events",
+            headers={"Authorization": f"Bearer {ALICE}", "Last-Event-ID": str(resume)}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("id:"):
+                ids.append(int(line[3:]))
+                if ids[-1] >= until:
+                    return ids
+    return ids
+
+
+async def _until(predicate, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110  (state of another task, polled)
+            await asyncio.sleep(0.02)
+
+
+async def test_watchers_of_one_job_share_one_upstream_stream(make_settings: SettingsFactory,
+                                                             storage: LocalStorage, backend: Backend) -> None:
+    job_id = backend.status.add_job(make_job("alice")).job_id
+    for _ in range(5):
+        backend.status.add_event(job_id, "progress")
+    app = create_app(make_settings(sse_max_streams_per_owner=WATCHERS), storage=storage)
+    feeds: FeedHub = app.state.feeds
+    async with served(app) as url:
+        # Every watcher resumes from its own point: fresh, mid-log, at the end.
+        resumes = [i % 6 for i in range(WATCHERS)]
+        clients = [asyncio.create_task(_watch(url, job_id, resume, 15)) for resume in resumes]
+        await _until(lambda: feeds.watchers("alice", job_id) == WATCHERS)
+        for _ in range(10):
+            backend.status.add_event(job_id, "progress")
+            await asyncio.sleep(0.02)
+        results = await asyncio.wait_for(asyncio.gather(*clients), 20)
+        # The last watcher gone, the feed closes its upstream call.
+        await _until(lambda: feeds.upstream_streams == 0)
+    for resume, ids in zip(resumes, results, strict=True):
+        assert ids == list(range(resume + 1, 16)), (resume, ids)
+    follows = [r for r in backend.status.watch_requests if not r.replay_only]
+    replays = [r for r in backend.status.watch_requests if r.replay_only]
+    assert len(follows) == 1 and follows[0].owner == "alice"
+    assert len(replays) == WATCHERS
+
+
+@pytest.fixture
+async def status_watch(backend: Backend) -> AsyncIterator[object]:
+    async with grpc.aio.insecure_channel(backend.status_addr) as channel:
+        yield jobs_pb2_grpc.JobStatusServiceStub(channel).WatchJob
+
+
+async def test_a_slow_watcher_is_dropped_without_holding_back_the_others(backend: Backend,
+                                                                          status_watch: object) -> None:
+    job_id = backend.status.add_job(make_job("alice")).job_id
+    hub = FeedHub(queue_size=2, stream_seconds=30)
+    slow = hub.events(status_watch, "alice", job_id, 0)
+    fast = hub.events(status_watch, "alice", job_id, 0)
+    first_slow = asyncio.create_task(anext(slow))
+    fast_ids: list[int] = []
+
+    async def read_fast() -> None:
+        async for event in fast:
+            fast_ids.append(event.sequence)
+            if event.sequence == 8:
+                return
+
+    reader = asyncio.create_task(read_fast())
+    await _until(lambda: hub.watchers("alice", job_id) == 2)
+    for _ in range(8):
+        backend.status.add_event(job_id, "progress")
+    await asyncio.wait_for(reader, 10)
+    assert fast_ids == list(range(1, 9))
+    assert (await first_slow).sequence == 1
+    # It stopped reading and its queue overflowed: its stream ends, to be resumed by the client.
+    with pytest.raises(SubscriberOverflow):
+        await anext(slow)
+    await fast.aclose()
+    await _until(lambda: hub.upstream_streams == 0)
+
+
+async def test_streams_per_owner_are_capped(make_settings: SettingsFactory, storage: LocalStorage,
+                                            backend: Backend) -> None:
+    job_id = backend.status.add_job(make_job("alice")).job_id
+    bob_job = backend.status.add_job(make_job("bob")).job_id
+    app = create_app(make_settings(sse_max_streams_per_owner=2), storage=storage)
+    async with served(app) as url, httpx.AsyncClient(base_url=url, timeout=10,
+                                                     headers={"Authorization": f"Bearer {ALICE}"}) as client:
+        first = await client.send(client.build_request("GET", f"/api/v1/jobs/{job_id}/events"), stream=True)
+        second = await client.send(client.build_request("GET", f"/api/v1/jobs/{job_id}/events"), stream=True)
+        assert first.status_code == second.status_code == 200
+        over = await client.get(f"/api/v1/jobs/{job_id}/events")
+        assert over.status_code == 429 and int(over.headers["Retry-After"]) > 0
+        error = error_of(over)
+        assert error["code"] == "rate_limited" and error["retryable"]
+        # Another owner has slots of their own.
+        async with client.stream("GET", f"/api/v1/jobs/{bob_job}/events",
+                                 headers={"Authorization": f"Bearer {BOB}"}) as bobs:
+            assert bobs.status_code == 200
+        # Closing a stream gives its slot back.
+        await first.aclose()
+        slots = app.state.stream_slots
+        await _until(lambda: slots.held("alice") == 1)
+        async with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as again:
+            assert again.status_code == 200
+        await second.aclose()
+        await _until(lambda: slots.held("alice") == 0 and slots.held("bob") == 0)
+        # Refused streams and unknown jobs hold no slot.
+        missing = await client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000/events")
+        assert missing.status_code == 404 and slots.held("alice") == 0
