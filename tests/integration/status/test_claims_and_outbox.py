@@ -7,7 +7,10 @@ messages with the state change that causes them; a cost reported twice for one p
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
@@ -16,7 +19,6 @@ from clipchat.broker import REGENERATE_QUEUE
 from clipchat.broker.memory import InMemoryBroker
 from clipchat.broker.topology import COMPOSE_QUEUE
 from clipchat.db import Database
-from clipchat.db.migrate import upgrade
 from clipchat.db.models import OutboxMessage
 from clipchat.errors import DependencyUnavailable, StaleLease
 from services.status.outbox import OutboxRelay
@@ -160,14 +162,20 @@ async def test_the_relay_publishes_what_was_committed_once_the_broker_is_back(
     assert queued == [str(began.regeneration.id)]
 
 
-async def test_migrations_started_at_once_both_succeed(database_url: str) -> None:
-    """Two status pods migrating at once: one waits for the other (PostgreSQL) and finds it done."""
+async def test_migrations_started_at_once_all_succeed(database_url: str, tmp_path: Path) -> None:
+    """Status pods migrating at once (separate processes): on PostgreSQL each waits for the one
+    before it (an advisory lock) and finds the schema at head."""
     if database_url.startswith("sqlite"):
         pytest.skip("SQLite has one writer at a time anyway")
-    await asyncio.gather(upgrade(database_url), upgrade(database_url), upgrade(database_url))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLIPCHAT_")},
+           "CLIPCHAT_DATABASE_URL": database_url, "CLIPCHAT_DATA_DIR": str(tmp_path)}
+    clipchat = str(Path(sys.executable).with_name("clipchat"))
+    runs = [await asyncio.create_subprocess_exec(clipchat, "migrate", env=env, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE) for _ in range(3)]
+    outcomes = [await run.communicate() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], [err.decode()[-500:] for _, err in outcomes]
     database = Database(database_url)
     try:
-        assert await database.ping()
         async with database.read() as session:
             version = (await session.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
         assert version == "0002"
