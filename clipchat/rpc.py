@@ -1,19 +1,30 @@
-"""gRPC helpers: servers with health and reflection, domain-error mapping, client calls with deadlines."""
+"""gRPC helpers: servers with health and reflection, domain-error mapping, client calls with deadlines.
+
+Between the parts, calls are authenticated with one shared service token (``authorization: Bearer
+<CLIPCHAT_SERVICE_TOKEN>``): the client interceptor of every channel made here adds it and the
+server interceptor of every server made here checks it, health checks excepted. A shared token
+rather than mTLS because mTLS needs a CA and certificate rotation; a mesh can add mTLS on top.
+TLS itself is optional (``CLIPCHAT_GRPC_TLS_*``) and encrypts the token on the wire.
+"""
 
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clipchat.errors import CODE_KEY, RETRYABLE_KEY, ClipChatError, from_rpc_error, unexpected_error
+from clipchat.errors import CODE_KEY, RETRYABLE_KEY, ClipChatError, InvalidInput, from_rpc_error, unexpected_error
 from clipchat.health import LIVENESS_SERVICE, DependencyWatcher, HealthCheck, dependency_service_name
+
+if TYPE_CHECKING:
+    from clipchat.settings import Settings
 
 log = logging.getLogger("clipchat.rpc")
 
@@ -84,16 +95,21 @@ def _health_status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatu
 
 
 async def create_server(registrations: Sequence[Registration], *, host: str = "127.0.0.1",
-                        port: int = 0) -> GrpcServer:
+                        port: int = 0, settings: Settings | None = None) -> GrpcServer:
     """Start a server for ``(add_servicer_fn, servicer, full_service_name)`` triples.
 
-    Health (``grpc.health.v1``) and reflection are registered too; ``LIVENESS_SERVICE`` answers
-    SERVING while the process runs. ``port=0`` binds a free port, which is returned on the server
-    object.
+    Health (``grpc.health.v1``) is registered too, open to every caller; ``LIVENESS_SERVICE``
+    answers SERVING while the process runs. From ``settings``: every other call must carry the
+    service token when one is set, reflection is registered when enabled, and the port is TLS when
+    a certificate is set (no settings: no token, reflection, plaintext). ``port=0`` binds a free
+    port, which is returned on the server object. Raises ``OSError`` when a TLS file cannot be read.
     """
     from clipchat.telemetry import server_interceptors
 
-    server = grpc.aio.server(interceptors=server_interceptors(),
+    interceptors = server_interceptors()
+    if settings is not None and settings.service_token:
+        interceptors.append(ServiceTokenInterceptor(settings.service_token))
+    server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
     names = []
     for add, servicer, name in registrations:
@@ -101,13 +117,29 @@ async def create_server(registrations: Sequence[Registration], *, host: str = "1
         names.append(name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if settings is None or settings.reflection_enabled:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if settings is not None and settings.grpc_tls_cert_file and settings.grpc_tls_key_file:
+        credentials = grpc.ssl_server_credentials([(settings.grpc_tls_key_file.read_bytes(),
+                                                    settings.grpc_tls_cert_file.read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     wrapped = GrpcServer(server, bound, health_servicer, names)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await wrapped.set_serving(True)
     return wrapped
+
+
+def require_owner(owner: str, action: str) -> None:
+    """Raise ``InvalidInput`` (INVALID_ARGUMENT) when a call made on behalf of a person has no owner.
+
+    An empty owner skips the ownership check further down, so only the calls the workers make
+    (``GetJob``, ``GetRegeneration``, lease-guarded writes) may leave it out.
+    """
+    if not owner:
+        raise InvalidInput(f"{action} needs an owner.")
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ClipChatError) -> None:
@@ -147,14 +179,117 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-def insecure_channel(addr: str) -> grpc.aio.Channel:
-    """A client channel with tracing interceptors and keepalive."""
+# Open without the service token: kubelet's gRPC probes carry none.
+_OPEN_METHOD_PREFIXES = (f"/{health.SERVICE_NAME}/",)
+
+
+class ServiceTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) a call whose ``authorization`` is not ``Bearer <token>``.
+
+    Health checks pass without it. The comparison takes the same time however much of the token
+    matches.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("a service token is needed")
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_OPEN_METHOD_PREFIXES):
+            return handler
+        sent = next((value for key, value in handler_call_details.invocation_metadata or ()
+                     if key == "authorization"), "")
+        sent_bytes = sent if isinstance(sent, bytes) else str(sent).encode()
+        if hmac.compare_digest(sent_bytes, self._expected):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "This call needs the service token.")
+
+    # Streaming answers must come from an async generator (the tracing interceptor iterates it).
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await refuse(request, context)
+        yield  # never reached: the abort raises
+
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, **codec)
+
+
+class _BearerMetadata:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+# grpc.aio files an interceptor under one kind only, so each kind gets its own class.
+class _BearerUnaryUnary(_BearerMetadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerUnaryStream(_BearerMetadata, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                     request: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerStreamUnary(_BearerMetadata, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                     request_iterator: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request_iterator)
+
+
+class _BearerStreamStream(_BearerMetadata, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        return await continuation(self._with_token(client_call_details), request_iterator)
+
+
+def service_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors sending ``token`` on every kind of call."""
+    return [kind(token) for kind in (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary,
+                                     _BearerStreamStream)]
+
+
+def open_channel(addr: str, settings: Settings | None = None) -> grpc.aio.Channel:
+    """A client channel with tracing interceptors and keepalive.
+
+    From ``settings``: the service token on every call when one is set, and TLS checked against
+    ``grpc_tls_ca_file`` when that is set (no settings: no token, plaintext). Raises ``OSError``
+    when the CA file cannot be read.
+    """
     from clipchat.telemetry import client_interceptors
 
-    return grpc.aio.insecure_channel(addr, interceptors=client_interceptors(), options=[
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ])
+    interceptors: list[Any] = client_interceptors()
+    if settings is not None and settings.service_token:
+        interceptors += service_token_interceptors(settings.service_token)
+    options = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    if settings is not None and settings.grpc_tls_ca_file is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=settings.grpc_tls_ca_file.read_bytes())
+        return grpc.aio.secure_channel(addr, credentials, interceptors=interceptors, options=options)
+    return grpc.aio.insecure_channel(addr, interceptors=interceptors, options=options)
 
 
 async def call(method: Callable[..., Awaitable[T]], request: Any, *, timeout: float) -> T:

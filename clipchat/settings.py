@@ -60,6 +60,19 @@ class Settings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0
     grpc_deadline_seconds: float = 10.0
+    # Every gRPC call between the parts carries this shared token (``authorization: Bearer``) and
+    # every server refuses a call without it (UNAUTHENTICATED), health checks excepted: kubelet
+    # probes carry no token. A shared token rather than mTLS: mTLS needs a CA and certificate
+    # rotation, which a mesh (Linkerd, Istio) adds without code. Empty = no check (dev and
+    # embedded mode only; production refuses it).
+    service_token: str = ""
+    # gRPC server reflection (grpcurl); None = on, but off in production.
+    grpc_reflection: bool | None = None
+    # TLS for gRPC: a server with a certificate and its key listens on a TLS port; a client with a
+    # CA bundle opens TLS channels checked against it (the certificate must name the *_addr host).
+    grpc_tls_cert_file: Path | None = None
+    grpc_tls_key_file: Path | None = None
+    grpc_tls_ca_file: Path | None = None
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
@@ -173,6 +186,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _tls_cert_with_key(self) -> Self:
+        if (self.grpc_tls_cert_file is None) != (self.grpc_tls_key_file is None):
+            raise InvalidSettings("CLIPCHAT_GRPC_TLS_CERT_FILE and CLIPCHAT_GRPC_TLS_KEY_FILE go together; "
+                                  "set both or neither.")
+        return self
+
+    @model_validator(mode="after")
     def _safe_for_production(self) -> Self:
         """In production, refuse the development defaults, short secrets and example placeholders."""
         if self.environment != "production":
@@ -194,6 +214,10 @@ class Settings(BaseSettings):
         if short:
             problems.setdefault("auth_tokens", f"has a token shorter than {MIN_TOKEN_CHARS} characters "
                                 f"(owner {', '.join(short)}); use random tokens (openssl rand -hex 16)")
+        if len(self.service_token) < MIN_TOKEN_CHARS:
+            problems.setdefault("service_token", f"is {'empty' if not self.service_token else 'short'}; "
+                                f"set one random token of at least {MIN_TOKEN_CHARS} characters shared by "
+                                "every service and the gateway (openssl rand -hex 16)")
         if self.page_token and len(self.page_token) < MIN_TOKEN_CHARS:
             problems.setdefault("page_token", f"is shorter than {MIN_TOKEN_CHARS} characters; use a "
                                 "random token, or leave it empty")
@@ -206,6 +230,10 @@ class Settings(BaseSettings):
             raise InvalidSettings("CLIPCHAT_ENVIRONMENT=production refuses unsafe settings: " + "; ".join(
                 f"CLIPCHAT_{name.upper()} {problem}" for name, problem in problems.items()) + ".")
         return self
+
+    @property
+    def reflection_enabled(self) -> bool:
+        return self.grpc_reflection if self.grpc_reflection is not None else self.environment != "production"
 
     @property
     def resolved_database_url(self) -> str:

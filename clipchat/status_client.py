@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from clipchat.rpc import call, insecure_channel
+from clipchat.rpc import call, open_channel
+from clipchat.settings import Settings
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 
 
 class StatusClient:
-    def __init__(self, addr: str, *, deadline: float) -> None:
-        self.channel = insecure_channel(addr)
+    def __init__(self, addr: str, *, deadline: float, settings: Settings | None = None) -> None:
+        """``settings`` gives the channel its service token and TLS (none: neither)."""
+        self.channel = open_channel(addr, settings)
         self.stub = jobs_pb2_grpc.JobStatusServiceStub(self.channel)
         self.deadline = deadline
 

@@ -17,7 +17,6 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from clipchat import telemetry
-from clipchat.rpc import insecure_channel
 from clipchat.settings import Settings
 from clipchat.storage import Storage, create_storage
 from gateway.deps import QUERY_TICKET_SCOPE_KEY, QUERY_TOKEN_SCOPE_KEY, Downstream
@@ -67,9 +66,7 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        downstream = Downstream.connect(insecure_channel(settings.status_addr),
-                                        insecure_channel(settings.regenerator_addr),
-                                        insecure_channel(settings.composer_addr))
+        downstream = Downstream.open(settings)
         owned_storage = storage is None
         app.state.downstream = downstream
         app.state.storage = create_storage(settings) if storage is None else storage

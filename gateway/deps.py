@@ -17,6 +17,7 @@ from fastapi.security import APIKeyQuery, HTTPAuthorizationCredentials, HTTPBear
 from grpc_health.v1 import health_pb2_grpc
 
 from clipchat.errors import NotFound
+from clipchat.rpc import open_channel
 from clipchat.settings import Settings
 from clipchat.storage import Storage
 from clipchat.v1 import composer_pb2_grpc, jobs_pb2_grpc, regenerator_pb2_grpc
@@ -57,6 +58,13 @@ class Downstream:
                    composer_pb2_grpc.ComposerServiceStub(composer_channel),
                    health_pb2_grpc.HealthStub(status_channel),
                    health_pb2_grpc.HealthStub(regenerator_channel))
+
+    @classmethod
+    def open(cls, settings: Settings) -> Downstream:
+        """Channels to the services ``settings`` names, with its service token and TLS."""
+        return cls.connect(open_channel(settings.status_addr, settings),
+                           open_channel(settings.regenerator_addr, settings),
+                           open_channel(settings.composer_addr, settings))
 
     async def close(self) -> None:
         for channel in (self.status_channel, self.regenerator_channel, self.composer_channel):

@@ -23,7 +23,8 @@ class ComposerService:
         self.broker = broker
         self.ffmpeg = FfmpegRunner(settings.ffmpeg_path or None)
         self.composer = Composer(storage, self.ffmpeg, settings)
-        self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds)
+        self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds,
+                                   settings=settings)
         self.worker = ComposeWorker(composer=self.composer, status=self.status, storage=storage, ffmpeg=self.ffmpeg,
                                     settings=settings)
         self.grpc: GrpcServer | None = None
@@ -36,7 +37,8 @@ class ComposerService:
         log.info("composer.encoder", extra={"encoder": choice.name, "reason": choice.reason})
         self.grpc = await create_server(
             [(composer_server.add_to_server, composer_server.ComposerServicer(self.composer),
-              composer_server.SERVICE_NAME)], host=host, port=port)
+              composer_server.SERVICE_NAME)], host=host, port=port,
+            settings=self.settings)
         await self.grpc.watch({"broker": self.broker.ping}, interval=self.settings.health_check_interval_seconds,
                               timeout=self.settings.health_check_timeout_seconds)
         if consume:

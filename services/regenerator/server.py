@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from clipchat.errors import InvalidInput
-from clipchat.rpc import call, rpc_method
+from clipchat.rpc import call, require_owner, rpc_method
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.v1 import common_pb2, jobs_pb2, regenerator_pb2, regenerator_pb2_grpc
@@ -61,6 +61,7 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
     @rpc_method
     async def StartRegeneration(self, request: regenerator_pb2.StartRegenerationRequest,
                                 context: Any) -> regenerator_pb2.StartRegenerationResponse:
+        require_owner(request.owner, "Regenerating a clip")
         instruction = sanitize_instruction(request.instruction, self.settings.max_instruction_chars)
         history = parse_history(request.conversation_history_json)
         if request.clip_index < 0:
@@ -86,6 +87,7 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
     @rpc_method
     async def ListRegenerations(self, request: regenerator_pb2.ListJobRegenerationsRequest,
                                 context: Any) -> regenerator_pb2.ListJobRegenerationsResponse:
+        require_owner(request.owner, "Listing regenerations")
         response = await call(self.status.stub.ListRegenerations, jobs_pb2.ListRegenerationsRequest(
             job_id=request.job_id, owner=request.owner), timeout=self.status.deadline)
         return regenerator_pb2.ListJobRegenerationsResponse(regenerations=response.regenerations)

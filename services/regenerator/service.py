@@ -60,7 +60,8 @@ class RegeneratorService:
                  rewriter: PromptRewriter | None = None, generator: VideoGenerator | None = None) -> None:
         self.settings = settings
         self.broker = broker
-        self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds)
+        self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds,
+                                   settings=settings)
         ffmpeg = FfmpegRunner(settings.ffmpeg_path or None)
         self.generator = generator or build_generator(settings, ffmpeg)
         self.pipeline = RegenerationPipeline(status=self.status, storage=storage,
@@ -75,7 +76,7 @@ class RegeneratorService:
     async def start(self, *, host: str = "127.0.0.1", port: int = 0, consume: bool = True) -> GrpcServer:
         self.grpc = await create_server(
             [(regenerator_server.add_to_server, self.servicer, regenerator_server.SERVICE_NAME)],
-            host=host, port=port)
+            host=host, port=port, settings=self.settings)
         await self.grpc.watch({"broker": self.broker.ping}, interval=self.settings.health_check_interval_seconds,
                               timeout=self.settings.health_check_timeout_seconds)
         if consume:

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipchat.db.models import ClipRegeneration, JobEvent, JobStatus
 from clipchat.errors import InvalidInput
-from clipchat.rpc import rpc_method
+from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from services.status.events import EventHub
 from services.status.state_machine import (
@@ -134,6 +134,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Any) -> jobs_pb2.CreateJobResponse:
+        require_owner(request.owner, "Creating a job")
         snapshot, token = await self.machine.create_job(
             owner=request.owner,
             clips=[ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key) for c in request.clips],
@@ -150,13 +151,13 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> jobs_pb2.ListJobsResponse:
-        if not request.owner:
-            raise InvalidInput("Listing jobs needs an owner.")
+        require_owner(request.owner, "Listing jobs")
         return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(s) for s in await self.machine.list_jobs(request.owner)])
 
     @rpc_method
     async def BeginRegeneration(self, request: jobs_pb2.BeginRegenerationRequest,
                                 context: Any) -> jobs_pb2.BeginRegenerationResponse:
+        require_owner(request.owner, "Regenerating a clip")
         history = _json(request.conversation_history_json, [], "Conversation history")
         if not isinstance(history, list):
             raise InvalidInput("Conversation history must be a list of turns.")
@@ -243,6 +244,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
     @rpc_method
     async def CancelRegeneration(self, request: jobs_pb2.CancelRegenerationRequest,
                                  context: Any) -> jobs_pb2.CancelRegenerationResponse:
+        require_owner(request.owner, "Cancelling a regeneration")
         row = await self.machine.cancel(request.job_id, request.owner, request.regeneration_id)
         return jobs_pb2.CancelRegenerationResponse(regeneration=regeneration_to_proto(row))
 
@@ -256,12 +258,14 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
     @rpc_method
     async def ListRegenerations(self, request: jobs_pb2.ListRegenerationsRequest,
                                 context: Any) -> jobs_pb2.ListRegenerationsResponse:
+        require_owner(request.owner, "Listing regenerations")
         rows = await self.machine.list_regenerations(request.job_id, request.owner)
         return jobs_pb2.ListRegenerationsResponse(regenerations=[regeneration_to_proto(r) for r in rows])
 
     @rpc_method
     async def RestoreVersion(self, request: jobs_pb2.RestoreVersionRequest,
                              context: Any) -> jobs_pb2.RestoreVersionResponse:
+        require_owner(request.owner, "Restoring a version")
         snapshot = await self.machine.restore_version(request.job_id, request.owner, request.version)
         return jobs_pb2.RestoreVersionResponse(job=job_to_proto(snapshot))
 
@@ -273,6 +277,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         Always reading the log by sequence makes the stream gap-free and duplicate-free, whatever
         order notifications arrive in.
         """
+        require_owner(request.owner, "Watching a job")
         await self.machine.check_owner(request.job_id, request.owner)
         last = max(request.after_sequence, 0)
         while True:

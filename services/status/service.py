@@ -51,7 +51,8 @@ class StatusService:
         self.relay.start()
         self.relay.wake()  # messages left unsent by an earlier run
         self.grpc = await create_server(
-            [(status_server.add_to_server, self.servicer, status_server.SERVICE_NAME)], host=host, port=port)
+            [(status_server.add_to_server, self.servicer, status_server.SERVICE_NAME)], host=host, port=port,
+            settings=self.settings)
         await self.grpc.watch({"database": self.db.ping, "broker": self.broker.ping},
                               interval=self.settings.health_check_interval_seconds,
                               timeout=self.settings.health_check_timeout_seconds)

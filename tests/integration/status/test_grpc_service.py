@@ -100,14 +100,14 @@ async def test_watch_resumes_without_gap_or_duplicate(stub: jobs_pb2_grpc.JobSta
     job_id = await composed(stub)
     began = await stub.BeginRegeneration(jobs_pb2.BeginRegenerationRequest(
         job_id=job_id, owner="alice", clip_index=0, user_instruction="rain"), timeout=10)
-    replay = [e async for e in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, replay_only=True),
+    replay = [e async for e in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, owner="alice", replay_only=True),
                                              timeout=10)]
     sequences = [e.sequence for e in replay]
     assert sequences == list(range(1, len(sequences) + 1))
     n = sequences[-1]
 
     seen: list[int] = []
-    call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, after_sequence=n - 1), timeout=30)
+    call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, owner="alice", after_sequence=n - 1), timeout=30)
 
     async def follow() -> None:
         async for event in call:
@@ -139,3 +139,54 @@ async def test_health_and_reflection(service: StatusService) -> None:
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = [s.name async for r in responses for s in r.list_services_response.service]
         assert "clipchat.v1.JobStatusService" in names
+
+
+async def test_person_facing_calls_refuse_an_empty_owner(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
+    job_id = await composed(stub)
+    # An empty owner would skip the ownership check: every call made on behalf of a person needs one.
+    for rpc, request in [
+        (stub.CreateJob, jobs_pb2.CreateJobRequest(audio_key="jobs/a/music.m4a", clips=[
+            jobs_pb2.ClipInput(prompt="p", duration=2, video_key="jobs/a/0.mp4")])),
+        (stub.ListJobs, jobs_pb2.ListJobsRequest()),
+        (stub.BeginRegeneration, jobs_pb2.BeginRegenerationRequest(job_id=job_id, clip_index=1,
+                                                                   user_instruction="brighter")),
+        (stub.CancelRegeneration, jobs_pb2.CancelRegenerationRequest(job_id=job_id)),
+        (stub.ListRegenerations, jobs_pb2.ListRegenerationsRequest(job_id=job_id)),
+        (stub.RestoreVersion, jobs_pb2.RestoreVersionRequest(job_id=job_id, version=1)),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rpc(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+        assert "needs an owner" in (refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as refused_watch:
+        async for _ in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, replay_only=True), timeout=10):
+            pass
+    assert refused_watch.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Workers read the job without an owner; the lease fences their writes.
+    assert (await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10)).job.job_id == job_id
+
+
+async def test_a_service_token_guards_every_call_but_health(database_url: str, tmp_path: Path) -> None:
+    await upgrade(database_url)
+    token = "s" * 24
+    settings = Settings(data_dir=tmp_path, database_url=database_url, service_token=token)
+    broker = InMemoryBroker()
+    await broker.connect()
+    db = Database(database_url)
+    status = StatusService(settings, db, broker)
+    server = await status.start(port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = jobs_pb2_grpc.JobStatusServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListJobs(jobs_pb2.ListJobsRequest(owner="alice"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            listed = await stub.ListJobs(jobs_pb2.ListJobsRequest(owner="alice"), timeout=10,
+                                         metadata=(("authorization", f"Bearer {token}"),))
+            assert list(listed.jobs) == []
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await status.stop()
+        await broker.close()
+        await db.dispose()

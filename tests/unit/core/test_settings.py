@@ -23,7 +23,7 @@ def _no_clipchat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def production(**overrides: Any) -> Settings:
     values: dict[str, Any] = {"environment": "production", "media_signing_key": GOOD_KEY,
-                              "auth_tokens": GOOD_TOKENS}
+                              "auth_tokens": GOOD_TOKENS, "service_token": "s" * 24}
     values.update(overrides)
     return Settings(**values)
 
