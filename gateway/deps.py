@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hmac
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 from fastapi import Depends, Path, Request, Security
@@ -71,30 +72,20 @@ class Downstream:
             await channel.close()
 
 
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _app_state(attribute: str) -> Callable[[Request], Any]:
+    """A dependency that hands out one of the objects ``create_app`` keeps on ``app.state``."""
+
+    def from_state(request: Request) -> Any:
+        return getattr(request.app.state, attribute)
+
+    from_state.__name__ = f"app_state_{attribute}"
+    return from_state
 
 
-def _downstream(request: Request) -> Downstream:
-    downstream: Downstream = request.app.state.downstream
-    return downstream
-
-
-def _storage(request: Request) -> Storage:
-    storage: Storage = request.app.state.storage
-    return storage
-
-
-def _signer(request: Request) -> MediaSigner:
-    signer: MediaSigner = request.app.state.signer
-    return signer
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-DownstreamDep = Annotated[Downstream, Depends(_downstream)]
-StorageDep = Annotated[Storage, Depends(_storage)]
-SignerDep = Annotated[MediaSigner, Depends(_signer)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings"))]
+DownstreamDep = Annotated[Downstream, Depends(_app_state("downstream"))]
+StorageDep = Annotated[Storage, Depends(_app_state("storage"))]
+SignerDep = Annotated[MediaSigner, Depends(_app_state("signer"))]
 
 _bearer = HTTPBearer(auto_error=False, description="A ClipChat API token.")
 _query_ticket = APIKeyQuery(name="ticket", auto_error=False,
@@ -165,21 +156,6 @@ def _stream_owner(request: Request, settings: SettingsDep, job_id: Annotated[str
         raise
 
 
-def _feeds(request: Request) -> FeedHub:
-    feeds: FeedHub = request.app.state.feeds
-    return feeds
-
-
-def _stream_slots(request: Request) -> StreamSlots:
-    slots: StreamSlots = request.app.state.stream_slots
-    return slots
-
-
-def _tickets(request: Request) -> TicketSigner:
-    tickets: TicketSigner = request.app.state.tickets
-    return tickets
-
-
 def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current_owner)]) -> str:
     limiter: TokenBucketLimiter = request.app.state.limiter
     retry_after = limiter.acquire(owner)
@@ -201,9 +177,9 @@ Owner = Annotated[str, Depends(_current_owner)]
 """The caller's owner id, from ``Authorization: Bearer``."""
 StreamOwner = Annotated[str, Depends(_stream_owner)]
 """The caller's owner id, from the header or a ticket for the path's job in ``?ticket=`` (for EventSource)."""
-FeedsDep = Annotated[FeedHub, Depends(_feeds)]
-StreamSlotsDep = Annotated[StreamSlots, Depends(_stream_slots)]
-TicketsDep = Annotated[TicketSigner, Depends(_tickets)]
+FeedsDep = Annotated[FeedHub, Depends(_app_state("feeds"))]
+StreamSlotsDep = Annotated[StreamSlots, Depends(_app_state("stream_slots"))]
+TicketsDep = Annotated[TicketSigner, Depends(_app_state("tickets"))]
 LimitedOwner = Annotated[str, Depends(_rate_limited_owner)]
 """The caller's owner id, after taking a token from their rate-limit bucket."""
 JobId = Annotated[str, Depends(_job_id)]
