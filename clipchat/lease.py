@@ -65,17 +65,18 @@ class _Report:
     eta_seconds: float
 
 
-# What a worker does with a claimed task; and how it fails the job when it gives up on it.
+# What a worker does with a claimed task.
 Work = Callable[[WorkClaim], Awaitable[None]]
-GiveUp = Callable[[WorkClaim, ClipChatError], Awaitable[None]]
 
 
 async def run_claimed(status: StatusClient, delivery: Delivery, phase: jobs_pb2.WorkPhase.ValueType,
-                      work: Work, *, delivery_limit: int, give_up: GiveUp) -> None:
+                      work: Work, *, delivery_limit: int, give_up_message: str) -> None:
     """Claim ``delivery``'s work for ``phase`` and run ``work`` under it (see the module doc).
 
     Raises ``RequeueMessage`` to have the message back later (busy, or a retryable failure) and
-    lets a permanent error through (the broker dead-letters the message).
+    lets a permanent error through (the broker dead-letters the message). When the last attempt
+    fails retryably, the job is failed first with ``give_up_message`` (retryable: the person can
+    try again).
     """
     task = delivery.task
     ids = {"job_id": task.job_id, "regeneration_id": getattr(task, "regeneration_id", ""),
@@ -98,11 +99,12 @@ async def run_claimed(status: StatusClient, delivery: Delivery, phase: jobs_pb2.
         raise RequeueMessage("held by another delivery", counted=False,
                              delay=max(answer.retry_after_seconds, _MIN_BUSY_DELAY))
     claim = WorkClaim(task.job_id, task.lease_token, claim_id, answer.attempt)
-    await _run(status, claim, work, ids, last_attempt=delivery.attempt >= delivery_limit, give_up=give_up)
+    await _run(status, claim, work, ids, give_up_message=give_up_message if delivery.attempt >= delivery_limit
+               else "")
 
 
 async def _run(status: StatusClient, claim: WorkClaim, work: Work, ids: dict[str, object], *,
-               last_attempt: bool, give_up: GiveUp) -> None:
+               give_up_message: str) -> None:
     try:
         await work(claim)
     except (LeaseLost, StaleLease):
@@ -111,10 +113,12 @@ async def _run(status: StatusClient, claim: WorkClaim, work: Work, ids: dict[str
         if not exc.retryable:
             raise
         await _release(status, claim)
-        if last_attempt:
+        if give_up_message:
             log.warning("work.giving_up", extra={**ids, "code": exc.code})
             with contextlib.suppress(ClipChatError):
-                await give_up(claim, exc)
+                await status.fail(claim.job_id, claim.token, code="unavailable", message=give_up_message,
+                                  detail=f"gave up after the last attempt: {exc.code}: {exc.message}",
+                                  retryable=True)
         else:
             log.warning("work.retry", extra={**ids, "code": exc.code})
         raise RequeueMessage(str(exc)) from exc

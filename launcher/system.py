@@ -167,54 +167,48 @@ async def serve_one(service: str, settings: Settings, stop: asyncio.Event) -> No
         await task
         await storage.close()
         return
-    storage = create_storage(settings)
-    broker = create_broker(settings)
-    try:
-        await broker.connect()
-    except ClipChatError as exc:
-        await storage.close()
-        raise StartupError("the message broker cannot be reached; check CLIPCHAT_BROKER_URL and that "
-                           "RabbitMQ is running") from exc
-    db: Database | None = None
-    part: Any
+    # Each resource is closed when anything after it fails, and all of them at the end, in reverse.
+    async with contextlib.AsyncExitStack() as resources:
+        storage = create_storage(settings)
+        resources.push_async_callback(storage.close)
+        broker = create_broker(settings)
+        try:
+            await broker.connect()
+        except ClipChatError as exc:
+            raise StartupError("the message broker cannot be reached; check CLIPCHAT_BROKER_URL and that "
+                               "RabbitMQ is running") from exc
+        resources.push_async_callback(broker.close)
+        part, port = await _service_part(service, settings, storage, broker, resources)
+        try:
+            await part.start(host=settings.grpc_host, port=port)
+        except RuntimeError as exc:  # grpc: "Failed to bind to address"
+            await part.stop()
+            raise StartupError(f"cannot listen on {settings.grpc_host}:{port}; set CLIPCHAT_GRPC_PORT to a "
+                               "free port") from exc
+        resources.push_async_callback(part.stop)
+        log.info("service.serving", extra={"service": service, "port": port})
+        await stop.wait()
+
+
+async def _service_part(service: str, settings: Settings, storage: Storage, broker: Broker,
+                        resources: contextlib.AsyncExitStack) -> tuple[Any, int]:
+    """The service object for ``service`` and the port it serves on; the status service's database
+    is checked first (``StartupError`` when it cannot be reached) and closed with ``resources``."""
     if service == "status":
         from services.status.service import StatusService
 
         db = Database(settings.resolved_database_url)
+        resources.push_async_callback(db.dispose)
         if not await db.ping():
-            await db.dispose()
-            await broker.close()
-            await storage.close()
             raise StartupError("the database cannot be reached; check CLIPCHAT_DATABASE_URL and that "
                                "PostgreSQL is running")
-        part = StatusService(settings, db, broker)
-        port = settings.grpc_port or _port_of(settings.status_addr)
-    elif service == "regenerator":
+        return StatusService(settings, db, broker), settings.grpc_port or _port_of(settings.status_addr)
+    if service == "regenerator":
         from services.regenerator.service import RegeneratorService
 
-        part = RegeneratorService(settings, storage=storage, broker=broker)
-        port = settings.grpc_port or _port_of(settings.regenerator_addr)
-    else:
-        from services.composer.service import ComposerService
+        return (RegeneratorService(settings, storage=storage, broker=broker),
+                settings.grpc_port or _port_of(settings.regenerator_addr))
+    from services.composer.service import ComposerService
 
-        part = ComposerService(settings, storage=storage, broker=broker)
-        port = settings.grpc_port or _port_of(settings.composer_addr)
-    try:
-        await part.start(host=settings.grpc_host, port=port)
-    except RuntimeError as exc:  # grpc: "Failed to bind to address"
-        await part.stop()
-        await broker.close()
-        if db is not None:
-            await db.dispose()
-        await storage.close()
-        raise StartupError(f"cannot listen on {settings.grpc_host}:{port}; set CLIPCHAT_GRPC_PORT to a free "
-                           "port") from exc
-    log.info("service.serving", extra={"service": service, "port": port})
-    try:
-        await stop.wait()
-    finally:
-        await part.stop()
-        await broker.close()
-        if db is not None:
-            await db.dispose()
-        await storage.close()
+    return (ComposerService(settings, storage=storage, broker=broker),
+            settings.grpc_port or _port_of(settings.composer_addr))

@@ -73,7 +73,7 @@ class ComposeWorker:
         with tracer("clipchat.composer").start_as_current_span(
                 "compose.message", context=extract_context(dict(task.trace_context)), kind=trace.SpanKind.CONSUMER):
             await run_claimed(self.status, delivery, jobs_pb2.WORK_PHASE_COMPOSE, work,
-                              delivery_limit=self.settings.delivery_limit, give_up=self._give_up)
+                              delivery_limit=self.settings.delivery_limit, give_up_message=GAVE_UP_MESSAGE)
 
     async def _run(self, task: tasks_pb2.ComposeTask, claim: WorkClaim) -> None:
         span = trace.get_current_span()
@@ -136,9 +136,6 @@ class ComposeWorker:
                 await self.storage.delete(request.video_key)
             raise
 
-    async def _give_up(self, claim: WorkClaim, exc: ClipChatError) -> None:
-        await self.status.fail(claim.job_id, claim.token, code="unavailable", message=GAVE_UP_MESSAGE,
-                               detail=f"gave up after the last attempt: {exc.code}: {exc.message}", retryable=True)
 
     async def _thumbnails(self, job: common_pb2.Job) -> list[str]:
         """A still for each uploaded clip that has none, for the page. Best effort: a clip

@@ -7,7 +7,6 @@ import logging
 from opentelemetry import trace
 
 from clipchat.broker import Delivery
-from clipchat.errors import ClipChatError
 from clipchat.lease import WorkClaim, run_claimed
 from clipchat.status_client import StatusClient
 from clipchat.telemetry import extract_context, tracer
@@ -41,8 +40,5 @@ class RegenerateWorker:
                 "regenerate.message", context=extract_context(dict(task.trace_context)),
                 kind=trace.SpanKind.CONSUMER):
             await run_claimed(self.status, delivery, jobs_pb2.WORK_PHASE_REGENERATE, work,
-                              delivery_limit=self.delivery_limit, give_up=self._give_up)
+                              delivery_limit=self.delivery_limit, give_up_message=GAVE_UP_MESSAGE)
 
-    async def _give_up(self, claim: WorkClaim, exc: ClipChatError) -> None:
-        await self.status.fail(claim.job_id, claim.token, code="unavailable", message=GAVE_UP_MESSAGE,
-                               detail=f"gave up after the last attempt: {exc.code}: {exc.message}", retryable=True)
