@@ -166,8 +166,6 @@ class Settings(BaseSettings):
     otlp_endpoint: str = ""
     log_level: str = "INFO"
 
-    extra_env: dict[str, str] = Field(default_factory=dict, exclude=True)
-
     @field_validator("environment", mode="before")
     @classmethod
     def _known_environment(cls, value: Any) -> Any:
