@@ -29,6 +29,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from clipchat.domain import JobStatus, RegenerationStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -68,22 +70,6 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-
-
-class JobStatus:
-    COMPOSING = "composing"
-    COMPLETED = "completed"
-    REGENERATING = "regenerating"
-    FAILED = "failed"
-
-
-class RegenerationStatus:
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    FINISHED = frozenset({"completed", "failed", "cancelled"})
 
 
 class Job(Base):

@@ -12,11 +12,13 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from clipchat.db.models import ClipRegeneration, JobEvent, JobStatus
+from clipchat.db.models import ClipRegeneration, JobEvent
+from clipchat.domain import JobStatus
 from clipchat.errors import InvalidInput
 from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from services.status.events import EventHub
+from services.status.paging import decode_page_token, encode_page_token, page_size
 from services.status.state_machine import (
     PHASE_COMPOSE,
     PHASE_REGENERATE,
@@ -76,7 +78,7 @@ def _ts(value: datetime | None) -> Timestamp | None:
 def job_to_proto(snapshot: JobSnapshot) -> common_pb2.Job:
     job = snapshot.job
     return common_pb2.Job(
-        job_id=str(job.id), owner=job.owner, title=job.title, state=_JOB_STATES[job.status],
+        job_id=str(job.id), owner=job.owner, title=job.title, state=_JOB_STATES[JobStatus(job.status)],
         audio_key=job.audio_key,
         transitions=[common_pb2.Transition(kind=t.get("kind", "cut"), duration=float(t.get("duration", 0)))
                      for t in job.transitions],
@@ -152,7 +154,11 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
     @rpc_method
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> jobs_pb2.ListJobsResponse:
         require_owner(request.owner, "Listing jobs")
-        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(s) for s in await self.machine.list_jobs(request.owner)])
+        after = decode_page_token(request.page_token) if request.page_token else None
+        page, next_key = await self.machine.list_jobs(request.owner, limit=page_size(request.page_size),
+                                                      after=after)
+        return jobs_pb2.ListJobsResponse(jobs=[job_to_proto(s) for s in page],
+                                         next_page_token=encode_page_token(next_key) if next_key else "")
 
     @rpc_method
     async def BeginRegeneration(self, request: jobs_pb2.BeginRegenerationRequest,

@@ -32,7 +32,7 @@ from decimal import Decimal
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -44,13 +44,12 @@ from clipchat.db.models import (
     ClipRegeneration,
     Job,
     JobEvent,
-    JobStatus,
     OutboxMessage,
     RegenerationCharge,
-    RegenerationStatus,
     VideoVersion,
     utcnow,
 )
+from clipchat.domain import FINISHED_REGENERATION, JobStatus, RegenerationStatus, WorkPhase
 from clipchat.errors import (
     BudgetExceeded,
     ConcurrentRegeneration,
@@ -61,6 +60,7 @@ from clipchat.errors import (
 )
 from clipchat.telemetry import inject_headers
 from clipchat.v1 import jobs_pb2, tasks_pb2
+from services.status.paging import PageKey
 
 log = logging.getLogger("clipchat.status")
 
@@ -78,8 +78,8 @@ REUSABLE_STEPS = ("rewrite", "generate", "generation_started")
 # so a worker that takes over resumes it instead of paying for another.
 STEPS = ("rewrite", "generate", "compose", "generation_started")
 # The two phases of a regeneration's work, each the work of one queue.
-PHASE_REGENERATE = "regenerate"
-PHASE_COMPOSE = "compose"
+PHASE_REGENERATE = WorkPhase.REGENERATE
+PHASE_COMPOSE = WorkPhase.COMPOSE
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,14 @@ class JobStateMachine:
     def __init__(self, db: Database, *, lease_seconds: float, budget_limit: Decimal,
                  budget_warning_fraction: Decimal, notifier: Notifier | None = None,
                  claim_seconds: float | None = None, on_outbox: Callable[[], None] | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, max_budget_limit: Decimal | None = None) -> None:
         self.db = db
         self.lease = timedelta(seconds=lease_seconds)
         self.claim = timedelta(seconds=claim_seconds if claim_seconds is not None else lease_seconds / 4)
         self.on_outbox = on_outbox
         self.default_budget = budget_limit
+        # The most a caller may set as a job's own budget (None: no cap of the operator's).
+        self.max_budget_limit = max_budget_limit
         self.warning_fraction = budget_warning_fraction
         self.notifier = notifier
         self.clock = clock
@@ -191,13 +193,16 @@ class JobStateMachine:
             raise InvalidInput("Fit must be pad or crop.")
         if list(beat_timestamps) != sorted(beat_timestamps) or any(b < 0 for b in beat_timestamps):
             raise InvalidInput("Beat timestamps must be sorted and not negative.")
+        budget = money(budget_limit) if budget_limit else self.default_budget
+        if self.max_budget_limit is not None and budget > self.max_budget_limit:
+            raise InvalidInput(f"The budget limit can be at most {self.max_budget_limit} on this server.")
         now = self.clock()
         token = secrets.token_hex(16)
         job = Job(id=uuid.UUID(job_id) if job_id else uuid.uuid4(), owner=owner, title=title[:200],
                   status=JobStatus.COMPOSING, audio_key=audio_key,
                   transitions=[dict(t) for t in transitions], beat_timestamps=list(beat_timestamps),
                   aspect_ratio=aspect_ratio, fit=fit, total_cost=Decimal("0"),
-                  budget_limit=money(budget_limit) if budget_limit else self.default_budget,
+                  budget_limit=budget,
                   lease_token=token, lease_expires_at=now + self.lease, created_at=now, updated_at=now,
                   last_event_sequence=0, work_phase=PHASE_COMPOSE, work_attempt=0)
         pending = _Pending()
@@ -223,12 +228,23 @@ class JobStateMachine:
                 active = await session.get(ClipRegeneration, job.active_regeneration_id)
             return JobSnapshot(job, current_clips(job), list(job.versions), active)
 
-    async def list_jobs(self, owner: str) -> list[JobSnapshot]:
+    async def list_jobs(self, owner: str, *, limit: int,
+                        after: PageKey | None = None) -> tuple[list[JobSnapshot], PageKey | None]:
+        """The owner's jobs newest first, at most ``limit`` of them, starting after ``after``.
+
+        Also returns the key to pass as ``after`` for the next page, or None on the last page.
+        """
+        query = select(Job).where(Job.owner == owner)
+        if after is not None:
+            query = query.where(or_(Job.created_at < after.created_at,
+                                    and_(Job.created_at == after.created_at, Job.id < after.job_id)))
+        query = (query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+                 .options(selectinload(Job.clips), selectinload(Job.versions)))
         async with self.db.read() as session:
-            rows = (await session.execute(
-                select(Job).where(Job.owner == owner).order_by(Job.created_at.desc())
-                .options(selectinload(Job.clips), selectinload(Job.versions)))).scalars().all()
-            return [JobSnapshot(job, current_clips(job), list(job.versions)) for job in rows]
+            rows = (await session.execute(query)).scalars().all()
+            page = [JobSnapshot(job, current_clips(job), list(job.versions)) for job in rows[:limit]]
+            last = rows[limit - 1] if len(rows) > limit else None
+            return page, PageKey(last.created_at, last.id) if last is not None else None
 
     # ---- a regeneration's life --------------------------------------------------------------
 
@@ -588,7 +604,7 @@ class JobStateMachine:
             regeneration = await session.get(ClipRegeneration, regen_uuid)
             if regeneration is None or regeneration.job_id != job.id:
                 raise NotFound("No such regeneration for this video.")
-            if regeneration.status in RegenerationStatus.FINISHED:
+            if regeneration.status in FINISHED_REGENERATION:
                 raise Conflict(f"This regeneration already finished ({regeneration.status}).",
                                code="already_finished")
             regeneration.status = RegenerationStatus.CANCELLED
