@@ -165,6 +165,10 @@ class Settings(BaseSettings):
     # Telemetry: OTLP endpoint (e.g. http://collector:4317); empty = no export.
     otlp_endpoint: str = ""
     log_level: str = "INFO"
+    # Prometheus metrics of `clipchat serve status|regenerator|composer`: GET /metrics on this port
+    # of grpc_host (0 = not served). The gateway serves its own at /metrics on its HTTP port; in
+    # embedded mode that covers the whole process.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @field_validator("environment", mode="before")
     @classmethod
