@@ -1,0 +1,57 @@
+"""Many watchers of one job on one gateway process: every one connects, every event reaches every
+watcher in order, and the database work does not grow with the number of watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.load.conftest import LoadClient, LoadRecord
+from tests.load.rig import TOKEN, LoadRig, Worker
+
+SCENARIOS = [
+    pytest.param(50, 10, 0.1, id="50-watchers"),
+    pytest.param(1000, 40, 0.25, id="1000-watchers", marks=pytest.mark.load_slow),
+]
+
+
+async def _make_events(rig: LoadRig, job: tuple[str, str, str], count: int, interval: float) -> tuple[int, int]:
+    """``count`` progress events, one every ``interval`` seconds; their first and last sequences."""
+    sequences = []
+    async with Worker(rig.status_addr) as worker:
+        for index in range(count):
+            sequences.append(await worker.progress(*job, fraction=(index + 1) / count))
+            await asyncio.sleep(interval)
+    return sequences[0], sequences[-1]
+
+
+async def _composing_job(rig: LoadRig) -> tuple[str, str, str]:
+    async with Worker(rig.status_addr) as worker:
+        return await worker.composing_job()
+
+
+@pytest.mark.parametrize(("watchers", "events", "interval"), SCENARIOS)
+def test_every_watcher_gets_every_event_in_order(load_rig: LoadRig, load: LoadRecord, clients: list[LoadClient],
+                                                 watchers: int, events: int, interval: float) -> None:
+    job = asyncio.run(_composing_job(load_rig))
+    client = LoadClient("sse", url=load_rig.url, token=TOKEN, job_id=job[0], watchers=watchers)
+    clients.append(client)
+    connected = client.read()
+    assert connected["statuses"] == {"200": watchers}, "every watcher gets its stream (no 429, no 503)"
+
+    before, started = load_rig.transactions(), time.monotonic()
+    first, last = asyncio.run(_make_events(load_rig, job, events, interval))
+    seconds, transactions = time.monotonic() - started, load_rig.transactions() - before
+    client.say(f"{first} {last}")
+    result = client.read()
+    load.add(watchers=f"{result['statuses'].get('200', 0)}/{watchers}", events=last,
+             complete=result["complete"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"],
+             max_ms=result["max_ms"], db_xact_per_s=transactions / seconds,
+             db_xact_per_event=transactions / events, connect_s=result["connect_seconds"])
+
+    assert result["dropped"] == 0, "no watcher was dropped as too slow"
+    assert result["out_of_order"] == 0
+    assert result["missing_max"] == 0, "every watcher got every event"
+    assert result["complete"] == watchers, "every watcher got events 1 to last, each once and in order"
