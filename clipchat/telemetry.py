@@ -1,10 +1,29 @@
-"""Structured logs and OpenTelemetry tracing (exported over OTLP when configured).
+"""Structured logs and OpenTelemetry tracing (exported over OTLP/gRPC when configured).
 
 Spans come from the maintained instrumentations where one exists: grpc (``server_interceptors``,
 ``client_interceptors``), FastAPI/ASGI (``instrument_app``), httpx (every client, from
-``configure``) and SQLAlchemy (``instrument_engine``). Work messages carry the trace in their
-``trace_context`` field (``inject_headers`` / ``extract_context``), so one regeneration is one
-trace from the browser's request to the composer's ffmpeg runs.
+``configure``) and SQLAlchemy (``instrument_engine``).
+
+Across the broker the trace goes as follows, the same way on RabbitMQ and on the in-process broker:
+
+- A work message carries the trace in its protobuf ``trace_context`` field. The status service
+  writes it into the outbox with the state change, in the request's span (``inject_headers``); the
+  outbox relay publishes it later, outside that span, so the context has to travel with the stored
+  body: AMQP headers set at publish time would name the relay's context, not the request's, and
+  the delay and dead-letter queues copy the body as it is. The broker's ``publish`` is a PRODUCER
+  span continuing that context (``producer_span``) and writes its own context into the field it
+  sends, so the worker's CONSUMER span is the producer's child, in another process.
+- A job-events notification carries the trace in its message headers (``traceparent``, from the
+  publishing span); the subscriber handles it in a CONSUMER span that is the producer's child
+  (``consumer_span``). The body stays the event itself.
+
+The maintained aio-pika instrumentation is not used: its current release pins
+opentelemetry-instrumentation and its semantic conventions to 0.66b1 exactly while the
+instrumentations above are at 0.66b2, so pip falls back to 0.43b0, which declares
+``aio_pika < 10`` and refuses to instrument aio-pika 10. It would also miss the events subscriber
+(it wraps ``Queue.consume``; events are read with ``Queue.iterator``) and the in-process broker,
+and its publish span would start in the outbox relay's context. The spans here follow the same
+messaging conventions (``messaging.system``, ``messaging.destination.name``, the operation).
 """
 
 from __future__ import annotations
@@ -13,6 +32,8 @@ import json
 import logging
 import sys
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +42,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fastapi import FastAPI
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
@@ -194,14 +217,51 @@ def tracer(name: str) -> trace.Tracer:
 
 
 def inject_headers() -> dict[str, str]:
-    """The current trace context as message headers (W3C traceparent), for RabbitMQ messages."""
+    """The current trace context as message headers (W3C ``traceparent``), for messages."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
 
 
-def extract_context(headers: dict[str, Any] | None) -> Any:
-    return propagate.extract({k: str(v) for k, v in (headers or {}).items()})
+def extract_context(headers: Mapping[str, Any] | None) -> Context:
+    """The trace context in message ``headers`` (an empty one when they carry none); AMQP header
+    values may arrive as bytes."""
+    carrier = {k: v.decode(errors="replace") if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()}
+    return propagate.extract(carrier)
+
+
+@contextmanager
+def producer_span(system: str, destination: str, *, operation: str = "publish", parent: Context | None = None,
+                  message_id: str = "", routing_key: str = "") -> Iterator[dict[str, str]]:
+    """A PRODUCER span around sending one message to ``destination`` (a queue or an exchange),
+    a child of ``parent`` (the current span when None); yields the headers that make the
+    receiver's span its child."""
+    attributes: dict[str, Any] = {"messaging.system": system, "messaging.destination.name": destination,
+                                  "messaging.operation.name": operation, "messaging.operation.type": "send"}
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    if routing_key:
+        attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+    with tracer("clipchat.broker").start_as_current_span(f"{operation} {destination}", context=parent,
+                                                         kind=trace.SpanKind.PRODUCER, attributes=attributes):
+        yield inject_headers()
+
+
+@contextmanager
+def consumer_span(system: str, destination: str, headers: Mapping[str, Any] | None, *,
+                  routing_key: str = "", message_id: str = "") -> Iterator[trace.Span]:
+    """A CONSUMER span around handling one message from ``destination``, a child of the producer's
+    span named in its ``headers`` (a trace of its own when they name none)."""
+    attributes: dict[str, Any] = {"messaging.system": system, "messaging.destination.name": destination,
+                                  "messaging.operation.name": "process", "messaging.operation.type": "process"}
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    if routing_key:
+        attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+    with tracer("clipchat.broker").start_as_current_span(
+            f"process {destination}", context=extract_context(headers), kind=trace.SpanKind.CONSUMER,
+            attributes=attributes) as span:
+        yield span
 
 
 def server_interceptors() -> list[Any]:

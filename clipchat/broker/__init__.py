@@ -18,11 +18,16 @@ Semantics both keep (the contract tests check them):
 - Handlers must be idempotent: a message can be delivered more than once.
 - ``publish_event`` / ``subscribe_events`` use a topic exchange; a subscriber sees the events
   published after it subscribed (no replay: the status service's event log is the replayable one).
+- Tracing (``clipchat.telemetry``): ``publish`` is a PRODUCER span continuing the trace in the
+  message's ``trace_context`` and sends its own context there, so the consumer's span is its child;
+  an event carries the publishing span's context in its headers and its handler runs in a CONSUMER
+  span, the producer's child.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -116,6 +121,23 @@ def encode_task(queue: str, task: Message) -> bytes:
     if expected is not None and not isinstance(task, expected):
         raise TypeError(f"{queue} carries {expected.__name__}, not {type(task).__name__}")
     return task.SerializeToString()
+
+
+@contextmanager
+def publishing(system: str, queue: str, task: Message, *, message_id: str, routing_key: str = "") -> Iterator[bytes]:
+    """Around sending ``task`` to ``queue``: a PRODUCER span continuing the trace that ``task``
+    carries; yields the wire form, whose ``trace_context`` names this span. Raises ``TypeError``
+    as ``encode_task`` does."""
+    from clipchat.telemetry import extract_context, producer_span
+
+    with producer_span(system, queue, parent=extract_context(dict(getattr(task, "trace_context", {}))),
+                       message_id=message_id, routing_key=routing_key) as headers:
+        sent = type(task)()
+        sent.CopyFrom(task)
+        if hasattr(sent, "trace_context"):
+            sent.trace_context.clear()
+            sent.trace_context.update(headers)
+        yield encode_task(queue, sent)
 
 
 def decode_task(queue: str, body: bytes) -> Message:

@@ -23,15 +23,17 @@ from clipchat.broker import (
     Subscription,
     decode_task,
     delay_for,
-    encode_task,
     next_attempt,
+    publishing,
 )
-from clipchat.broker.topology import DEAD_LETTER_QUEUE, WORK_QUEUES
+from clipchat.broker.topology import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, WORK_QUEUES
 from clipchat.errors import DependencyUnavailable
+from clipchat.telemetry import consumer_span, producer_span
 
 log = logging.getLogger("clipchat.broker")
 
 _UNAVAILABLE = "The message broker is unavailable right now. Please try again shortly."
+_SYSTEM = "clipchat.memory"  # messaging.system of this broker's spans
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class InMemoryBroker:
     async def publish(self, queue: str, task: Message, *, message_id: str) -> None:
         """Put a work message on ``queue``. Raises ``DependencyUnavailable`` for an unknown queue."""
         target = self._queue(queue)
-        target.put_nowait(_Message(queue, encode_task(queue, task), message_id))
+        with publishing(_SYSTEM, queue, task, message_id=message_id) as body:
+            target.put_nowait(_Message(queue, body, message_id))
         log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
@@ -98,9 +101,10 @@ class InMemoryBroker:
         """Hand the event to every subscriber whose pattern matches ``routing_key``."""
         self._require_connected()
         text = json.dumps(body)
-        for subscription in self._subscriptions:
-            if isinstance(subscription, _MemorySubscriber) and subscription.matches(routing_key):
-                subscription.inbox.put_nowait((routing_key, text))
+        with producer_span(_SYSTEM, EVENTS_EXCHANGE, routing_key=routing_key) as headers:
+            for subscription in self._subscriptions:
+                if isinstance(subscription, _MemorySubscriber) and subscription.matches(routing_key):
+                    subscription.inbox.put_nowait((routing_key, text, headers))
 
     async def subscribe_events(self, pattern: str, handler: EventHandler) -> Subscription:
         """Call ``handler(routing_key, body)`` for each later event matching ``pattern``, in order.
@@ -248,7 +252,8 @@ class _MemorySubscriber:
         self._pattern = pattern
         self._words = tuple(pattern.split("."))
         self._handler = handler
-        self.inbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        # (routing key, JSON body, headers with the publisher's trace context)
+        self.inbox: asyncio.Queue[tuple[str, str, dict[str, str]]] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -266,9 +271,10 @@ class _MemorySubscriber:
 
     async def _read(self) -> None:
         while True:
-            routing_key, text = await self.inbox.get()
+            routing_key, text, headers = await self.inbox.get()
             try:
-                await self._handler(routing_key, json.loads(text))
+                with consumer_span(_SYSTEM, EVENTS_EXCHANGE, headers, routing_key=routing_key):
+                    await self._handler(routing_key, json.loads(text))
             except Exception:
                 log.exception("broker.event_handler_failed",
                               extra={"pattern": self._pattern, "routing_key": routing_key})

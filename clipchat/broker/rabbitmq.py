@@ -42,8 +42,8 @@ from clipchat.broker import (
     RequeueMessage,
     Subscription,
     decode_task,
-    encode_task,
     next_attempt,
+    publishing,
 )
 from clipchat.broker.topology import (
     CONTENT_TYPE,
@@ -55,6 +55,7 @@ from clipchat.broker.topology import (
     delay_queue,
 )
 from clipchat.errors import DependencyUnavailable
+from clipchat.telemetry import consumer_span, producer_span
 
 log = logging.getLogger("clipchat.broker")
 
@@ -165,11 +166,14 @@ class RabbitMQBroker:
 
         Raises ``DependencyUnavailable`` when the broker does not confirm it.
         """
-        message = aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=uuid.uuid4().hex)
         self._require_publish_channel()
         assert self._events_exchange is not None
-        await self._publish(self._events_exchange, routing_key, message, mandatory=False)
+        message_id = uuid.uuid4().hex
+        with producer_span("rabbitmq", EVENTS_EXCHANGE, message_id=message_id, routing_key=routing_key) as headers:
+            message = aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
+                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message_id,
+                                       headers=dict(headers))
+            await self._publish(self._events_exchange, routing_key, message, mandatory=False)
 
     async def subscribe_events(self, pattern: str, handler: EventHandler) -> Subscription:
         """Call ``handler(routing_key, body)`` for each event matching ``pattern``, in order.
@@ -291,11 +295,11 @@ class RabbitMQBroker:
                                               durable=True)
 
     async def _publish_task(self, queue: str, routing_key: str, task: Message, message_id: str) -> None:
-        message = aio_pika.Message(encode_task(queue, task), content_type=CONTENT_TYPE,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                   message_id=message_id, headers={QUEUE_HEADER: queue})
-        channel = self._require_publish_channel()
-        await self._publish(channel.default_exchange, routing_key, message, mandatory=True)
+        with publishing("rabbitmq", queue, task, message_id=message_id, routing_key=routing_key) as body:
+            message = aio_pika.Message(body, content_type=CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                       message_id=message_id, headers={QUEUE_HEADER: queue})
+            channel = self._require_publish_channel()
+            await self._publish(channel.default_exchange, routing_key, message, mandatory=True)
 
     async def _publish(self, exchange: AbstractExchange, routing_key: str,
                        message: aio_pika.Message, *, mandatory: bool) -> None:
@@ -438,7 +442,9 @@ class _EventSubscriber:
             async for message in messages:
                 try:
                     body = json.loads(message.body)
-                    await self._handler(message.routing_key or "", body)
+                    with consumer_span("rabbitmq", EVENTS_EXCHANGE, message.headers,
+                                       routing_key=message.routing_key or "", message_id=message.message_id or ""):
+                        await self._handler(message.routing_key or "", body)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -2,7 +2,10 @@
 
 ClipChat runs in this process in embedded mode (SQLite, the in-process broker, the local
 generator), with an in-memory span exporter on the tracer provider. The work messages carry the
-trace in their ``trace_context`` field, so the spans of the workers join the request's trace.
+trace in their ``trace_context`` field, so the spans of the workers join the request's trace; the
+broker's publish is a PRODUCER span between them, on RabbitMQ as in process, and a job-events
+notification is handled in a CONSUMER span, the child of the publishing one.
+(tests/e2e/test_distributed_trace.py follows one regeneration across the service processes.)
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import json
 import logging
 import re
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +32,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from clipchat import telemetry
+from clipchat.broker import REGENERATE_QUEUE, Broker, Delivery
+from clipchat.broker.memory import InMemoryBroker
+from clipchat.broker.topology import EVENTS_EXCHANGE
+from clipchat.v1 import tasks_pb2
+from services.status.events import EventHub
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +100,18 @@ async def test_one_regeneration_is_one_trace_from_the_request_to_ffmpeg(
     begin = _one(one_trace, lambda s: s.kind is SpanKind.SERVER and s.name.endswith("/BeginRegeneration"), names)
     assert request in _ancestors(begin, by_id), "BeginRegeneration is not under the gateway's request"
 
-    # Across the broker: the task's trace_context, written by the status service's outbox.
+    # Across the broker: the task's trace_context, written by the status service's outbox, names
+    # the broker's publish span, the consumer's parent.
     regenerate = _one(one_trace, lambda s: s.name == "regenerate.message", names)
     assert begin in _ancestors(regenerate, by_id), "regenerate.message does not continue BeginRegeneration"
+    assert regenerate.parent is not None
+    published = by_id[regenerate.parent.span_id]
+    assert (published.name, published.kind) == (f"publish {REGENERATE_QUEUE}", SpanKind.PRODUCER)
     compose = _one(one_trace, lambda s: s.name == "compose.message", names)
     assert regenerate in _ancestors(compose, by_id), "compose.message does not continue regenerate.message"
+    # The job's events reach the status service's own job-events subscription in the same trace.
+    notified = [s for s in one_trace if s.kind is SpanKind.CONSUMER and s.name == f"process {EVENTS_EXCHANGE}"]
+    assert notified and all(by_id[s.parent.span_id].kind is SpanKind.PRODUCER for s in notified if s.parent), names
 
     composer_ffmpeg = [s for s in one_trace if s.name == "ffmpeg" and compose in _ancestors(s, by_id)]
     assert composer_ffmpeg, f"no ffmpeg span under compose.message; spans: {names}"
@@ -186,6 +204,96 @@ def test_queries_are_traced_inside_a_span_and_not_on_their_own(spans: InMemorySp
     asyncio.run(both())
     queries = [s for s in spans.get_finished_spans() if (s.attributes or {}).keys() & {"db.system", "db.system.name"}]
     assert len(queries) == 1 and queries[0].parent is not None, [(s.name, s.parent) for s in queries]
+
+
+@pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    made: Broker
+    if request.param == "memory":
+        made = InMemoryBroker()
+    else:
+        from clipchat.broker.rabbitmq import RabbitMQBroker
+
+        made = RabbitMQBroker(request.getfixturevalue("rabbitmq_url"), namespace=f"test-{uuid.uuid4().hex[:12]}.")
+    await made.connect()
+    yield made
+    await made.close()
+    if isinstance(made, InMemoryBroker):
+        return
+    from tests.integration.test_broker_contract import _delete_namespace
+
+    await _delete_namespace(request.getfixturevalue("rabbitmq_url"), made.namespace)
+
+
+async def test_a_task_is_sent_in_a_producer_span_that_is_the_consumers_parent(
+        spans: InMemorySpanExporter, broker: Broker) -> None:
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
+    subscription = await broker.consume(REGENERATE_QUEUE, lambda delivery: _put(received, delivery))
+    try:
+        with trace.get_tracer("test").start_as_current_span("request") as request:
+            task = tasks_pb2.RegenerateTask(job_id="j1", regeneration_id="r1", lease_token="t",
+                                            trace_context=telemetry.inject_headers())
+        await broker.publish(REGENERATE_QUEUE, task, message_id="m1")
+        async with asyncio.timeout(15):
+            delivery = await received.get()
+    finally:
+        await subscription.cancel()
+    published = _one(spans.get_finished_spans(), lambda s: s.kind is SpanKind.PRODUCER, [])
+    assert published.name == f"publish {REGENERATE_QUEUE}"
+    assert published.parent is not None and published.parent.span_id == request.get_span_context().span_id
+    assert published.attributes and published.attributes["messaging.message.id"] == "m1"
+    # The consumer continues the publish span, in the request's trace.
+    parent = trace.get_current_span(telemetry.extract_context(dict(delivery.task.trace_context))).get_span_context()
+    assert (parent.trace_id, parent.span_id) == (_trace_id(request), published.context.span_id)  # type: ignore[union-attr, arg-type]
+
+
+async def test_a_job_event_is_handled_in_a_consumer_span_under_the_publishing_one(
+        spans: InMemorySpanExporter, broker: Broker) -> None:
+    handled: asyncio.Queue[trace.SpanContext] = asyncio.Queue()
+
+    async def handler(routing_key: str, body: dict[str, Any]) -> None:
+        handled.put_nowait(trace.get_current_span().get_span_context())
+
+    subscription = await broker.subscribe_events("job.#", handler)
+    try:
+        with trace.get_tracer("test").start_as_current_span("write") as write:
+            await broker.publish_event("job.j1.progress", {"job_id": "j1", "sequence": 1})
+        async with asyncio.timeout(15):
+            inside = await handled.get()
+    finally:
+        await subscription.cancel()
+    finished = {s.context.span_id: s for s in spans.get_finished_spans()}  # type: ignore[union-attr]
+    consumer = finished[inside.span_id]
+    assert (consumer.name, consumer.kind) == (f"process {EVENTS_EXCHANGE}", SpanKind.CONSUMER)
+    assert consumer.parent is not None
+    producer = finished[consumer.parent.span_id]
+    assert (producer.name, producer.kind) == (f"publish {EVENTS_EXCHANGE}", SpanKind.PRODUCER)
+    assert producer.parent is not None and producer.parent.span_id == write.get_span_context().span_id
+    assert consumer.attributes and consumer.attributes["messaging.rabbitmq.destination.routing_key"] == \
+        "job.j1.progress"
+
+
+async def test_a_watcher_woken_by_a_notification_links_to_the_span_that_sent_it(
+        spans: InMemorySpanExporter) -> None:
+    hub = EventHub()
+    tracer = trace.get_tracer("test")
+
+    async def watch() -> None:
+        with tracer.start_as_current_span("WatchJob"):
+            await hub.wait("j1", 0, timeout=15)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0)  # the watcher waits
+    with tracer.start_as_current_span("write") as write:
+        await hub.notify("j1", 1)
+    await watcher
+    watching = _one(spans.get_finished_spans(), lambda s: s.name == "WatchJob", [])
+    assert [(link.context.span_id, dict(link.attributes or {})) for link in watching.links] == \
+        [(write.get_span_context().span_id, {"clipchat.job_id": "j1", "clipchat.event.sequence": 1})]
+
+
+async def _put(queue: asyncio.Queue[Delivery], delivery: Delivery) -> None:
+    queue.put_nowait(delivery)
 
 
 def _trace_id(span: ReadableSpan) -> int:
