@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import shutil
 import tempfile
@@ -136,17 +134,13 @@ async def list_jobs(owner: Owner, settings: SettingsDep, downstream: DownstreamD
                     cursor: Annotated[str | None, Query(max_length=200, description="The next_cursor of "
                                                         "the previous page.")] = None) -> JobList:
     """The caller's jobs, newest first, a page at a time: follow ``next_cursor`` until it is null."""
-    after = _decode_cursor(cursor) if cursor else None
-    reply = await call(downstream.status.ListJobs, jobs_pb2.ListJobsRequest(owner=owner),
+    # The status service pages (keyed on creation time and job id, so jobs created meanwhile do
+    # not shift the pages); its page token is the REST cursor, passed through as it is.
+    reply = await call(downstream.status.ListJobs,
+                       jobs_pb2.ListJobsRequest(owner=owner, page_size=limit, page_token=cursor or ""),
                        timeout=settings.grpc_deadline_seconds)
-    # Keyed on (created_at, job_id), not an offset: jobs created meanwhile do not shift the pages.
-    ordered = sorted(reply.jobs, key=_page_key, reverse=True)
-    if after is not None:
-        ordered = [job for job in ordered if _page_key(job) < after]
-    page = ordered[:limit]
-    next_cursor = _encode_cursor(_page_key(page[-1])) if len(ordered) > limit else None
-    return JobList(jobs=[job_out(job, signer, settings.budget_warning_fraction) for job in page],
-                   next_cursor=next_cursor)
+    return JobList(jobs=[job_out(job, signer, settings.budget_warning_fraction) for job in reply.jobs],
+                   next_cursor=reply.next_page_token or None)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job",
@@ -190,28 +184,6 @@ async def _get_job(downstream: DownstreamDep, deadline: float, job_id: str, owne
     reply = await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
                        timeout=deadline)
     return reply.job
-
-
-_PageKey = tuple[int, int, str]
-
-
-def _page_key(job: common_pb2.Job) -> _PageKey:
-    return job.created_at.seconds, job.created_at.nanos, job.job_id
-
-
-def _encode_cursor(key: _PageKey) -> str:
-    return base64.urlsafe_b64encode(json.dumps(key, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> _PageKey:
-    try:
-        seconds, nanos, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(seconds, int) and isinstance(nanos, int) and isinstance(job_id, str):
-            return seconds, nanos, job_id
-    except (ValueError, TypeError):
-        pass
-    raise invalid_input("Invalid request: cursor is not valid; pass the next_cursor of the previous "
-                        "page, or leave it out for the first page.")
 
 
 def _parse_manifest(text: str | None, settings: Settings) -> JobManifest:

@@ -36,6 +36,7 @@ class StatusService:
         self.relay = OutboxRelay(db, broker, backoff_max_seconds=settings.retry_max_seconds)
         self.machine = JobStateMachine(db, lease_seconds=settings.lease_seconds,
                                        budget_limit=settings.budget_limit,
+                                       max_budget_limit=settings.max_budget_limit,
                                        budget_warning_fraction=settings.budget_warning_fraction,
                                        claim_seconds=3 * settings.heartbeat_seconds,
                                        notifier=self._notify, on_outbox=self.relay.wake)
