@@ -24,6 +24,7 @@ from gateway.errors import install_error_handlers
 from gateway.feeds import FeedHub, StreamSlots
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.routes import api_router
+from gateway.routes import metrics as metrics_route
 from gateway.routes.events import WATCH_STREAM_SECONDS
 from gateway.routes.page import STATIC_DIR
 from gateway.signing import MediaSigner
@@ -89,6 +90,7 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI
     app.state.stream_slots = StreamSlots(settings.sse_max_streams_per_owner)
     install_error_handlers(app)
     app.include_router(api_router())
+    app.include_router(metrics_route.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     telemetry.instrument_app(app)
     return app

@@ -220,6 +220,8 @@ class ComposerDetails(BaseModel):
     state: str
     encoder: str | None = None
     encoder_reason: str | None = None
+    # NVENC was wanted and did not work: this replica encodes with libx264.
+    encoder_fallback: bool | None = None
     x264_preset: str | None = None
     workers: int | None = None
     cache: CacheCounts | None = None

@@ -169,6 +169,8 @@ async def serve_one(service: str, settings: Settings, stop: asyncio.Event) -> No
         return
     # Each resource is closed when anything after it fails, and all of them at the end, in reverse.
     async with contextlib.AsyncExitStack() as resources:
+        if settings.metrics_port:
+            _serve_metrics(settings, resources)
         storage = create_storage(settings)
         resources.push_async_callback(storage.close)
         broker = create_broker(settings)
@@ -188,6 +190,20 @@ async def serve_one(service: str, settings: Settings, stop: asyncio.Event) -> No
         resources.push_async_callback(part.stop)
         log.info("service.serving", extra={"service": service, "port": port})
         await stop.wait()
+
+
+def _serve_metrics(settings: Settings, resources: contextlib.AsyncExitStack) -> None:
+    """Prometheus' ``GET /metrics`` on ``grpc_host:metrics_port`` until ``resources`` close; a busy
+    port is a ``StartupError`` naming the setting."""
+    from clipchat import metrics
+
+    try:
+        metrics.serve(settings.grpc_host, settings.metrics_port)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {settings.grpc_host}:{settings.metrics_port} "
+                           f"({exc.strerror or exc}); set CLIPCHAT_METRICS_PORT to a free port (0: no "
+                           "metrics)") from exc
+    resources.callback(metrics.stop_serving)
 
 
 async def _service_part(service: str, settings: Settings, storage: Storage, broker: Broker,

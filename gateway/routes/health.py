@@ -56,7 +56,8 @@ async def readyz(settings: SettingsDep, downstream: DownstreamDep,
 
     ``checks`` holds each one's state: "ok", "unavailable", "not serving" (a service), or
     "unknown" (a dependency nobody reported). ``composer`` tells what a composer replica composes
-    with (its encoder and why, preset, workers, segment cache counts). It does not decide
+    with (its encoder and why, whether it fell back from NVENC to libx264, preset, workers, segment
+    cache counts). It does not decide
     readiness: the gateway hands compositions to the composers through the queue, where they
     wait while no composer is up.
     """
@@ -122,7 +123,7 @@ async def _composer_details(downstream: Downstream, deadline: float) -> Composer
         return ComposerDetails(state="unavailable")
     cache = info.cache
     return ComposerDetails(state="ok", encoder=info.encoder, encoder_reason=info.encoder_reason,
-                           x264_preset=info.x264_preset, workers=info.workers,
+                           encoder_fallback=info.encoder_fallback, x264_preset=info.x264_preset, workers=info.workers,
                            cache=CacheCounts(hits=cache.hits, misses=cache.misses, stores=cache.stores,
                                              evictions=cache.evictions))
 

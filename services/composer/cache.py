@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from clipchat import metrics
 from clipchat.aio import settled
 from clipchat.errors import Conflict, NotFound
 from clipchat.retry import RetryPolicy
@@ -68,25 +69,33 @@ class SegmentCache:
             await self._retry.run(lambda: self._storage.touch(key), what="cache touch")
         except NotFound:
             self._stats = replace(self._stats, misses=self._stats.misses + 1)
+            metrics.segment_cache_lookup(hit=False)
             return False
         self._stats = replace(self._stats, hits=self._stats.hits + 1)
         return True
 
     async def fetch(self, key: str, dest: Path) -> Path | None:
         """A local file with the entry's bytes (the store's own file when storage is a folder), or
-        None when the entry has been evicted since it was looked up."""
+        None when the entry has been evicted since it was looked up (``forget_hit`` then).
+
+        The hit is counted in the metrics here, once the entry is in hand."""
         local = self._storage.local_path(key)
         if local is not None:
-            return local if local.is_file() else None
+            if not local.is_file():
+                return None
+            metrics.segment_cache_lookup(hit=True)
+            return local
         try:
             await self._retry.run(lambda: settled(self._storage.get_file(key, dest)), what="cache download")
         except NotFound:
             return None
+        metrics.segment_cache_lookup(hit=True)
         return dest
 
     def forget_hit(self) -> None:
         """Record that a hit turned out to be gone when fetched (and was made again)."""
         self._stats = replace(self._stats, hits=self._stats.hits - 1, misses=self._stats.misses + 1)
+        metrics.segment_cache_lookup(hit=False)
 
     async def store(self, key: str, path: Path) -> None:
         """Cache the file at ``path`` under ``key``; an entry someone else stored first is kept."""

@@ -50,9 +50,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipchat import metrics
 from clipchat.aio import settled
 from clipchat.errors import Conflict, InvalidInput, MediaError, NotFound
-from clipchat.media.encoder import EncoderChoice, detect_encoder, video_encoder_args
+from clipchat.media.encoder import LIBX264, EncoderChoice, detect_encoder, video_encoder_args
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
 from clipchat.media.probe import MediaInfo, moov_before_mdat, probe
 from clipchat.retry import RetryPolicy
@@ -145,6 +146,7 @@ class ComposerInfo:
     x264_preset: str
     workers: int
     cache: CacheStats
+    fell_back: bool = False  # NVENC was wanted (encoder auto or h264_nvenc) and its test encode failed
 
 
 class Composer:
@@ -181,7 +183,13 @@ class Composer:
         async with self._encoder_lock:
             if self._encoder is None:
                 self._encoder = await detect_encoder(self._ffmpeg, self._settings.encoder)
+                metrics.encoder_selected(self._encoder.name, fell_back=self.fell_back)
             return self._encoder
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether this composer wanted NVENC and encodes with libx264 because NVENC did not work."""
+        return self._encoder is not None and self._encoder.name == LIBX264 and self._settings.encoder != LIBX264
 
     @property
     def cache_stats(self) -> CacheStats:
@@ -190,7 +198,8 @@ class Composer:
 
     async def describe(self) -> ComposerInfo:
         """What this composer works with, for health details: encoder and why, preset, workers, cache."""
-        return ComposerInfo(await self.encoder(), self._settings.x264_preset, self._workers, self._cache.stats)
+        return ComposerInfo(await self.encoder(), self._settings.x264_preset, self._workers, self._cache.stats,
+                            fell_back=self.fell_back)
 
     async def compose(self, spec: CompositionSpec, output_key: str, *,
                       on_progress: ProgressFn | None = None) -> CompositionResult:
@@ -238,6 +247,7 @@ class Composer:
             await self._evict_quietly(spec.job_id)
 
         seconds = time.monotonic() - started
+        metrics.composition_finished(seconds, encoder=encoder.name, kind="incremental" if run.reused else "full")
         log.info("compose.finished", extra={**extra, "seconds": round(seconds, 3), "encoder": encoder.name,
                                              "segments_encoded": run.encoded, "segments_reused": run.reused})
         return CompositionResult(video_key=output_key, duration=duration, encoder=encoder.name,

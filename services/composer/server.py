@@ -80,7 +80,8 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
         info = await self.composer.describe()
         stats = info.cache
         return composer_pb2.ComposerInfo(
-            encoder=info.encoder.name, encoder_reason=info.encoder.reason, x264_preset=info.x264_preset,
+            encoder=info.encoder.name, encoder_reason=info.encoder.reason, encoder_fallback=info.fell_back,
+            x264_preset=info.x264_preset,
             workers=info.workers, cache=composer_pb2.CacheStats(hits=stats.hits, misses=stats.misses,
                                                                  stores=stats.stores, evictions=stats.evictions))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from clipchat import metrics
 from clipchat.broker import Delivery
 from clipchat.errors import ClipChatError, MediaError, StaleLease
 from clipchat.lease import LeaseKeeper, WorkClaim, run_claimed
@@ -104,7 +105,8 @@ class ComposeWorker:
         try:
             # No retry around the whole composition: the composer retries each download, upload
             # and killed ffmpeg itself, and nesting retries would multiply them.
-            result = await self.composer.compose(spec, output_key, on_progress=on_progress)
+            with metrics.stage_timer("compose") if regeneration_id else contextlib.nullcontext():
+                result = await self.composer.compose(spec, output_key, on_progress=on_progress)
         except StaleLease:
             raise
         except Exception as exc:

@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from clipchat import metrics
 from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -285,7 +286,8 @@ class RegenerationPipeline:
             attempts = attempt + 1
 
         try:
-            return await self.policy.run(fn, what=name, on_retry=on_retry)
+            with metrics.stage_timer(name):
+                return await self.policy.run(fn, what=name, on_retry=on_retry)
         except (LeaseLost, StaleLease, DependencyUnavailable):
             # Our own storage or status service down is not the regeneration failing: the message
             # comes back later (``run_claimed``) and resumes from the checkpoints.

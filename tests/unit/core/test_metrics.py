@@ -7,12 +7,14 @@ after what it records.
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipchat import metrics
+from clipchat.settings import Settings
 
 
 def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -144,3 +146,29 @@ def test_a_busy_port_raises_oserror() -> None:
             metrics.serve("127.0.0.1", port)
     finally:
         metrics.stop_serving()
+
+
+# --- the gateway's /metrics in embedded mode --------------------------------------------------------
+
+
+async def test_embedded_gateway_serves_the_whole_process_at_metrics(tmp_path: Path) -> None:
+    """One process: what the composer recorded at start (its encoder) is on the gateway's /metrics,
+    without a token, and the route is not part of the API document."""
+    from launcher.system import start_embedded
+
+    settings = Settings(data_dir=tmp_path, gateway_port=0, encoder="libx264")
+    system = await start_embedded(settings)
+    try:
+        async with httpx.AsyncClient(base_url=system.url, timeout=10) as client:
+            response = await client.get("/metrics")
+            openapi = (await client.get("/openapi.json")).json()
+    finally:
+        await system.stop()
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    [in_use] = [s for s in families[metrics.ENCODER_IN_USE].samples if s.labels["encoder"] == "libx264"]
+    assert in_use.value == 1
+    # Every process exports the rare events from zero, the broker's too.
+    assert metrics.DEAD_LETTERED.removesuffix("_total") in families
+    assert "/metrics" not in openapi["paths"]

@@ -229,7 +229,8 @@ class FakeComposer(composer_pb2_grpc.ComposerServiceServicer):
     async def Describe(self, request: composer_pb2.DescribeRequest, context: Any) -> composer_pb2.ComposerInfo:
         return composer_pb2.ComposerInfo(
             encoder="libx264", encoder_reason="h264_nvenc test encode failed: Cannot load libcuda.so.1",
-            x264_preset="veryfast", workers=2, cache=composer_pb2.CacheStats(hits=16, misses=3, stores=3))
+            encoder_fallback=True, x264_preset="veryfast", workers=2,
+            cache=composer_pb2.CacheStats(hits=16, misses=3, stores=3))
 
 
 @dataclass

@@ -36,7 +36,7 @@ async def test_readyz_checks_both_services_and_storage_and_shows_the_composers_e
                                       "database": "unknown", "broker": "unknown"},
         "composer": {"state": "ok", "encoder": "libx264",
                      "encoder_reason": "h264_nvenc test encode failed: Cannot load libcuda.so.1",
-                     "x264_preset": "veryfast", "workers": 2,
+                     "encoder_fallback": True, "x264_preset": "veryfast", "workers": 2,
                      "cache": {"hits": 16, "misses": 3, "stores": 3, "evictions": 0}}}
 
 
@@ -47,7 +47,7 @@ async def test_a_composer_that_is_down_is_shown_but_does_not_make_the_gateway_un
         response = await client.get("/api/v1/readyz")
     assert response.status_code == 200
     assert response.json()["composer"] == {"state": "unavailable", "encoder": None, "encoder_reason": None,
-                                           "x264_preset": None, "workers": None, "cache": None}
+                                           "encoder_fallback": None, "x264_preset": None, "workers": None, "cache": None}
 
 
 async def test_readyz_names_the_dependency_that_is_down(make_settings: SettingsFactory,
