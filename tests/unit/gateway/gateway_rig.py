@@ -41,6 +41,7 @@ from clipchat.v1 import (
     regenerator_pb2,
     regenerator_pb2_grpc,
 )
+from services.status.paging import PageKey, decode_page_token, encode_page_token, page_size
 
 SettingsFactory = Callable[..., Settings]
 
@@ -135,7 +136,22 @@ class FakeStatus(jobs_pb2_grpc.JobStatusServiceServicer):
     @rpc_method
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> jobs_pb2.ListJobsResponse:
         self._maybe_fail("ListJobs")
-        return jobs_pb2.ListJobsResponse(jobs=[j for j in self.jobs.values() if j.owner == request.owner])
+        # The real service's paging contract, over the dict: newest first, keyed on (created_at, id).
+        def key(job: common_pb2.Job) -> PageKey:
+            return PageKey(job.created_at.ToDatetime(tzinfo=UTC), uuid.UUID(job.job_id))
+
+        def order(k: PageKey) -> tuple[datetime, uuid.UUID]:
+            return k.created_at, k.job_id
+
+        mine = sorted((j for j in self.jobs.values() if j.owner == request.owner),
+                      key=lambda j: order(key(j)), reverse=True)
+        if request.page_token:
+            after = order(decode_page_token(request.page_token))
+            mine = [j for j in mine if order(key(j)) < after]
+        limit = page_size(request.page_size)
+        page = mine[:limit]
+        more = encode_page_token(key(page[-1])) if len(mine) > limit else ""
+        return jobs_pb2.ListJobsResponse(jobs=page, next_page_token=more)
 
     @rpc_method
     async def CancelRegeneration(self, request: jobs_pb2.CancelRegenerationRequest,
