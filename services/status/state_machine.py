@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
+from clipchat import metrics
 from clipchat.broker.topology import COMPOSE_QUEUE, REGENERATE_QUEUE
 from clipchat.db import Database
 from clipchat.db.models import (
@@ -391,6 +392,7 @@ class JobStateMachine:
                 return Claim("obsolete")
             if job.claim_id and job.claim_id != claim_id and job.claim_expires_at and job.claim_expires_at > now:
                 return Claim("busy", retry_after=(job.claim_expires_at - now).total_seconds())
+            lapsed = bool(job.claim_id and job.claim_id != claim_id)  # its worker stopped heartbeating
             job.work_attempt += 1
             job.claim_id = claim_id
             job.claim_expires_at = now + self.claim
@@ -401,6 +403,8 @@ class JobStateMachine:
                 regeneration.attempts = job.work_attempt
             attempt = job.work_attempt
         log.info("work.claimed", extra={"job_id": job_id, "phase": phase, "attempt": attempt})
+        if lapsed:
+            metrics.lease_expired("claim")
         return Claim("claimed", attempt=attempt)
 
     async def release_claim(self, job_id: str, token: str, claim_id: str) -> None:
@@ -545,6 +549,7 @@ class JobStateMachine:
                             "version": number, "cost": str(spent), "total_cost": str(job.total_cost),
                             "encoder": encoder})
         await self._flush(pending)
+        metrics.cost_recorded("compose", cost)
         log.info("job.version_published", extra={"job_id": job_id, "regeneration_id": regeneration_id,
                                                  "version": number})
         return await self.get_job(job_id)
@@ -816,6 +821,7 @@ class JobStateMachine:
         return event
 
     async def _flush(self, pending: _Pending) -> None:
+        _count(pending.events)
         if pending.outbox and self.on_outbox is not None:
             self.on_outbox()
         if self.notifier is None:
@@ -825,6 +831,19 @@ class JobStateMachine:
                 await self.notifier(str(event.job_id), event.sequence, event)
             except Exception:  # notification is best effort: watchers poll as well
                 log.warning("event.notify_failed", exc_info=True, extra={"job_id": str(event.job_id)})
+
+
+def _count(events: list[JobEvent]) -> None:
+    """The metrics of committed events: regeneration outcomes, leases that expired, step costs."""
+    for event in events:
+        payload = event.payload or {}
+        if event.type in ("regeneration.completed", "regeneration.failed", "regeneration.cancelled"):
+            metrics.regeneration_finished(event.type.removeprefix("regeneration."),
+                                          str(payload.get("error_code", "")) if event.type.endswith("failed") else "")
+        if event.type in ("regeneration.failed", "job.failed") and payload.get("error_code") == "lease_expired":
+            metrics.lease_expired("lease")
+        elif event.type == "regeneration.step":
+            metrics.cost_recorded(str(payload.get("step", "")), money(payload.get("cost")))
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:
