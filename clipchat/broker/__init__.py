@@ -26,6 +26,7 @@ Semantics both keep (the contract tests check them):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 
 from google.protobuf.message import Message
 
+from clipchat import metrics
 from clipchat.broker.topology import (
     COMPOSE_QUEUE,
     DEAD_LETTER_QUEUE,
@@ -74,10 +76,16 @@ class Delivery:
     task: Any  # the queue's protobuf message (``topology.TASK_TYPES``); None for an undecodable one
     message_id: str
     redelivered: bool = False  # the broker delivered it before (a crash or a lost connection)
+    queued_at: float = 0.0  # when it entered its work queue (Unix seconds; 0: unknown)
 
     @property
     def attempt(self) -> int:
         return int(getattr(self.task, "attempt", 0)) or 1
+
+    def record_start(self) -> None:
+        """A worker starts on this message now: count how long it waited (metrics)."""
+        if self.queued_at:
+            metrics.queue_waited(self.queue, time.time() - self.queued_at)
 
 
 Handler = Callable[[Delivery], Awaitable[None]]

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
 
+from clipchat import metrics
 from clipchat.broker import (
     Delivery,
     EventHandler,
@@ -42,10 +44,11 @@ class _Message:
     body: bytes  # wire form, decoded afresh for every delivery
     message_id: str
     redelivered: bool = False
+    queued_at: float = field(default_factory=time.time)  # when it entered (or re-enters) its queue
 
     def delivery(self) -> Delivery:
         return Delivery(queue=self.queue, task=decode_task(self.queue, self.body), message_id=self.message_id,
-                        redelivered=self.redelivered)
+                        redelivered=self.redelivered, queued_at=self.queued_at)
 
 
 class InMemoryBroker:
@@ -86,6 +89,7 @@ class InMemoryBroker:
         target = self._queue(queue)
         with publishing(_SYSTEM, queue, task, message_id=message_id) as body:
             target.put_nowait(_Message(queue, body, message_id))
+        metrics.message_published(queue)
         log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
@@ -146,7 +150,7 @@ class InMemoryBroker:
         task = decode_task(message.queue, message.body)
         delay = delay_for(self.retry_delays, int(getattr(task, "attempt", 0)) or 1, requeue.delay)
         again = _Message(message.queue, next_attempt(task, counted=requeue.counted).SerializeToString(),
-                         message.message_id)
+                         message.message_id, queued_at=time.time() + delay)
         target = self._queues[message.queue]
 
         def fire() -> None:
@@ -224,14 +228,17 @@ class _MemoryConsumer:
             delivery = message.delivery()
         except ValueError:
             log.error("broker.undecodable_message", extra=fields)
+            metrics.dead_lettered(self._queue_name, "undecodable")
             self._broker._dead_letter(message)
             return
         fields["attempt"] = delivery.attempt
         try:
+            delivery.record_start()
             await self._handler(delivery)
         except RequeueMessage as requeue:
             if requeue.counted and delivery.attempt >= self._broker.delivery_limit:
                 log.warning("broker.dead_lettered", extra={**fields, "reason": "attempt_limit"})
+                metrics.dead_lettered(self._queue_name, "attempt_limit")
                 self._broker._dead_letter(message)
             else:
                 log.info("broker.retry_scheduled", extra={**fields, "counted": requeue.counted})
@@ -241,6 +248,7 @@ class _MemoryConsumer:
             raise
         except Exception:
             log.exception("broker.dead_lettered", extra={**fields, "reason": "handler_error"})
+            metrics.dead_lettered(self._queue_name, "handler_error")
             self._broker._dead_letter(message)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -35,6 +36,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
 from google.protobuf.message import Message
 
+from clipchat import metrics
 from clipchat.broker import (
     Delivery,
     EventHandler,
@@ -51,6 +53,7 @@ from clipchat.broker.topology import (
     DEAD_LETTER_QUEUE,
     EVENTS_EXCHANGE,
     QUEUE_HEADER,
+    QUEUED_AT_HEADER,
     WORK_QUEUES,
     delay_queue,
 )
@@ -131,6 +134,7 @@ class RabbitMQBroker:
         Raises ``DependencyUnavailable`` when not confirmed (broker down, timeout, no such queue).
         """
         await self._publish_task(queue, self._name(queue), task, message_id)
+        metrics.message_published(queue)
         log.debug("broker.published", extra={"queue": queue, "message_id": message_id})
 
     async def retry_later(self, queue: str, task: Message, message_id: str, requeue: RequeueMessage) -> None:
@@ -139,7 +143,7 @@ class RabbitMQBroker:
         attempt = int(getattr(task, "attempt", 0)) or 1
         delay = self._tier(attempt, requeue.delay)
         await self._publish_task(queue, self._name(delay_queue(queue, delay)),
-                                 next_attempt(task, counted=requeue.counted), message_id)
+                                 next_attempt(task, counted=requeue.counted), message_id, delay=delay)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> Subscription:
         """Run ``handler`` on ``queue``'s messages, up to ``prefetch`` at a time.
@@ -294,10 +298,13 @@ class RabbitMQBroker:
         return await channel.declare_exchange(self._name(EVENTS_EXCHANGE), aio_pika.ExchangeType.TOPIC,
                                               durable=True)
 
-    async def _publish_task(self, queue: str, routing_key: str, task: Message, message_id: str) -> None:
+    async def _publish_task(self, queue: str, routing_key: str, task: Message, message_id: str, *,
+                            delay: float = 0.0) -> None:
+        # ``delay``: it reaches its work queue after that long (through a delay queue).
+        headers: dict[str, Any] = {QUEUE_HEADER: queue, QUEUED_AT_HEADER: time.time() + delay}
         with publishing("rabbitmq", queue, task, message_id=message_id, routing_key=routing_key) as body:
             message = aio_pika.Message(body, content_type=CONTENT_TYPE, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                       message_id=message_id, headers={QUEUE_HEADER: queue})
+                                       message_id=message_id, headers=headers)
             channel = self._require_publish_channel()
             await self._publish(channel.default_exchange, routing_key, message, mandatory=True)
 
@@ -384,15 +391,18 @@ class _QueueConsumer:
             delivery = _decode(message, self._queue_name)
         except ValueError:
             log.error("broker.undecodable_message", extra=fields)
+            metrics.dead_lettered(self._queue_name, "undecodable")
             await _settle(message.reject(requeue=False), fields)
             return
         fields.update(attempt=delivery.attempt, redelivered=delivery.redelivered)
         try:
+            delivery.record_start()
             await self._handler(delivery)
         except RequeueMessage as requeue:
             await self._retry_or_dead_letter(message, delivery, requeue, fields)
         except Exception:
             log.exception("broker.dead_lettered", extra={**fields, "reason": "handler_error"})
+            metrics.dead_lettered(self._queue_name, "handler_error")
             await _settle(message.reject(requeue=False), fields)
         else:
             await _settle(message.ack(), fields)
@@ -401,6 +411,7 @@ class _QueueConsumer:
                                     requeue: RequeueMessage, fields: dict[str, Any]) -> None:
         if requeue.counted and delivery.attempt >= self._broker.delivery_limit:
             log.warning("broker.dead_lettered", extra={**fields, "reason": "attempt_limit"})
+            metrics.dead_lettered(self._queue_name, "attempt_limit")
             await _settle(message.reject(requeue=False), fields)
             return
         try:
@@ -470,8 +481,10 @@ def _decode(message: AbstractIncomingMessage, queue: str | None) -> Delivery:
         if queue is not None:
             raise
         task = None
+    queued_at = headers.get(QUEUED_AT_HEADER)
     return Delivery(queue=source, task=task, message_id=message.message_id or "",
-                    redelivered=bool(message.redelivered))
+                    redelivered=bool(message.redelivered),
+                    queued_at=float(queued_at) if isinstance(queued_at, (int, float)) else 0.0)
 
 
 async def _settle(outcome: Any, fields: dict[str, Any]) -> None:

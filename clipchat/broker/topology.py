@@ -21,6 +21,9 @@ TASK_TYPES: dict[str, type[Message]] = {
 }
 # Header naming the work queue a message was published to (read back from the dead-letter queue).
 QUEUE_HEADER = "clipchat-queue"
+# Header with the time (Unix seconds) a message entered its work queue, or will after a retry's
+# delay: the queue wait a worker reports (``clipchat.metrics.queue_waited``) is counted from it.
+QUEUED_AT_HEADER = "clipchat-queued-at"
 CONTENT_TYPE = "application/x-protobuf"
 
 

@@ -172,3 +172,40 @@ async def test_embedded_gateway_serves_the_whole_process_at_metrics(tmp_path: Pa
     # Every process exports the rare events from zero, the broker's too.
     assert metrics.DEAD_LETTERED.removesuffix("_total") in families
     assert "/metrics" not in openapi["paths"]
+
+
+# --- the broker's own --------------------------------------------------------------------------------
+
+
+async def test_the_broker_counts_publishes_queue_waits_and_dead_letters() -> None:
+    import asyncio
+
+    from clipchat.broker import REGENERATE_QUEUE, Delivery
+    from clipchat.broker.memory import InMemoryBroker
+    from clipchat.v1 import tasks_pb2
+
+    published = value(metrics.MESSAGES_PUBLISHED, queue=REGENERATE_QUEUE)
+    waits = value(f"{metrics.QUEUE_WAIT}_count", queue=REGENERATE_QUEUE)
+    dead = value(metrics.DEAD_LETTERED, queue=REGENERATE_QUEUE, reason="handler_error")
+    handled: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def handler(delivery: Delivery) -> None:
+        await handled.put(delivery)
+        if delivery.task.job_id == "poison":
+            raise ValueError("cannot be handled")
+
+    broker = InMemoryBroker()
+    await broker.connect()
+    try:
+        for job_id in ("job", "poison"):
+            await broker.publish(REGENERATE_QUEUE, tasks_pb2.RegenerateTask(job_id=job_id), message_id=job_id)
+        await broker.consume(REGENERATE_QUEUE, handler)
+        first, second = await handled.get(), await handled.get()
+    finally:
+        await broker.close()  # lets the handlers in hand finish: the poison one is dead-lettered
+    await broker.connect()
+    assert [d.message_id for d in await broker.dead_letters()] == ["poison"]
+    assert first.queued_at > 0 and second.queued_at > 0
+    assert value(metrics.MESSAGES_PUBLISHED, queue=REGENERATE_QUEUE) == published + 2
+    assert value(f"{metrics.QUEUE_WAIT}_count", queue=REGENERATE_QUEUE) == waits + 2
+    assert value(metrics.DEAD_LETTERED, queue=REGENERATE_QUEUE, reason="handler_error") == dead + 1
