@@ -133,6 +133,19 @@ class ProviderRefused(InvalidInput):
         self.usage = dict(usage or {})
 
 
+class ProviderMisconfigured(ProviderRefused):
+    """An outside provider refused ClipChat's own request: its credentials, the account's credit, the
+    configured model or version, or the input schema. An operator must fix the configuration; the
+    person's instruction is not at fault and retrying as it is will not help.
+
+    ``detail`` carries the provider's answer for the operator.
+    """
+
+    code = "provider_misconfigured"
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    default_message = "An AI service ClipChat uses is not set up correctly. Please contact support."
+
+
 class Cancelled(ClipChatError):
     code = "cancelled"
     status = grpc.StatusCode.CANCELLED

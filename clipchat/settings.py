@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["dev", "test", "production"]
+GeneratorName = Literal["local", "http", "replicate", "fal"]
 
 DEV_AUTH_TOKENS = "dev-token=demo"
 DEV_MEDIA_SIGNING_KEY = "change-me-in-production"
@@ -18,6 +19,8 @@ MIN_SIGNING_KEY_BYTES = 32
 MIN_TOKEN_CHARS = 24
 # "CHANGE_ME", "change-me", "changeme", "REPLACE_ME", … left in from an example file.
 _PLACEHOLDER = re.compile(r"(change|replace)[-_ .]?me", re.IGNORECASE)
+# A Replicate model: owner/name, owner/name:version_id or a bare 64-hex version id.
+_REPLICATE_MODEL = re.compile(r"[\w.-]+/[\w.-]+(:[0-9a-f]{64})?|[0-9a-f]{64}")
 
 
 class InvalidSettings(Exception):
@@ -130,11 +133,24 @@ class Settings(BaseSettings):
     llm_estimated_cost: Decimal = Decimal("0.0100")
     llm_history_turns: int = 6
 
-    # Video generation: "local" (ffmpeg renderer) or "http" (asynchronous prediction API).
-    generator: str = "local"
+    # Video generation: "local" (ffmpeg renderer), "replicate" or "fal" (their APIs), or "http"
+    # (ClipChat's generic prediction protocol). generator_url empty = the provider's own API;
+    # generator_model is Replicate's owner/name[:version] or fal's model id.
+    generator: GeneratorName = "local"
     generator_url: str = ""
     generator_api_token: str = ""
     generator_model: str = "video-gen-1"
+    # Hosts generated videos may be downloaded from over HTTPS, comma separated ("*.example.com"
+    # for its subdomains); empty = the provider's CDN (replicate.delivery, fal.media).
+    generator_output_hosts: str = ""
+    # Also allow plain http from a listed loopback host (local fakes); refused in production.
+    generator_allow_http_loopback: bool = False
+    # Replicate: ask the create call to wait this long for a short job (Prefer: wait=N); 0 = poll.
+    generator_prefer_wait_seconds: int = Field(default=0, ge=0, le=60)
+    # For models billed by compute time: the provider's price per second of it (Replicate's
+    # metrics.predict_time, fal's metrics.inference_time). Empty = priced per second of video.
+    generator_price_per_compute_second: Decimal | None = None
+    generator_aspect_ratio: str = "16:9"
     generator_timeout_seconds: float = 600.0
     # One HTTP request to the prediction API, and how often a running prediction is polled
     # (the interval doubles from the first value up to the second).
@@ -179,6 +195,28 @@ class Settings(BaseSettings):
                                   f"{', '.join(known)}.")
         return value
 
+    @field_validator("generator", mode="before")
+    @classmethod
+    def _known_generator(cls, value: Any) -> Any:
+        known = get_args(GeneratorName)
+        if value not in known:
+            raise InvalidSettings(f"CLIPCHAT_GENERATOR={str(value)[:40]!r} is not one of {', '.join(known)}.")
+        return value
+
+    @model_validator(mode="after")
+    def _generator_configured(self) -> Self:
+        """A paid generator needs its token and a model id of its provider's form."""
+        if self.generator in ("replicate", "fal") and not self.generator_api_token:
+            raise InvalidSettings(f"CLIPCHAT_GENERATOR={self.generator} needs CLIPCHAT_GENERATOR_API_TOKEN "
+                                  "(the provider's API token).")
+        if self.generator == "replicate" and not _REPLICATE_MODEL.fullmatch(self.generator_model):
+            raise InvalidSettings(f"CLIPCHAT_GENERATOR_MODEL={self.generator_model[:60]!r} is not a Replicate "
+                                  "model; use owner/name, owner/name:version_id or a version id.")
+        if self.generator == "fal" and "/" not in self.generator_model.strip("/"):
+            raise InvalidSettings(f"CLIPCHAT_GENERATOR_MODEL={self.generator_model[:60]!r} is not a fal model "
+                                  "id; use e.g. fal-ai/kling-video/v2.1/standard/text-to-video.")
+        return self
+
     @model_validator(mode="after")
     def _budget_within_maximum(self) -> Self:
         if self.budget_limit > self.max_budget_limit:
@@ -220,6 +258,8 @@ class Settings(BaseSettings):
             problems.setdefault("service_token", f"is {'empty' if not self.service_token else 'short'}; "
                                 f"set one random token of at least {MIN_TOKEN_CHARS} characters shared by "
                                 "every service and the gateway (openssl rand -hex 16)")
+        if self.generator_allow_http_loopback:
+            problems.setdefault("generator_allow_http_loopback", "is for local fakes only; set it to false")
         if self.page_token and len(self.page_token) < MIN_TOKEN_CHARS:
             problems.setdefault("page_token", f"is shorter than {MIN_TOKEN_CHARS} characters; use a "
                                 "random token, or leave it empty")

@@ -1,8 +1,11 @@
-"""A ``VideoGenerator`` backed by an asynchronous prediction API (Replicate-style).
+"""A ``VideoGenerator`` backed by an asynchronous prediction API, and the base of the provider adapters.
 
-The protocol: ``POST {base_url}/predictions`` starts a prediction, ``GET /predictions/{id}`` is
+ClipChat's generic protocol (``CLIPCHAT_GENERATOR=http``): ``POST {base_url}/predictions`` with
+``{"model", "input"}`` starts a prediction, ``GET /predictions/{id}`` is
 polled until its status is terminal, and a succeeded prediction's ``output`` is the URL of an MP4
-that is downloaded next to ``dest`` and renamed into place once checked.
+that is downloaded next to ``dest`` and renamed into place once checked. The provider adapters
+override the protocol's pieces: ``_create_request``, ``_own_url``, ``_track``, ``_state``,
+``_result``, ``_output_url``, ``_error_for`` and the cancel method.
 
 No double pay: the create request carries the caller's ``Idempotency-Key``, so a repeat of it
 (after a lost answer or a timeout) gets the same prediction back instead of a second paid one.
@@ -21,10 +24,13 @@ Errors, in the terms of ``clipchat.errors``:
   ``generation_timeout``).
 - ``GenerationRejected`` (an ``InvalidInput``, permanent): any other HTTP 4xx, and a failed
   prediction whose error text does not say it is transient. Its code is ``content_policy`` when
-  the provider's answer mentions a policy refusal, else ``invalid_prompt``; 401/403 (a bad API
-  token, which rephrasing cannot fix) get ``generator_unauthorized`` and a message saying so.
+  the provider's answer mentions a policy refusal, else ``invalid_prompt``.
+- ``ProviderMisconfigured`` (permanent, for an operator): 401/403, a bad API token, which
+  rephrasing cannot fix (code ``generator_unauthorized``). The provider adapters
+  (``replicate_generator``, ``fal_generator``) map more of their 4xx answers here.
 - ``MediaError`` (permanent): an output URL (or a redirect) that leaves the API's origin and the
-  allowed output hosts, uses another scheme, or redirects too often.
+  allowed output hosts (HTTPS only; plain http only from a listed loopback host when
+  ``allow_http_loopback``), uses another scheme, or redirects too often.
 - Whatever ``on_started`` raises propagates unchanged (after the prediction is cancelled).
 
 There is no retry loop here: the caller declares its retry policy around ``generate``.
@@ -33,30 +39,44 @@ There is no retry loop here: the caller declares its retry policy around ``gener
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import random
 import re
 import secrets
 from collections.abc import Collection, Mapping
-from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import anyio
 import httpx
 
-from clipchat.errors import InvalidInput, MediaError, ProviderRefused, ProviderUnavailable
+from clipchat.errors import (
+    ClipChatError,
+    InvalidInput,
+    MediaError,
+    ProviderMisconfigured,
+    ProviderRefused,
+    ProviderUnavailable,
+)
+from clipchat.providers import (
+    DETAIL_CHARS,
+    OwnedHttpClient,
+    StatusKind,
+    check_base_url,
+    classify_status,
+    retry_after,
+    round_money,
+)
 from services.regenerator.generator import GeneratedClip, ProgressFn, StartedFn
+from services.regenerator.model_inputs import INPUT_MAPPINGS
 
 logger = logging.getLogger("clipchat.regenerator.http_generator")
 
-_CENT_FRACTION = Decimal("0.0001")
-_DETAIL_CHARS = 2000  # enough of a provider's error body for support, not a whole HTML page
 _CANCEL_TIMEOUT = 5.0  # the remote cancel is best effort; it must not hold up a cancelled task
 _MAX_REDIRECTS = 3
 _MAX_CLIP_BYTES = 1 << 30  # a few seconds of 1080p is tens of MB; more means something is wrong
@@ -72,7 +92,7 @@ _PERCENT_RE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*%")
 
 TIMEOUT_MESSAGE = "Video generation timed out. Please retry."
 REJECTED_MESSAGE = "The video generator refused this prompt. Try rephrasing the instruction."
-_UNAUTHORIZED_MESSAGE = "The video generator refused ClipChat's credentials. Please contact support."
+UNAUTHORIZED_MESSAGE = "The video generator refused ClipChat's credentials. Please contact support."
 _DOWNLOAD_MESSAGE = "The generated video could not be downloaded intact. Please retry."
 _UNTRUSTED_OUTPUT_MESSAGE = "The video generator returned a video that cannot be used."
 
@@ -98,64 +118,75 @@ class GenerationRejected(ProviderRefused):
     default_message = REJECTED_MESSAGE
 
 
-class _Prediction:
+class RemotePrediction:
     """What is known about the remote prediction, so that failures can cancel it."""
 
     def __init__(self) -> None:
         self.id = ""
         self.get_url = ""
         self.cancel_url = ""
+        self.result_url = ""  # where a finished prediction's result is read (fal), "" when polled in place
+        self.compute_seconds: float | None = None  # what the provider reports it computed
         self.finished = False  # terminal on the provider's side: nothing left to cancel
 
 
-class HttpVideoGenerator:
+@dataclass(frozen=True)
+class PollState:
+    """One poll's answer in the generator's terms: ``status`` is ``pending``, ``succeeded``,
+    ``failed`` or ``canceled``; ``error`` the failure text; ``fraction`` the progress, when known."""
+
+    status: str
+    error: object = None
+    fraction: float | None = None
+
+
+class HttpVideoGenerator(OwnedHttpClient):
     """Generates clips through an asynchronous prediction API.
 
-    ``output_hosts`` names extra hosts (e.g. the provider's CDN) that outputs may be downloaded
-    from over HTTPS; by default only the API's own origin is trusted. The bearer token is only
-    ever sent to the API's origin. When ``http`` is not given, the generator owns its client and
-    ``aclose`` closes it.
+    ``output_hosts`` names extra hosts (e.g. the provider's CDN; ``*.example.com`` for its
+    subdomains) that outputs may be downloaded from over HTTPS; by default only the API's own
+    origin is trusted. ``allow_http_loopback`` also lets a listed loopback host serve them over
+    plain http (local fakes in dev and tests). The API token is only ever sent to the API's origin.
+    ``price_per_compute_second``, when given, prices a clip by the compute time the provider
+    reports (Replicate's ``metrics.predict_time``, fal's ``metrics.inference_time``) instead of by
+    its length; a ``cost`` the provider reports wins over both. When ``http`` is not given, the
+    generator owns its client and ``aclose`` closes it.
     """
 
     name = "http"
+    default_base_url = ""
+    auth_scheme = "Bearer"
+    cancel_method = "POST"
 
     def __init__(self, base_url: str, api_token: str, model: str, *, price_per_second: Decimal,
                  request_timeout: float = 30, generation_timeout: float = 600,
                  poll_initial: float = 0.5, poll_max: float = 5.0,
-                 http: httpx.AsyncClient | None = None, output_hosts: Collection[str] = ()) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("base_url must be an http(s) URL with a host")
+                 http: httpx.AsyncClient | None = None, output_hosts: Collection[str] = (),
+                 allow_http_loopback: bool = False, price_per_compute_second: Decimal | None = None,
+                 aspect_ratio: str = "16:9") -> None:
+        base_url = check_base_url(base_url or self.default_base_url)
         if not 0 < poll_initial <= poll_max:
             raise ValueError("poll intervals must satisfy 0 < poll_initial <= poll_max")
-        self._base_url = base_url.rstrip("/")
+        if not model:
+            raise ValueError("a generator model is required")
+        self._base_url = base_url
         self._origin = _origin(base_url)
-        self._auth = {"Authorization": f"Bearer {api_token}"}
+        self._auth = {"Authorization": f"{self.auth_scheme} {api_token}"}
         self._model = model
         self._price_per_second = price_per_second
+        self._price_per_compute_second = price_per_compute_second
+        self._aspect_ratio = aspect_ratio
         self._request_timeout = request_timeout
         self._generation_timeout = generation_timeout
         self._poll_initial = poll_initial
         self._poll_max = poll_max
-        self._output_hosts = frozenset(h.lower() for h in output_hosts)
-        self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(timeout=request_timeout, follow_redirects=False)
-
-    async def aclose(self) -> None:
-        """Close the HTTP client if this generator created it."""
-        if self._owns_http:
-            await self._http.aclose()
-
-    async def __aenter__(self) -> HttpVideoGenerator:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.aclose()
+        self._output_hosts = frozenset(h.strip().lower() for h in output_hosts if h.strip())
+        self._allow_http_loopback = allow_http_loopback
+        super().__init__(http, request_timeout)
 
     def estimate_cost(self, duration: float) -> Decimal:
         """``duration`` × the configured price per second, to 0.0001."""
-        return (Decimal(str(duration)) * self._price_per_second).quantize(_CENT_FRACTION, ROUND_HALF_UP)
+        return round_money(Decimal(str(duration)) * self._price_per_second)
 
     async def generate(self, prompt: str, duration: float, dest: Path, *,
                        on_progress: ProgressFn | None = None, idempotency_key: str = "",
@@ -174,7 +205,7 @@ class HttpVideoGenerator:
             raise InvalidInput("The clip duration must be a positive number of seconds.")
         if not prompt.strip():
             raise GenerationRejected(code="invalid_prompt", detail="empty prompt")
-        prediction = _Prediction()
+        prediction = RemotePrediction()
         deadline = asyncio.timeout(self._generation_timeout)
         try:
             async with deadline:
@@ -198,7 +229,7 @@ class HttpVideoGenerator:
             await on_progress(1.0)
         return clip
 
-    async def _start(self, prediction: _Prediction, prompt: str, duration: float, *, idempotency_key: str,
+    async def _start(self, prediction: RemotePrediction, prompt: str, duration: float, *, idempotency_key: str,
                      resume_id: str, on_started: StartedFn | None) -> dict[str, Any]:
         """Resume ``resume_id`` when the provider still knows it, else create a prediction.
 
@@ -214,12 +245,13 @@ class HttpVideoGenerator:
             await on_started(prediction.id)
         return body
 
-    async def _create(self, prediction: _Prediction, prompt: str, duration: float,
+    async def _create(self, prediction: RemotePrediction, prompt: str, duration: float,
                       idempotency_key: str) -> dict[str, Any]:
-        request = {"model": self._model, "input": {"prompt": prompt, "duration": duration}}
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        body = await self._call("POST", f"{self._base_url}/predictions", json=request, headers=headers)
-        prediction_id = body.get("id")
+        url, request, headers = self._create_request(prompt, duration)
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        body = await self._call("POST", url, json=request, headers=headers)
+        prediction_id = body.get(self.id_field)
         if not isinstance(prediction_id, str) or not prediction_id:
             raise _malformed("create answer without an id")
         self._track(prediction, prediction_id, body)
@@ -227,18 +259,27 @@ class HttpVideoGenerator:
                                                   "idempotency_key": idempotency_key})
         return body
 
-    async def _resume(self, prediction: _Prediction, resume_id: str) -> dict[str, Any] | None:
+    async def _resume(self, prediction: RemotePrediction, resume_id: str) -> dict[str, Any] | None:
         """The current state of prediction ``resume_id``; None when the provider answers 404."""
         response = await self._send("GET", self._own_url(resume_id))
         if response.status_code == 404:
             logger.warning("generation.resume_missing", extra={"prediction_id": resume_id})
             return None
+        if not response.is_success:
+            raise self._error_for(response)
         body = _json_object(response, "GET")
         self._track(prediction, resume_id, body)
         logger.info("generation.resumed", extra={"prediction_id": resume_id, "status": body.get("status")})
         return body
 
-    def _track(self, prediction: _Prediction, prediction_id: str, body: Mapping[str, Any]) -> None:
+    id_field = "id"  # the create answer's field that holds the prediction id
+
+    def _create_request(self, prompt: str, duration: float) -> tuple[str, dict[str, Any], dict[str, str]]:
+        """The create request: URL, JSON body and extra headers."""
+        model_input = INPUT_MAPPINGS[self.name].build(prompt, duration, self._aspect_ratio)
+        return f"{self._base_url}/predictions", {"model": self._model, "input": model_input}, {}
+
+    def _track(self, prediction: RemotePrediction, prediction_id: str, body: Mapping[str, Any]) -> None:
         """Remember where to poll and cancel ``prediction_id``, from the provider's ``urls``."""
         prediction.id = prediction_id
         own = self._own_url(prediction_id)
@@ -250,52 +291,72 @@ class HttpVideoGenerator:
     def _own_url(self, prediction_id: str) -> str:
         return f"{self._base_url}/predictions/{quote(prediction_id, safe='')}"
 
-    async def _wait(self, prediction: _Prediction, body: dict[str, Any],
+    async def _wait(self, prediction: RemotePrediction, body: dict[str, Any],
                     on_progress: ProgressFn | None) -> dict[str, Any]:
-        """Poll until the prediction is terminal; return the succeeded body or raise."""
+        """Poll until the prediction is terminal; return its result or raise."""
         interval = self._poll_initial
         reported = 0.0
         while True:
-            status = body.get("status")
-            if status == "succeeded":
+            state = self._state(prediction, body)
+            if state.status == "succeeded":
                 prediction.finished = True
-                return body
-            if status == "failed":
+                return await self._result(prediction, body)
+            if state.status == "failed":
                 prediction.finished = True
-                raise _failure(prediction.id, body.get("error"))
-            if status == "canceled":
+                raise _failure(prediction.id, state.error)
+            if state.status == "canceled":
                 prediction.finished = True
                 raise TransientGenerationError(code="generation_canceled",
                                                detail=f"prediction {prediction.id} was canceled remotely")
-            if status not in _PENDING:
-                raise _malformed(f"unknown prediction status {status!r}")
-            fraction = _progress_of(body)
-            if on_progress is not None and fraction is not None and fraction > reported:
-                reported = fraction
-                await on_progress(fraction)
+            if on_progress is not None and state.fraction is not None and state.fraction > reported:
+                reported = state.fraction
+                await on_progress(state.fraction)
             # Jitter spreads the polls of many workers; the cap keeps latency bounded.
             await asyncio.sleep(random.uniform(interval / 2, interval))
             interval = min(interval * 2, self._poll_max)
             body = await self._call("GET", prediction.get_url)
 
-    async def _fetch(self, prediction: _Prediction, body: dict[str, Any], requested: float,
-                     dest: Path) -> GeneratedClip:
-        output = body.get("output")
+    def _state(self, prediction: RemotePrediction, body: Mapping[str, Any]) -> PollState:
+        """Read one poll answer (Replicate's statuses and fields)."""
+        status = body.get("status")
+        if status in ("succeeded", "failed", "canceled"):
+            prediction.compute_seconds = _positive_number(_mapping(body.get("metrics")).get("predict_time"))
+            return PollState(str(status), error=body.get("error"))
+        if status not in _PENDING:
+            raise _malformed(f"unknown prediction status {status!r}")
+        return PollState("pending", fraction=_progress_of(body))
+
+    async def _result(self, prediction: RemotePrediction, body: dict[str, Any]) -> dict[str, Any]:
+        """The result of a succeeded prediction: here, the last poll's answer itself."""
+        return body
+
+    def _output_url(self, result: Mapping[str, Any]) -> object:
+        """The video URL in a result: ``output`` as a string or a one-item list."""
+        output = result.get("output")
         if isinstance(output, list) and len(output) == 1:
             output = output[0]
+        return output
+
+    async def _fetch(self, prediction: RemotePrediction, body: dict[str, Any], requested: float,
+                     dest: Path) -> GeneratedClip:
+        output = self._output_url(body)
         if not isinstance(output, str) or not output:
             raise _malformed("succeeded prediction without an output URL")
         await self._download(output, dest)
         metrics = _mapping(body.get("metrics"))
         duration = _positive_number(metrics.get("duration")) or requested
-        cost = self._cost_of(body, duration)
+        cost = self._cost_of(body, duration, prediction.compute_seconds)
         logger.info("generation.succeeded", extra={
-            "prediction_id": prediction.id, "predict_time_s": _positive_number(metrics.get("predict_time")),
+            "prediction_id": prediction.id, "compute_s": prediction.compute_seconds,
             "duration_s": duration, "cost": str(cost)})
         return GeneratedClip(path=dest, duration=duration, cost=cost, provider_id=prediction.id)
 
-    def _cost_of(self, body: dict[str, Any], duration: float) -> Decimal:
+    def _cost_of(self, body: dict[str, Any], duration: float, compute_seconds: float | None) -> Decimal:
+        """The provider's ``cost``; else compute time × its price, when both are known; else the
+        clip's length × the price per second."""
         raw = body.get("cost")
+        if raw is None and compute_seconds is not None and self._price_per_compute_second is not None:
+            return round_money(Decimal(str(compute_seconds)) * self._price_per_compute_second)
         if raw is None:
             return self.estimate_cost(duration)
         try:
@@ -303,7 +364,7 @@ class HttpVideoGenerator:
         except InvalidOperation:
             cost = Decimal("NaN")
         if cost.is_finite() and cost >= 0:
-            return cost.quantize(_CENT_FRACTION, ROUND_HALF_UP)
+            return round_money(cost)
         # The clip exists and was paid for; an estimate is a better record than losing it.
         logger.warning("generation.cost_unreadable", extra={"cost": str(raw)[:50]})
         return self.estimate_cost(duration)
@@ -329,7 +390,7 @@ class HttpVideoGenerator:
                         if not response.is_success:
                             await response.aread()
                             raise _download_failed(f"HTTP {response.status_code}",
-                                                   _retry_after(response.headers.get("retry-after")))
+                                                   retry_after(response.headers))
                         await _write_checked(response, partial)
                 except httpx.HTTPError as exc:
                     raise _download_failed(f"{type(exc).__name__}: {exc}") from exc
@@ -341,26 +402,29 @@ class HttpVideoGenerator:
             Path(partial).unlink(missing_ok=True)  # noqa: ASYNC240
 
     def _check_output_url(self, url: str) -> None:
-        """Refuse anything but http(s) on the API's origin or, over HTTPS, an allowed output host."""
+        """Refuse anything but the API's origin or an allowed output host over HTTPS (or, with
+        ``allow_http_loopback``, over http from a listed loopback host)."""
         parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        listed = any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+                     for allowed in self._output_hosts)
         trusted = parts.scheme in ("http", "https") and (
             _origin(url) == self._origin
-            or (parts.scheme == "https" and (parts.hostname or "") in self._output_hosts))
+            or (listed and (parts.scheme == "https" or (self._allow_http_loopback and _is_loopback(host)))))
         if not trusted:
-            logger.warning("generation.output_url_refused",
-                           extra={"scheme": parts.scheme, "host": parts.hostname})
+            logger.warning("generation.output_url_refused", extra={"scheme": parts.scheme, "host": host})
             raise MediaError(_UNTRUSTED_OUTPUT_MESSAGE, code="untrusted_output_url")
 
-    async def _cancel_remote(self, prediction: _Prediction) -> None:
+    async def _cancel_remote(self, prediction: RemotePrediction) -> None:
         """Ask the provider to stop a prediction that is still running; never raises for it."""
         if not prediction.id or prediction.finished:
             return
         prediction.finished = True
         try:
             # Shielded so that a second cancellation of the caller cannot abort the request.
-            await asyncio.shield(self._http.post(prediction.cancel_url, headers=self._auth,
-                                                 timeout=min(_CANCEL_TIMEOUT, self._request_timeout),
-                                                 follow_redirects=False))
+            await asyncio.shield(self._http.request(
+                self.cancel_method, prediction.cancel_url, headers=self._auth,
+                timeout=min(_CANCEL_TIMEOUT, self._request_timeout), follow_redirects=False))
             logger.info("generation.cancelled", extra={"prediction_id": prediction.id})
         except (httpx.HTTPError, OSError) as exc:
             logger.warning("generation.cancel_failed", extra={"prediction_id": prediction.id,
@@ -369,7 +433,10 @@ class HttpVideoGenerator:
     async def _call(self, method: str, url: str, *, json: Any = None,
                     headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """One API request; its JSON object answer, or the error the response maps to."""
-        return _json_object(await self._send(method, url, json=json, headers=headers), method)
+        response = await self._send(method, url, json=json, headers=headers)
+        if not response.is_success:
+            raise self._error_for(response)
+        return _json_object(response, method)
 
     async def _send(self, method: str, url: str, *, json: Any = None,
                     headers: Mapping[str, str] | None = None) -> httpx.Response:
@@ -382,6 +449,15 @@ class HttpVideoGenerator:
                                            detail=f"{type(exc).__name__} on {method}") from exc
         except httpx.HTTPError as exc:
             raise TransientGenerationError(detail=f"{type(exc).__name__}: {exc}") from exc
+
+    def _error_for(self, response: httpx.Response) -> ClipChatError:
+        """Map a non-2xx API answer: 408/409/429/5xx (and stray 3xx) are transient, 401/403 an
+        operator's problem, any other 4xx a refusal of this prompt."""
+        rejection = provider_error(response)
+        if rejection is not None:
+            return rejection
+        body = response.text[:DETAIL_CHARS]
+        return GenerationRejected(code=_rejection_code(body), detail=body)
 
     def _same_origin_or(self, url: object, fallback: str) -> str:
         return url if isinstance(url, str) and _origin(url) == self._origin else fallback
@@ -396,10 +472,28 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
+def provider_error(response: httpx.Response) -> ClipChatError | None:
+    """The error every adapter maps a non-2xx answer to alike (transient, rate limited, in flight,
+    unauthorized); ``None`` for a 4xx refusal, which each adapter reads in its own terms."""
+    status = response.status_code
+    body = response.text[:DETAIL_CHARS]
+    logger.warning("generation.http_error", extra={"status": status})
+    kind = classify_status(status)
+    wait = retry_after(response.headers)
+    if kind is StatusKind.RATE_LIMITED:
+        return TransientGenerationError(code="rate_limited", detail=body, retry_after=wait)
+    if kind is StatusKind.IN_FLIGHT:
+        # A create with the same Idempotency-Key is still being processed: ask again shortly.
+        return TransientGenerationError(code="idempotency_conflict", detail=body, retry_after=wait)
+    if kind is StatusKind.TRANSIENT:
+        return TransientGenerationError(detail=f"HTTP {status}: {body}", retry_after=wait)
+    if kind is StatusKind.UNAUTHORIZED:
+        return ProviderMisconfigured(UNAUTHORIZED_MESSAGE, code="generator_unauthorized", detail=body)
+    return None
+
+
 def _json_object(response: httpx.Response, method: str) -> dict[str, Any]:
-    """A successful answer's JSON object; raise the error a failed or malformed answer maps to."""
-    if not response.is_success:
-        raise _error_for(response)
+    """A successful answer's JSON object; ``TransientGenerationError`` when it is malformed."""
     try:
         body = response.json()
     except ValueError as exc:
@@ -409,29 +503,9 @@ def _json_object(response: httpx.Response, method: str) -> dict[str, Any]:
     return body
 
 
-def _error_for(response: httpx.Response) -> TransientGenerationError | GenerationRejected:
-    """Map a non-2xx API answer: 408/409/429/5xx (and stray 3xx) are transient, other 4xx permanent."""
-    status = response.status_code
-    body = response.text[:_DETAIL_CHARS]
-    logger.warning("generation.http_error", extra={"status": status})
-    if status == 429:
-        return TransientGenerationError(code="rate_limited", detail=body,
-                                        retry_after=_retry_after(response.headers.get("retry-after")))
-    if status == 409:
-        # A create with the same Idempotency-Key is still being processed: ask again shortly.
-        return TransientGenerationError(code="idempotency_conflict", detail=body,
-                                        retry_after=_retry_after(response.headers.get("retry-after")))
-    if status == 408 or status >= 500 or status < 400:
-        return TransientGenerationError(detail=f"HTTP {status}: {body}",
-                                        retry_after=_retry_after(response.headers.get("retry-after")))
-    if status in (401, 403):
-        return GenerationRejected(_UNAUTHORIZED_MESSAGE, code="generator_unauthorized", detail=body)
-    return GenerationRejected(code=_rejection_code(body), detail=body)
-
-
 def _failure(prediction_id: str, error: object) -> TransientGenerationError | GenerationRejected:
     """Classify a failed prediction by its error text (see ``_TRANSIENT_FAILURE_MARKERS``)."""
-    text = str(error or "")[:_DETAIL_CHARS]
+    text = str(error or "")[:DETAIL_CHARS]
     logger.warning("generation.failed", extra={"prediction_id": prediction_id})
     if any(marker in text.lower() for marker in _TRANSIENT_FAILURE_MARKERS):
         return TransientGenerationError(code="generation_failed", detail=text)
@@ -500,19 +574,10 @@ def _positive_number(value: object) -> float | None:
     return None
 
 
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP-date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        seconds = float(value)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(seconds, 0.0) if math.isfinite(seconds) else None
+        return False

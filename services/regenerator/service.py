@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from clipchat.broker import REGENERATE_QUEUE, Broker, Subscription
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -41,18 +42,32 @@ def build_rewriter(settings: Settings) -> PromptRewriter:
 
 
 def build_generator(settings: Settings, ffmpeg: FfmpegRunner) -> VideoGenerator:
-    if settings.generator == "http":
-        from services.regenerator.http_generator import HttpVideoGenerator
+    """The generator ``CLIPCHAT_GENERATOR`` names, with its provider's CDN as the default output hosts."""
+    if settings.generator == "local":
+        from services.regenerator.local_generator import LocalVideoGenerator
 
-        return HttpVideoGenerator(settings.generator_url, settings.generator_api_token, settings.generator_model,
-                                  price_per_second=settings.generation_price_per_second,
-                                  request_timeout=settings.generator_request_timeout_seconds,
-                                  generation_timeout=settings.generator_timeout_seconds,
-                                  poll_initial=settings.generator_poll_initial_seconds,
-                                  poll_max=settings.generator_poll_max_seconds)
-    from services.regenerator.local_generator import LocalVideoGenerator
+        return LocalVideoGenerator(ffmpeg)
+    from services.regenerator.fal_generator import FAL_OUTPUT_HOSTS, FalVideoGenerator
+    from services.regenerator.http_generator import HttpVideoGenerator
+    from services.regenerator.replicate_generator import REPLICATE_OUTPUT_HOSTS, ReplicateVideoGenerator
 
-    return LocalVideoGenerator(ffmpeg)
+    adapters: dict[str, tuple[type[HttpVideoGenerator], tuple[str, ...]]] = {
+        "http": (HttpVideoGenerator, ()), "replicate": (ReplicateVideoGenerator, REPLICATE_OUTPUT_HOSTS),
+        "fal": (FalVideoGenerator, FAL_OUTPUT_HOSTS)}
+    adapter, cdn_hosts = adapters[settings.generator]
+    listed = [h.strip() for h in settings.generator_output_hosts.split(",") if h.strip()]
+    options: dict[str, Any] = {"prefer_wait": settings.generator_prefer_wait_seconds} \
+        if adapter is ReplicateVideoGenerator else {}
+    return adapter(settings.generator_url, settings.generator_api_token, settings.generator_model,
+                   price_per_second=settings.generation_price_per_second,
+                   price_per_compute_second=settings.generator_price_per_compute_second,
+                   aspect_ratio=settings.generator_aspect_ratio,
+                   output_hosts=listed or cdn_hosts,
+                   allow_http_loopback=settings.generator_allow_http_loopback,
+                   request_timeout=settings.generator_request_timeout_seconds,
+                   generation_timeout=settings.generator_timeout_seconds,
+                   poll_initial=settings.generator_poll_initial_seconds,
+                   poll_max=settings.generator_poll_max_seconds, **options)
 
 
 class RegeneratorService:

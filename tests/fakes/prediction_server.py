@@ -48,7 +48,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -207,7 +207,7 @@ class PredictionServer:
 
     # Lifecycle.
 
-    def start(self, port: int = 0) -> PredictionServer:
+    def start(self, port: int = 0) -> Self:
         """Load or render the video, bind ``port`` on 127.0.0.1 (0: a free one) and serve until ``stop``."""
         self._video = self._load_video()
         self.url = self._http.start(self._app(), port)
@@ -216,7 +216,7 @@ class PredictionServer:
     def stop(self) -> None:
         self._http.stop()
 
-    def __enter__(self) -> PredictionServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -316,6 +316,12 @@ class PredictionServer:
                 prediction.status = "canceled"
             return JSONResponse(self._describe(prediction))
 
+        self._add_download_route(app)
+        return app
+
+    def _add_download_route(self, app: FastAPI) -> None:
+        """``GET /files/{id}.mp4``: the video, or the scripted download failure."""
+
         @app.get("/files/{name}")
         async def download(name: str, request: Request) -> Response:
             self._record(Call("download", name.removesuffix(".mp4"), None, dict(request.headers)))
@@ -334,8 +340,6 @@ class PredictionServer:
             if word == "redirect":
                 return RedirectResponse(argument, status_code=302)
             return _scripted_failure(word, argument)
-
-        return app
 
     def _replay_or_reserve(self, key: str, body: dict[str, Any]) -> Response | None:
         """The answer to a create whose ``key`` was seen before; None (and ``key`` reserved) if new."""

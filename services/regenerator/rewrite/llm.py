@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from clipchat.errors import ProviderRefused, ProviderUnavailable
+from clipchat.errors import ProviderMisconfigured, ProviderRefused, ProviderUnavailable
 from clipchat.providers import (
     DETAIL_CHARS,
     OwnedHttpClient,
@@ -115,6 +115,7 @@ TIMEOUT_MESSAGE = "The AI prompt service took too long to answer. Please retry."
 BUSY_MESSAGE = "The AI prompt service is busy right now. Please retry in a moment."
 POLICY_MESSAGE = "The AI provider's content policy refused this instruction. Try rephrasing it."
 _UNAUTHORIZED_MESSAGE = "The AI prompt service refused ClipChat's credentials. Please contact support."
+_MISCONFIGURED_MESSAGE = "The AI prompt service is not set up correctly. Please contact support."
 
 
 class LLMRewriter(OwnedHttpClient):
@@ -269,7 +270,10 @@ def _raise_for_status(response: httpx.Response) -> None:
     if kind in (StatusKind.TRANSIENT, StatusKind.IN_FLIGHT):
         raise LLMUnavailable(retry_after=retry_after(response.headers), detail=f"HTTP {status}: {detail}")
     if kind is StatusKind.UNAUTHORIZED:
-        raise ProviderRejected(_UNAUTHORIZED_MESSAGE, code="llm_unauthorized", detail=detail)
+        raise ProviderMisconfigured(_UNAUTHORIZED_MESSAGE, code="llm_unauthorized", detail=detail)
+    if status == 404:
+        # OpenAI-compatible servers answer 404 for a model they do not serve (or a wrong base URL).
+        raise ProviderMisconfigured(_MISCONFIGURED_MESSAGE, code="llm_model_not_found", detail=detail)
     if _is_policy_refusal(response):
         raise ProviderRejected(POLICY_MESSAGE, code="content_policy", detail=detail)
     raise ProviderRejected(detail=f"HTTP {status}: {detail}")

@@ -13,7 +13,7 @@ import av
 import httpx
 import pytest
 
-from clipchat.errors import InvalidInput, MediaError, TransientError
+from clipchat.errors import InvalidInput, MediaError, ProviderMisconfigured, TransientError
 from services.regenerator.generator import VideoGenerator
 from services.regenerator.http_generator import (
     REJECTED_MESSAGE,
@@ -201,11 +201,12 @@ async def test_invalid_prompt_is_permanent(
 
 async def test_wrong_token_is_permanent(server: PredictionServer, tmp_path: Path) -> None:
     async with make_generator(server.url, token="wrong") as gen:
-        with pytest.raises(GenerationRejected) as caught:
+        with pytest.raises(ProviderMisconfigured) as caught:
             await gen.generate("a forest", 2, tmp_path / "clip.mp4")
 
     assert caught.value.code == "generator_unauthorized"
     assert caught.value.retryable is False
+    assert "rephras" not in caught.value.message.lower()
 
 
 async def test_empty_prompt_is_refused_without_a_generation_call(

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from clipchat.errors import InvalidInput, TransientError
+from clipchat.errors import InvalidInput, ProviderMisconfigured, ProviderRefused, TransientError
 from services.regenerator.rewrite import (
     BUSY_MESSAGE,
     POLICY_MESSAGE,
@@ -362,13 +362,15 @@ async def test_a_refusal_is_permanent_and_billed(rewriter: LLMRewriter, llm_serv
     assert caught.value.cost > 0
 
 
-@pytest.mark.parametrize(("action", "code"), [("400", "llm_rejected"), ("404", "llm_rejected"),
-                                              ("422", "llm_rejected"), ("403", "llm_unauthorized")])
+@pytest.mark.parametrize(("action", "code", "kind"), [
+    ("400", "llm_rejected", ProviderRejected), ("422", "llm_rejected", ProviderRejected),
+    ("404", "llm_model_not_found", ProviderMisconfigured), ("403", "llm_unauthorized", ProviderMisconfigured)])
 async def test_other_client_errors_are_permanent(rewriter: LLMRewriter, llm_server: FakeLLMServer,
-                                                 action: str, code: str) -> None:
+                                                 action: str, code: str, kind: type[Exception]) -> None:
     llm_server.script([action])
-    with pytest.raises(ProviderRejected) as caught:
+    with pytest.raises(kind) as caught:
         await rewriter.rewrite(request())
+    assert isinstance(caught.value, ProviderRefused)
     assert caught.value.code == code
     assert caught.value.retryable is False
     assert "scripted HTTP" in caught.value.detail
@@ -376,7 +378,7 @@ async def test_other_client_errors_are_permanent(rewriter: LLMRewriter, llm_serv
 
 async def test_a_wrong_key_is_permanent_and_not_leaked(llm_server: FakeLLMServer) -> None:
     async with make_rewriter(llm_server.url, api_key="wrong-key") as llm:
-        with pytest.raises(ProviderRejected) as caught:
+        with pytest.raises(ProviderMisconfigured) as caught:
             await llm.rewrite(request())
     assert caught.value.code == "llm_unauthorized"
     assert "wrong-key" not in caught.value.message and "wrong-key" not in caught.value.detail
