@@ -193,6 +193,8 @@ async def receive_multipart(request: Request, workdir: Path, *, file_fields: fro
                         form.files.append(current)
                         out = await anyio.to_thread.run_sync(current.path.open, "wb")
                     elif name in text_fields:
+                        if name in form.fields or name == text_name:
+                            raise invalid_input(f"The form has more than one '{name}' field. Send one.")
                         text_name, text = name, bytearray()
                     else:
                         raise invalid_input(f"Unexpected form part '{name[:40]}'. Send 'manifest', "

@@ -26,7 +26,8 @@ from clipchat.storage import ObjectInfo, check_key
 log = logging.getLogger("clipchat.storage")
 
 _TMP_DIR = ".tmp"
-_COPY_CHUNK = 1024 * 1024
+# Small enough that several uploads copying at once hold little memory, large enough to be fast.
+_COPY_CHUNK = 256 * 1024
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 

@@ -8,13 +8,14 @@ only becomes visible when a single put or a multipart completion succeeds.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import aioboto3
 from botocore.config import Config
@@ -41,7 +42,9 @@ class S3Storage:
 
     One aioboto3 session; the client is opened on first use, reused, and closed by ``close()``.
     Files at or above ``multipart_threshold`` bytes go up in parts of ``part_size`` bytes (S3 wants
-    at least 5 MiB a part), read from disk in a worker thread.
+    at least 5 MiB a part). A file is never read into memory: the request body (a whole file, or
+    one part's slice of it) is streamed from disk in small chunks by a worker thread, so memory
+    stays a few MiB per upload whatever the file's size.
 
     Errors: ``InvalidInput`` for a bad key, ``Conflict`` when writing a key that exists,
     ``NotFound`` for a missing key, ``DependencyUnavailable`` when S3 cannot be reached, times out
@@ -85,15 +88,14 @@ class S3Storage:
         name = self._name(key)
         size = (await asyncio.to_thread(path.stat)).st_size
         if size < self._multipart_threshold:
-            data = await asyncio.to_thread(path.read_bytes)
-            await self._put_object(key, name, data, content_type)
+            with await asyncio.to_thread(_FileSlice, path, 0, size) as body:
+                await self._put_object(key, name, body, size, content_type)
             return
-        with await asyncio.to_thread(path.open, "rb") as src:
-            await self._put_multipart(key, name, src, content_type)
+        await self._put_multipart(key, name, path, size, content_type)
 
     async def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
         """Store ``data`` under ``key``. Raises ``Conflict`` when ``key`` exists."""
-        await self._put_object(key, self._name(key), data, content_type)
+        await self._put_object(key, self._name(key), data, len(data), content_type)
 
     async def get_file(self, key: str, dest: Path) -> None:
         """Download ``key`` to a temporary file beside ``dest``, then rename it into place, so
@@ -220,18 +222,20 @@ class S3Storage:
                     self._client = await self._exit_stack.enter_async_context(client_cm)
         return self._client
 
-    async def _put_object(self, key: str, name: str, data: bytes, content_type: str | None) -> None:
+    async def _put_object(self, key: str, name: str, body: bytes | _FileSlice, size: int,
+                          content_type: str | None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         async with self._errors(key):
             client = await self._get_client()
             # A retry of a put whose first attempt landed but whose answer was lost reports
             # Conflict; keys are fresh per write (new_key), so the caller can treat it as failed.
-            async with self._upload_deadline(len(data)):
-                await client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*",
+            async with self._upload_deadline(size):
+                await client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*",
                                         **extra)
-        log.debug("storage.stored", extra={"key": key, "size": len(data)})
+        log.debug("storage.stored", extra={"key": key, "size": size})
 
-    async def _put_multipart(self, key: str, name: str, src: BinaryIO, content_type: str | None) -> None:
+    async def _put_multipart(self, key: str, name: str, path: Path, size: int,
+                             content_type: str | None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         async with self._errors(key):
             client = await self._get_client()
@@ -240,13 +244,13 @@ class S3Storage:
             upload_id = upload["UploadId"]
             try:
                 parts = []
-                number = 1
-                while chunk := await asyncio.to_thread(src.read, self._part_size):
-                    async with self._upload_deadline(len(chunk)):
-                        part = await client.upload_part(Bucket=self.bucket, Key=name,
-                                                        UploadId=upload_id, PartNumber=number, Body=chunk)
+                for number, offset in enumerate(range(0, size, self._part_size), start=1):
+                    length = min(self._part_size, size - offset)
+                    with await asyncio.to_thread(_FileSlice, path, offset, length) as body:
+                        async with self._upload_deadline(length):
+                            part = await client.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id,
+                                                            PartNumber=number, Body=body)
                     parts.append({"ETag": part["ETag"], "PartNumber": number})
-                    number += 1
                 async with self._upload_deadline(0):
                     await client.complete_multipart_upload(Bucket=self.bucket, Key=name,
                                                            UploadId=upload_id,
@@ -290,3 +294,54 @@ class S3Storage:
         except (BotoCoreError, TimeoutError) as exc:
             log.warning("storage.s3_unreachable", extra={"key": key, "error": type(exc).__name__})
             raise DependencyUnavailable(_UNAVAILABLE) from exc
+
+
+class _FileSlice(io.RawIOBase):
+    """``length`` bytes of a file from ``offset``, as a seekable read-only stream: a request body.
+
+    botocore measures it (seek and tell), hashes it and rewinds it for a retry; aiohttp reads it in
+    64 KiB chunks in a worker thread while sending. If the file is shorter than it was when the
+    upload began, the read comes up short and the request fails on its Content-Length.
+    """
+
+    def __init__(self, path: Path, offset: int, length: int) -> None:
+        super().__init__()
+        self._file = path.open("rb")
+        self._offset = offset
+        self._length = length
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = min(len(buffer), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        self._file.seek(self._offset + self._position)
+        read = self._file.readinto(memoryview(buffer)[:wanted])
+        self._position += read
+        return read
+
+    def read(self, size: int | None = -1) -> bytes:
+        remaining = max(0, self._length - self._position)
+        wanted = remaining if size is None or size < 0 else min(size, remaining)
+        self._file.seek(self._offset + self._position)
+        data = self._file.read(wanted)
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
