@@ -37,6 +37,20 @@ As a pytest fixture::
     def llm_server() -> Iterator[FakeLLMServer]:
         yield from serve_fake_llm()
 
+Three server shapes (``flavor``), as their OpenAI-compatible endpoints answer:
+
+- ``openai``: takes ``response_format`` ``json_schema`` and ``json_object``; the message carries
+  ``refusal`` and ``annotations``; ``system_fingerprint``, ``service_tier``.
+- ``vllm`` (before structured outputs): ``json_object`` only; a ``json_schema`` request gets vLLM's
+  400 (``{"object": "error", "message", "type": "BadRequestError", "code": 400}``); choices carry
+  ``logprobs`` and ``stop_reason``, the message ``tool_calls``, no ``refusal``.
+- ``ollama`` (before 0.5): ``json_object`` only, refused formats get a 400 in OpenAI's error shape;
+  ``system_fingerprint: "fp_ollama"``; without a response format its answer wraps the JSON in
+  prose and a fenced block, as chat models do.
+
+``formats`` overrides which response formats the server takes (``()``: none, as a LiteLLM route to
+a vendor without JSON mode). A refused format does not consume a scripted action.
+
 Run ``python -m tests.fakes.llm_server --port 8089`` to serve it for a demo.
 """
 
@@ -52,7 +66,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -66,6 +80,9 @@ CONTENT_POLICY_BODY = {"error": {
     "type": "invalid_request_error", "param": None, "code": "content_policy_violation"}}
 REFUSAL_TEXT = "I'm sorry, I can't help with that request."
 _CREATED = 1_700_000_000  # a fixed timestamp keeps answers byte-for-byte deterministic
+Flavor = Literal["openai", "vllm", "ollama"]
+FORMATS: dict[str, tuple[str, ...]] = {"openai": ("json_schema", "json_object"), "vllm": ("json_object",),
+                                       "ollama": ("json_object",)}
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,12 @@ class ChatCall:
     def idempotency_key(self) -> str:
         """The ``Idempotency-Key`` header the request carried ("" without one)."""
         return self.headers.get("idempotency-key", "")
+
+    @property
+    def response_format(self) -> str:
+        """The ``response_format`` type the request asked for ("text" without one)."""
+        requested = self.body.get("response_format") if isinstance(self.body, dict) else None
+        return str(requested.get("type")) if isinstance(requested, dict) else "text"
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -109,7 +132,10 @@ class FakeLLMServer:
     ``hang_seconds`` is how long a ``timeout`` action waits before answering.
     """
 
-    def __init__(self, *, api_key: str | None = None, model: str = MODEL, hang_seconds: float = 30.0) -> None:
+    def __init__(self, *, api_key: str | None = None, model: str = MODEL, hang_seconds: float = 30.0,
+                 flavor: Flavor = "openai", formats: tuple[str, ...] | None = None) -> None:
+        self.flavor = flavor
+        self.formats = FORMATS[flavor] if formats is None else formats
         self.api_key = api_key
         self.model = model
         self.hang_seconds = hang_seconds
@@ -194,6 +220,8 @@ class FakeLLMServer:
                 return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
             if not isinstance(body, dict) or not call.messages:
                 return _error(400, "'messages' is a required property.", "invalid_request_error", None)
+            if call.response_format != "text" and call.response_format not in self.formats:
+                return self._format_refused(call.response_format)
             word, argument = self._next()
             if word in ("timeout", "slow"):
                 await asyncio.sleep(float(argument) if argument else self.hang_seconds)
@@ -201,6 +229,18 @@ class FakeLLMServer:
             return self._answer(call, word, argument)
 
         return app
+
+    def _format_refused(self, requested: str) -> Response:
+        """The 400 each server gives a response format it does not take."""
+        if self.flavor == "vllm":
+            message = (f"[{{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': "
+                       f"\"Input should be 'text' or 'json_object'\", 'input': '{requested}'}}]")
+            return JSONResponse({"object": "error", "message": message, "type": "BadRequestError",
+                                 "param": None, "code": 400}, status_code=400)
+        if self.flavor == "ollama":
+            return _error(400, f"invalid response_format type: {requested}", "invalid_request_error", None)
+        return _error(400, f"UnsupportedParamsError: this model does not support parameters: ['response_format'] "
+                      f"({requested})", "invalid_request_error", None)
 
     def _answer(self, call: ChatCall, word: str, argument: str) -> Response:
         if word == "malformed":
@@ -222,22 +262,17 @@ class FakeLLMServer:
         if word in ("ok", "no_usage"):
             prompt, summary = _rewrite(call)
             usage = tuple(int(n) for n in argument.split(",")) if argument else None
-            return self._completion(call, json.dumps({"prompt": prompt, "summary": summary}),
-                                    with_usage=word == "ok", usage=usage)
+            content = json.dumps({"prompt": prompt, "summary": summary})
+            if self.flavor == "ollama" and call.response_format == "text":
+                content = f"Here is the rewritten prompt:\n\n```json\n{content}\n```\n\nWant any changes?"
+            return self._completion(call, content, with_usage=word == "ok", usage=usage)
         return _error(500, f"unknown scripted action {word!r}", "server_error", None)
 
     def _completion(self, call: ChatCall, content: str | None, *, refusal: str | None = None,
                     with_usage: bool = True, usage: tuple[int, ...] | None = None) -> Response:
         with self._lock:
             number = len(self._answers) + 1
-        answer: dict[str, Any] = {
-            "id": f"chatcmpl-fake-{number}",
-            "object": "chat.completion",
-            "created": _CREATED,
-            "model": call.body.get("model") or self.model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": content, "refusal": refusal}}],
-        }
+        answer = self._shape(call, number, content, refusal)
         if with_usage:
             if usage:
                 prompt_tokens, completion_tokens = usage
@@ -251,6 +286,24 @@ class FakeLLMServer:
         with self._lock:
             self._answers.append(answer)
         return JSONResponse(answer)
+
+    def _shape(self, call: ChatCall, number: int, content: str | None, refusal: str | None) -> dict[str, Any]:
+        """A ``chat.completion`` as this flavor of server writes it (usage added by the caller)."""
+        model = call.body.get("model") or self.model
+        if self.flavor == "vllm":
+            return {"id": f"chat-{number:032x}", "object": "chat.completion", "created": _CREATED, "model": model,
+                    "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop", "stop_reason": None,
+                                 "message": {"role": "assistant", "content": content, "tool_calls": []}}]}
+        if self.flavor == "ollama":
+            return {"id": f"chatcmpl-{number}", "object": "chat.completion", "created": _CREATED, "model": model,
+                    "system_fingerprint": "fp_ollama",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}]}
+        return {"id": f"chatcmpl-fake-{number}", "object": "chat.completion", "created": _CREATED, "model": model,
+                "system_fingerprint": "fp_fake", "service_tier": "default",
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": content, "refusal": refusal,
+                                         "annotations": []}}]}
 
 
 def _text(message: dict[str, Any]) -> str:

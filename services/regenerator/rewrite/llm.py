@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import unicodedata
@@ -25,6 +26,13 @@ from clipchat.providers import (
 )
 from services.regenerator.rewrite.base import RewriteRequest, RewriteResult, sanitize_instruction
 from services.regenerator.rewrite.text import clean_text, truncate_words
+
+log = logging.getLogger("clipchat.regenerator.llm")
+
+# How the answer's shape is asked for, best first. OpenAI and recent vLLM/Ollama take a JSON schema;
+# older vLLM and Ollama, and LiteLLM routes to some vendors, answer 400 to it and take a plain JSON
+# object (the schema then goes into the prompt); a server with neither gets the prompt alone.
+STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "text")
 
 
 class LLMUnavailable(ProviderUnavailable):
@@ -87,22 +95,24 @@ Write the new prompt:
 Answer with a JSON object only: {{"prompt": "<the new prompt>", "summary": "<one short sentence
 telling the person what changed>"}}."""
 
-_RESPONSE_FORMAT: dict[str, Any] = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "clip_prompt_rewrite",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {
-                "prompt": {"type": "string", "description": "The new prompt for the video generator."},
-                "summary": {"type": "string", "description": "One sentence: what changed."},
-            },
-            "required": ["prompt", "summary"],
-            "additionalProperties": False,
-        },
+_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "prompt": {"type": "string", "description": "The new prompt for the video generator."},
+        "summary": {"type": "string", "description": "One sentence: what changed."},
     },
+    "required": ["prompt", "summary"],
+    "additionalProperties": False,
 }
+_RESPONSE_FORMATS: dict[str, dict[str, Any]] = {
+    "json_schema": {"type": "json_schema",
+                    "json_schema": {"name": "clip_prompt_rewrite", "strict": True, "schema": _SCHEMA}},
+    "json_object": {"type": "json_object"},
+}
+# Added to the system prompt when the server cannot be given the schema itself.
+_SCHEMA_IN_PROMPT = "\n\nThe JSON object must match this JSON schema: " + json.dumps(_SCHEMA)
+# What a 400 says when the server does not take a response format (OpenAI, vLLM, Ollama, LiteLLM).
+_UNSUPPORTED_FORMAT = re.compile(r"response_format|json_schema|json_object|structured output", re.IGNORECASE)
 
 _CONTEXT_CHARS = 2000  # neighbouring prompts and history turns sent to the model, each
 _SUMMARY_CHARS = 300
@@ -121,11 +131,15 @@ _MISCONFIGURED_MESSAGE = "The AI prompt service is not set up correctly. Please 
 class LLMRewriter(OwnedHttpClient):
     """Rewrites prompts with an OpenAI-compatible Chat Completions API.
 
-    Sends ``POST {base_url}/chat/completions`` with a bearer key and a JSON-schema response format
-    (a plain JSON object in the message content is accepted too). The person's instruction, the
-    conversation (last ``history_turns`` turns) and the neighbouring clips' prompts travel as one
-    JSON data document in the user message; the system prompt says to treat it as data only. The
-    answer is checked (see ``RewriteRejected``) and priced from the reported token usage.
+    Sends ``POST {base_url}/chat/completions`` with a bearer key and a JSON-schema response format.
+    A server that answers 400 about the response format gets, once, a JSON-object response format
+    with the schema in the system prompt, then no response format (the JSON object is found in the
+    text, fenced or not); the mode that worked is kept for the rewriter's life (one per process)
+    and logged (``llm.structured_output_mode``). Every mode's answer is checked the same way.
+
+    The person's instruction, the conversation (last ``history_turns`` turns) and the neighbouring
+    clips' prompts travel as one JSON data document in the user message; the system prompt says to
+    treat it as data only. The answer is checked (see ``RewriteRejected``) and priced from the reported token usage.
 
     ``rewrite`` first runs ``sanitize_instruction`` (``InvalidInput`` before anything is spent),
     then raises ``LLMUnavailable``, ``ProviderRejected`` or ``RewriteRejected`` as described in the
@@ -158,6 +172,12 @@ class LLMRewriter(OwnedHttpClient):
         self._system_prompt = _SYSTEM_PROMPT.format(canary=_CANARY, max_chars=max_prompt_chars)
         self._system_shingles = _shingles(self._system_prompt)
         super().__init__(http, timeout_seconds)
+        self._mode = STRUCTURED_OUTPUT_MODES[0]
+
+    @property
+    def structured_output_mode(self) -> str:
+        """How the answer's shape is asked for now: one of ``STRUCTURED_OUTPUT_MODES``."""
+        return self._mode
 
     @property
     def system_prompt(self) -> str:
@@ -166,10 +186,7 @@ class LLMRewriter(OwnedHttpClient):
 
     async def rewrite(self, req: RewriteRequest) -> RewriteResult:
         instruction = sanitize_instruction(req.instruction, self._max_instruction_chars)
-        messages = [{"role": "system", "content": self._system_prompt},
-                    {"role": "user", "content": self._data_document(req, instruction)}]
-        body = {"model": self._model, "messages": messages, "response_format": _RESPONSE_FORMAT}
-        response = await self._post(body, req.idempotency_key)
+        messages, response = await self._complete(self._data_document(req, instruction), req.idempotency_key)
         payload = _json_body(response)
         content, refusal, usage = _completion_parts(payload)
         cost, usage_counts = self._cost(usage, messages, content or refusal or "")
@@ -200,6 +217,28 @@ class LLMRewriter(OwnedHttpClient):
         }
         return json.dumps(data, ensure_ascii=False)
 
+    async def _complete(self, document: str, idempotency_key: str) -> tuple[list[dict[str, str]], httpx.Response]:
+        """The messages sent and the successful answer, in the first mode the server takes."""
+        while True:
+            mode = self._mode
+            system = self._system_prompt if mode == "json_schema" else self._system_prompt + _SCHEMA_IN_PROMPT
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": document}]
+            body: dict[str, Any] = {"model": self._model, "messages": messages}
+            if mode in _RESPONSE_FORMATS:
+                body["response_format"] = _RESPONSE_FORMATS[mode]
+            # A refused format was not charged; the next mode is a different request.
+            key = idempotency_key if mode == STRUCTURED_OUTPUT_MODES[0] or not idempotency_key \
+                else f"{idempotency_key}.{mode}"
+            response = await self._post(body, key)
+            if mode != "text" and _refuses_the_format(response):
+                self._mode = STRUCTURED_OUTPUT_MODES[STRUCTURED_OUTPUT_MODES.index(mode) + 1]
+                log.warning("llm.structured_output_mode", extra={
+                    "model": self._model, "refused": mode, "mode": self._mode,
+                    "detail": response.text[:200]})
+                continue
+            _raise_for_status(response)
+            return messages, response
+
     async def _post(self, body: dict[str, Any], idempotency_key: str) -> httpx.Response:
         headers = {**self._headers, "Idempotency-Key": idempotency_key} if idempotency_key else self._headers
         try:
@@ -211,7 +250,6 @@ class LLMRewriter(OwnedHttpClient):
                                  detail=f"no answer within {self._timeout}s ({type(exc).__name__})") from exc
         except httpx.RequestError as exc:
             raise LLMUnavailable(detail=f"{type(exc).__name__}: {exc}") from exc
-        _raise_for_status(response)
         return response
 
     def _cost(self, usage: Mapping[str, Any], messages: list[dict[str, str]],
@@ -256,6 +294,11 @@ class LLMRewriter(OwnedHttpClient):
 
     def _leaks_instructions(self, text: str) -> bool:
         return _CANARY in text.lower() or not self._system_shingles.isdisjoint(_shingles(text))
+
+
+def _refuses_the_format(response: httpx.Response) -> bool:
+    """Whether the answer is a 400 (or 422) saying the server does not take the response format."""
+    return response.status_code in (400, 422) and bool(_UNSUPPORTED_FORMAT.search(response.text[:DETAIL_CHARS]))
 
 
 def _raise_for_status(response: httpx.Response) -> None:
@@ -327,17 +370,33 @@ def _completion_parts(payload: Mapping[str, Any]) -> tuple[str | None, str | Non
 
 
 def _json_object(content: str) -> dict[str, Any]:
+    """The JSON object in the model's answer: the whole answer, a fenced block, or (from a server
+    that took no response format) the first object in its text."""
     text = content.strip()
-    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, re.DOTALL | re.IGNORECASE)
+    fenced = re.search(r"```(?:json)?\s*(.*?)\s*```", text, re.DOTALL | re.IGNORECASE)
     if fenced:
         text = fenced.group(1)
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise RewriteRejected(detail="the model's answer is not JSON") from exc
+    except ValueError:
+        data = _first_object(text)
+    if data is None:
+        raise RewriteRejected(detail="the model's answer is not JSON")
     if not isinstance(data, dict):
         raise RewriteRejected(detail="the model's answer is not a JSON object")
     return data
+
+
+def _first_object(text: str) -> dict[str, Any] | None:
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(text) if ch == "{"):
+        try:
+            data, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
 
 
 def _token_count(value: Any) -> int | None:
