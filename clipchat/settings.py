@@ -79,6 +79,9 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
+    # One line per request on the "uvicorn.access" logger, query values other than paging ones
+    # redacted (tickets, media signatures). Off by default: request spans record each request.
+    gateway_access_log: bool = False
     public_url: str = ""
     # "token=owner" pairs, comma separated. The embedded page gets page_token.
     auth_tokens: str = DEV_AUTH_TOKENS
