@@ -16,6 +16,9 @@ ACCESS_LOGGER = "uvicorn.access"
 REDACTED = "[redacted]"
 # Query parameters whose values are never secrets (paging, resuming, a link's expiry time).
 _KEPT = frozenset({"after", "limit", "cursor", "exp"})
+# Parameters whose names are shown (with their values redacted); any other name is the client's
+# text, perhaps a token sent as a bare ``?<token>``, and is redacted as well.
+_NAMED = _KEPT | {"ticket", "sig", "access_token"}
 
 
 def redact_query(path: str) -> str:
@@ -26,14 +29,9 @@ def redact_query(path: str) -> str:
     pairs = parse_qsl(query, keep_blank_values=True)
     if not pairs:
         return f"{base}?{REDACTED}"
-    kept = [(name if name in _KEPT else _clip(name), value if name in _KEPT else REDACTED)
-            for name, value in pairs]
-    return f"{base}?{urlencode(kept, safe='[]')}"
-
-
-def _clip(name: str) -> str:
-    # A parameter name is the client's text too; a long one could be a token sent as a name.
-    return name if len(name) <= 32 else REDACTED
+    shown = [(name if name in _NAMED else REDACTED, value if name in _KEPT else REDACTED)
+             for name, value in pairs]
+    return f"{base}?{urlencode(shown, safe='[]')}"
 
 
 class RedactQuery(logging.Filter):

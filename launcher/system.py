@@ -95,10 +95,15 @@ def gateway_socket(settings: Settings, *, search: bool) -> socket.socket:
 async def start_gateway(settings: Settings, storage: Storage, sock: socket.socket) -> tuple[uvicorn.Server,
                                                                                           asyncio.Task[None]]:
     """Serve the gateway on ``sock`` (bound already, so a busy port is found before anything starts)."""
+    from gateway.access_log import configure_access_log
     from gateway.app import create_app
 
     app = create_app(settings, storage=storage)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
+    # No access log unless asked for: request spans record each request, and its per-request line
+    # costs time under load. httptools parses HTTP where it is installed (uvicorn's "auto").
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3,
+                            access_log=settings.gateway_access_log, http="auto")
+    configure_access_log(settings.gateway_access_log)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
     while not server.started:
