@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import uvicorn
@@ -22,6 +23,7 @@ from clipchat.storage import Storage, create_storage
 from gateway.deps import QUERY_TICKET_SCOPE_KEY, QUERY_TOKEN_SCOPE_KEY, Downstream
 from gateway.errors import install_error_handlers
 from gateway.feeds import FeedHub, StreamSlots
+from gateway.openapi import complete_document
 from gateway.ratelimit import TokenBucketLimiter
 from gateway.routes import api_router
 from gateway.routes import metrics as metrics_route
@@ -60,6 +62,12 @@ class GatewayApp(FastAPI):
                          "query_string": urlencode([(k, v) for k, v in pairs if k not in _SECRET_QUERY_KEYS])
                          .encode("latin-1")}
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, completed once with what the route signatures cannot say."""
+        if self.openapi_schema is None:
+            complete_document(super().openapi())
+        return super().openapi()
 
 
 def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI:

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from clipchat.errors import CODE_KEY, BudgetExceeded, ClipChatError, DependencyUnavailable, unexpected_error
 
@@ -33,6 +34,7 @@ RATE_LIMITED_CODE = "rate_limited"
 BUDGET_CODE = BudgetExceeded.code
 RESOURCE_EXHAUSTED_MESSAGE = ("This answer is too large to send. Ask for less (a smaller page) or try "
                               "again later.")
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # What a retryable 503 asks the client to wait before trying again (Retry-After, seconds).
 RETRY_AFTER_SECONDS = 5
 
@@ -142,7 +144,9 @@ def describe_validation_errors(errors: Sequence[Any], *, prefix: str = "") -> st
 
 
 _HTTP_CODES: Mapping[int, tuple[str, str]] = {
-    400: ("bad_request", "The request could not be read."),
+    # FastAPI answers 400 for a body it cannot decode (JSON that is not UTF-8): invalid input, as
+    # every other unreadable body is, and the status every operation with a body documents.
+    400: ("invalid_input", "The request body could not be read: send JSON in UTF-8."),
     404: ("not_found", "There is nothing at this address. The API lives under /api/v1 "
                        "(see /openapi.json)."),
     405: ("method_not_allowed", "This method is not allowed here."),
@@ -175,10 +179,21 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code, message = _HTTP_CODES.get(exc.status_code, ("http_error", "The request was not accepted."))
+    headers = dict(exc.headers or {})
     if exc.status_code == 405:
+        # Starlette names only the method of the first route that matched the path.
         message = f"{request.method} is not allowed here; see /openapi.json for this path's methods."
-    status = exc.status_code if exc.status_code < 500 else 503
-    return error_response(status, ErrorBody(code=code, message=message, retryable=False), exc.headers)
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    status = 422 if exc.status_code == 400 else exc.status_code if exc.status_code < 500 else 503
+    return error_response(status, ErrorBody(code=code, message=message, retryable=False), headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path (asked of each route, included
+    routers too, as if the request had come with that method)."""
+    routes = request.app.router.routes
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any
 
 import anyio
 import grpc
@@ -29,7 +29,6 @@ from gateway.schemas import (
     JobList,
     JobManifest,
     JobOut,
-    TransitionKind,
     VersionList,
     clips_out,
     job_out,
@@ -55,22 +54,19 @@ _CREATE_JOB_BODY: dict[str, Any] = {
             "schema": {
                 "type": "object",
                 "required": ["manifest", "clips", "audio"],
+                "additionalProperties": False,
                 "properties": {
-                    "manifest": {"type": "string", "contentMediaType": "application/json",
-                                 "description": "JSON: {title?, clips: [{prompt, duration}], "
-                                                "transitions?: [{kind, duration}], beat_timestamps?, "
-                                                "aspect_ratio?: 16:9|9:16|1:1, fit?: pad|crop, "
-                                                "budget_limit?: decimal string, at most "
-                                                "CLIPCHAT_MAX_BUDGET_LIMIT (10000 by default)}. "
-                                                "Transition kinds: "
-                                                + ", ".join(get_args(TransitionKind)) + "."},
+                    # gateway.openapi puts JobManifest's schema under components.
+                    "manifest": {"$ref": "#/components/schemas/JobManifest"},
                     "clips": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "minItems": 1, "maxItems": MAX_CLIPS,
                               "description": "One video (MP4, MOV, WebM, MKV) per manifest clip, in "
-                                             "order."},
+                                             "order. What a file is comes from its first bytes."},
                     "audio": {"type": "string", "format": "binary",
                               "description": "The music track (MP3, WAV, M4A, FLAC)."},
                 },
             },
+            "encoding": {"manifest": {"contentType": "application/json"}},
         }},
     },
 }
