@@ -30,7 +30,7 @@ from gateway.deps import (
     StreamSlotsDep,
     TicketsDep,
 )
-from gateway.errors import RATE_LIMITED_CODE, ApiError, documented, from_domain_error, invalid_input
+from gateway.errors import RATE_LIMITED_CODE, ApiError, documented, from_domain_error
 from gateway.feeds import FeedHub, StreamSlots, SubscriberOverflow, WatchMethod
 from gateway.schemas import event_out
 from gateway.signing import MediaSigner
@@ -49,6 +49,8 @@ RECONNECT_MILLISECONDS = 2000
 # What a client over its stream cap is asked to wait before trying again.
 STREAM_CAP_RETRY_AFTER_SECONDS = 5
 _MAX_SEQUENCE = 2**63 - 1
+# Every id this gateway sends is a sequence number; 18 digits stay below _MAX_SEQUENCE.
+LAST_EVENT_ID_PATTERN = r"^[0-9]{1,18}$"
 
 
 class TicketOut(BaseModel):
@@ -104,7 +106,10 @@ async def job_events(
     feeds: FeedsDep, slots: StreamSlotsDep,
     after: Annotated[int | None, Query(ge=0, le=_MAX_SEQUENCE,
                                        description="Replay events after this sequence number.")] = None,
-    last_event_id: Annotated[str | None, Header(description="Set by EventSource on reconnect.")] = None,
+    last_event_id: Annotated[str | None, Header(
+        pattern=LAST_EVENT_ID_PATTERN,
+        description="Set by EventSource on reconnect: the id of the last event it received (a sequence "
+                    "number, 1 to 18 digits). Takes precedence over ?after=.")] = None,
 ) -> EventSourceResponse:
     """Replay the job's events after ``Last-Event-ID`` (or ``?after=``), then follow new ones.
 
@@ -134,15 +139,8 @@ async def job_events(
 
 
 def _resume_point(last_event_id: str | None, after: int | None) -> int:
-    if last_event_id is not None and last_event_id.strip():
-        try:
-            value = int(last_event_id)
-        except ValueError:
-            raise invalid_input("Last-Event-ID must be an event sequence number.") from None
-        if not 0 <= value <= _MAX_SEQUENCE:
-            raise invalid_input("Last-Event-ID must be an event sequence number.")
-        return value
-    return after or 0
+    """The sequence to replay after: ``Last-Event-ID`` (digits only, checked by its pattern) or ``after``."""
+    return int(last_event_id) if last_event_id is not None else after or 0
 
 
 async def _events(feeds: FeedHub, watch: WatchMethod, owner: str, job_id: str, after: int,
