@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from sqlalchemy import event
 
@@ -20,7 +21,9 @@ from clipchat.db import Database
 from clipchat.db.migrate import upgrade
 from clipchat.db.models import Job
 from clipchat.settings import Settings
+from clipchat.storage.local import LocalStorage
 from clipchat.v1 import jobs_pb2, jobs_pb2_grpc
+from gateway.app import create_app
 from services.status.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from services.status.service import StatusService
 from services.status.state_machine import ClipInput
@@ -173,3 +176,32 @@ async def test_a_budget_above_the_operator_maximum_is_refused(stub: jobs_pb2_grp
 async def test_a_budget_at_the_operator_maximum_is_kept(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
     created = await stub.CreateJob(_create_request("500"), timeout=10)
     assert Decimal(created.job.budget_limit) == Decimal("500")
+
+
+async def test_the_gateway_pages_with_the_status_service(service: StatusService, clock: Clock,
+                                                         tmp_path: Path) -> None:
+    """GET /api/v1/jobs in front of the real service: limit and cursor passed through, same wire format."""
+    ids = await _create(service, clock, 7, same_time=2)
+    assert service.grpc is not None
+    unused = "127.0.0.1:9"  # the listing needs only the status service
+    settings = Settings(data_dir=tmp_path, status_addr=f"127.0.0.1:{service.grpc.port}", regenerator_addr=unused,
+                        composer_addr=unused, auth_tokens="alice-token=alice", media_signing_key="k" * 32)
+    app = create_app(settings, storage=LocalStorage(tmp_path / "store"))
+    seen: list[str] = []
+    cursor = None
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+            headers={"Authorization": "Bearer alice-token"}) as client:
+        while True:
+            response = await client.get("/api/v1/jobs", params={"limit": 3, **({"cursor": cursor} if cursor else {})})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert set(body) == {"jobs", "next_cursor"} and len(body["jobs"]) <= 3
+            seen += [job["id"] for job in body["jobs"]]
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+        bad = await client.get("/api/v1/jobs", params={"cursor": "e30"})
+    assert seen == _newest_first(ids, 2)
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "invalid_input" and "cursor" in bad.json()["error"]["message"]
