@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,6 +30,8 @@ class RunningClipChat:
     data_dir: Path
     env: dict[str, str]
     output: list[str]
+    # Distributed mode: each gRPC service's metrics URL (the gateway's is url + "/metrics").
+    metrics_urls: dict[str, str] = field(default_factory=dict)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"},
@@ -120,19 +122,25 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
     output: list[str] = []
     procs: list[subprocess.Popen[str]] = []
     try:
-        url = serve_distributed(env, procs, output)
-        yield RunningClipChat(url, TOKEN, data_dir, env, output)
+        metrics_urls: dict[str, str] = {}
+        url = serve_distributed(env, procs, output, metrics_urls)
+        yield RunningClipChat(url, TOKEN, data_dir, env, output, metrics_urls)
     finally:
         for proc in reversed(procs):
             stop_process(proc)
         asyncio.run(_drop_database(postgres_admin_dsn, db_name))
 
 
-def serve_distributed(env: dict[str, str], procs: list[subprocess.Popen[str]], output: list[str]) -> str:
+def serve_distributed(env: dict[str, str], procs: list[subprocess.Popen[str]], output: list[str],
+                      metrics_urls: dict[str, str] | None = None) -> str:
     """Migrate, start each service as its own ``clipchat serve`` process on free ports and wait until
     the gateway is ready; returns the gateway's URL. The processes are added to ``procs`` as they
-    start, so the caller stops them whatever happens."""
+    start, so the caller stops them whatever happens. Each gRPC service serves its metrics on a
+    port of its own (``CLIPCHAT_METRICS_PORT``), whose URL goes into ``metrics_urls``."""
     ports = {name: free_port() for name in ("status", "regenerator", "composer", "gateway")}
+    metrics_ports = {name: free_port() for name in ("status", "regenerator", "composer")}
+    if metrics_urls is not None:
+        metrics_urls.update({name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics_ports.items()})
     env.update({
         "CLIPCHAT_STATUS_ADDR": f"127.0.0.1:{ports['status']}",
         "CLIPCHAT_REGENERATOR_ADDR": f"127.0.0.1:{ports['regenerator']}",
@@ -141,7 +149,8 @@ def serve_distributed(env: dict[str, str], procs: list[subprocess.Popen[str]], o
     })
     migrated = subprocess.run([CLIPCHAT, "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert migrated.returncode == 0, migrated.stderr
-    procs.extend(start_process([CLIPCHAT, "serve", name], env, output)
+    procs.extend(start_process([CLIPCHAT, "serve", name],
+                               {**env, "CLIPCHAT_METRICS_PORT": str(metrics_ports.get(name, 0))}, output)
                  for name in ("status", "composer", "regenerator", "gateway"))
     url = f"http://127.0.0.1:{ports['gateway']}"
 
