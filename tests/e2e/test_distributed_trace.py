@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from clipchat.broker.topology import COMPOSE_QUEUE, EVENTS_EXCHANGE, REGENERATE_QUEUE
-from tests.e2e.conftest import RunningClipChat, base_env, serve_distributed, wait_for_job
+from tests.e2e.conftest import RunningClipChat, base_env, serve_distributed
 from tests.fakes.otlp_collector import CollectedSpan, OtlpCollector
 from tests.processes import stop_process
 
@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.ffmpeg]
 class TracedClipChat:
     system: RunningClipChat
     collector: OtlpCollector
+    job_id: str  # the demo job, composed
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,13 @@ def traced(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postgres_a
     procs: list = []
     try:
         url = serve_distributed(env, procs, output)
-        yield TracedClipChat(RunningClipChat(url, "e2e-token", data_dir, env, output), collector)
+        system = RunningClipChat(url, "e2e-token", data_dir, env, output)
+        created = system.cli("demo")
+        assert created.returncode == 0, created.stdout + created.stderr
+        job_id = created.stdout.split()[0]
+        with system.client() as client:
+            assert _wait_for_version(system, client, job_id, 1)["status"] == "completed"
+        yield TracedClipChat(system, collector, job_id)
     finally:
         for proc in reversed(procs):
             stop_process(proc)
@@ -68,28 +75,25 @@ def traced(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postgres_a
         asyncio.run(_drop_database(postgres_admin_dsn, db_name))
 
 
+# Setting up starts four services and composes the demo job; the test composes it again.
+@pytest.mark.timeout(900)
 def test_one_regeneration_is_one_trace_across_the_services_and_rabbitmq(traced: TracedClipChat) -> None:
-    system, collector = traced.system, traced.collector
-    created = system.cli("demo")
-    assert created.returncode == 0, created.stdout + created.stderr
-    job_id = created.stdout.split()[0]
+    system, collector, job_id = traced.system, traced.collector, traced.job_id
     with system.client() as client:
-        assert wait_for_job(client, job_id, {"completed", "failed"})["status"] == "completed"
         trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
         started = client.post(f"/api/v1/jobs/{job_id}/clips/1/regenerate", json={"instruction": "make it rainy"},
                               headers={"traceparent": f"00-{trace_id}-{caller_span}-01"})
         assert started.status_code == 202, started.text
         regeneration_id = started.json()["regeneration_id"]
-        job = _wait_for_version(client, job_id, 2)
+        job = _wait_for_version(system, client, job_id, 2)
         assert (job["status"], job["current_version"]) == ("completed", 2), job
 
-    def in_trace(spans: list[CollectedSpan]) -> list[CollectedSpan]:
-        return [s for s in spans if s.trace_id == trace_id]
+    def composed(spans: list[CollectedSpan]) -> list[CollectedSpan] | None:
+        found = [s for s in spans if s.trace_id == trace_id]
+        return found if any(s.name == "compose.message" for s in found) else None
 
     # The composer's message span ends once its claim is settled, just after the job completes.
-    one_trace = collector.wait_for(
-        lambda spans: (found := in_trace(spans)) and any(s.name == "compose.message" for s in found) and found,
-        "the composer's compose.message in the request's trace")
+    one_trace = collector.wait_for(composed, "the composer's compose.message in the request's trace")
     by_id = {s.span_id: s for s in one_trace}
     described = "\n".join(sorted(str(s) for s in one_trace))
 
@@ -154,15 +158,18 @@ def test_one_regeneration_is_one_trace_across_the_services_and_rabbitmq(traced: 
     assert worked[0]["timestamp"].endswith("Z")
 
 
-def _wait_for_version(client: httpx.Client, job_id: str, version: int, limit: float = 300) -> dict:
-    """The job once it has ``version`` or has failed (the API is the only way to see it)."""
+def _wait_for_version(system: RunningClipChat, client: httpx.Client, job_id: str, version: int,
+                      limit: float = 600) -> dict:
+    """The job once it has ``version`` or has failed (the API is the only way to see it); a readiness
+    wait, not a speed check: it fails with the services' last lines when the job seems stuck."""
     deadline = time.monotonic() + limit
     while True:
         job = client.get(f"/api/v1/jobs/{job_id}").json()
         if job["status"] == "failed" or (job["status"] == "completed" and job["current_version"] >= version):
             return job
         if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} is still {job['status']} at version {job['current_version']}")
+            pytest.fail(f"job {job_id} is still {job['status']} at version {job['current_version']}\n"
+                        + "".join(system.output[-40:]))
         time.sleep(0.3)
 
 

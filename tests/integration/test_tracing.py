@@ -16,7 +16,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +310,7 @@ def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[Reada
     return chain
 
 
-def _one(spans: list[ReadableSpan], predicate, names: list[str]) -> ReadableSpan:  # type: ignore[no-untyped-def]
+def _one(spans: Sequence[ReadableSpan], predicate, names: list[str]) -> ReadableSpan:  # type: ignore[no-untyped-def]
     found = [s for s in spans if predicate(s)]
     assert len(found) == 1, f"{len(found)} matching spans in the request's trace; its spans: {names}"
     return found[0]
