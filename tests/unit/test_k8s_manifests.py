@@ -40,7 +40,11 @@ RUNTIME_ENV = {"NVIDIA_DRIVER_CAPABILITIES"}
 NO_NVENC = ("A100", "H100", "H200", "B200")
 GPU = "nvidia.com/gpu"
 PLACEHOLDER = "CHANGE_ME"
-KEDA_KINDS = ("ScaledObject", "TriggerAuthentication")
+# Custom resources, each checked against a schema of our own (deploy/k8s/schemas).
+CRD_SCHEMAS = {"ScaledObject": "keda.json", "TriggerAuthentication": "keda.json",
+               "PodMonitor": "monitoring.json", "PrometheusRule": "monitoring.json"}
+METRICS_PORT = 9464
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 
 Doc = dict[str, Any]
 
@@ -136,12 +140,12 @@ def source_docs() -> Iterator[tuple[Path, Doc]]:
 def test_every_object_validates_against_its_schema(k8s: Rendered) -> None:
     import kubernetes_validate
 
-    keda = json.loads((K8S / "schemas" / "keda.json").read_text())
     assert k8s.docs
     for doc in k8s.docs:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
-        if doc["kind"] in KEDA_KINDS:
-            schema = {**keda, "$ref": f"#/$defs/{doc['kind']}"}
+        if doc["kind"] in CRD_SCHEMAS:
+            schema = {**json.loads((K8S / "schemas" / CRD_SCHEMAS[doc["kind"]]).read_text()),
+                      "$ref": f"#/$defs/{doc['kind']}"}
             errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(doc)]
             assert not errors, f"{where}: {errors}"
         else:
@@ -178,7 +182,7 @@ def test_grpc_services_serve_the_port_their_service_and_probes_use(k8s: Rendered
     for name, port in GRPC_PORTS.items():
         [service_port] = services[name]["spec"]["ports"]
         container = k8s.container(name)
-        [container_port] = container["ports"]
+        [container_port] = [p for p in container["ports"] if p["name"] == "grpc"]
         assert service_port["port"] == container_port["containerPort"] == port, name
         assert service_port["targetPort"] in (port, container_port["name"]), name
         # The server binds the port its Service sends to, and callers dial that Service.
@@ -474,12 +478,17 @@ def test_everything_is_denied_unless_allowed(k8s: Rendered) -> None:
 
 
 def test_only_the_gateway_is_reachable_from_the_ingress_controller(k8s: Rendered) -> None:
-    [rule] = _policies_for(k8s, "gateway", "ingress")
-    assert _ports(rule) == {int(k8s.config()["CLIPCHAT_GATEWAY_PORT"])}
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    gateway_port = int(k8s.config()["CLIPCHAT_GATEWAY_PORT"])
+    rules = _policies_for(k8s, "gateway", "ingress")
+    # The ingress controller, and Prometheus for /metrics: the same port.
+    assert sorted(json.dumps(rule["from"]) for rule in rules) == sorted(json.dumps(peers) for peers in (
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}], [MONITORING]))
+    assert all(_ports(rule) == {gateway_port} for rule in rules)
     for name, port in GRPC_PORTS.items():
         for rule in _policies_for(k8s, name, "ingress"):
+            if rule["from"] == [MONITORING]:
+                assert _ports(rule) == {METRICS_PORT}, name
+                continue
             assert _ports(rule) == {port}, name
             for peer in rule["from"]:
                 # Pods of this namespace only (no namespaceSelector, no ipBlock), ClipChat's own.
@@ -599,3 +608,112 @@ def test_dockerfile_runs_clipchat_as_non_root() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert "grpc_tools.protoc -I protos --python_out=. --grpc_python_out=." in text
     assert "touch clipchat/v1/__init__.py" in text
+
+
+# --- metrics and alerts ---------------------------------------------------------------------------
+
+# What may appear in an alert expression besides ClipChat's metrics (PromQL's own words).
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "group",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
+    "rate", "irate", "increase", "delta", "idelta", "deriv", "histogram_quantile", "absent", "absent_over_time",
+    "sum_over_time", "avg_over_time", "max_over_time", "min_over_time", "count_over_time", "changes", "resets",
+    "clamp_min", "clamp_max", "abs", "vector", "scalar", "time", "label_replace",
+}
+HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
+
+
+def _alert_rules(k8s: Rendered) -> list[Doc]:
+    return [rule for doc in k8s.of_kind("PrometheusRule").values() for group in doc["spec"]["groups"]
+            for rule in group["rules"]]
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names an expression reads: its identifiers less PromQL's words, label matchers,
+    grouping labels, durations and strings."""
+    expr = re.sub(r'"[^"]*"', "", expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r"\1", expr)  # labels
+    expr = re.sub(r"\b\d+(\.\d+)?(ms|[smhdwy])?\b", "", expr)  # numbers and durations (offset 5m)
+    return {word for word in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr) if word not in PROMQL_WORDS}
+
+
+def test_alert_rules_read_only_metrics_the_code_defines(prod: Rendered) -> None:
+    from clipchat import metrics
+
+    defined = set(metrics.METRIC_NAMES)
+    defined |= {name + suffix for name in metrics.METRIC_NAMES for suffix in HISTOGRAM_SERIES}
+    rules = _alert_rules(prod)
+    alerts = {rule["alert"] for rule in rules}
+    assert {"ClipChatRegenerationFailureRatioHigh", "ClipChatMessagesDeadLettered", "ClipChatLeaseExpiries",
+            "ClipChatQueueWaitHigh", "ClipChatComposerFellBackToLibx264", "ClipChatNoComposerReady"} <= alerts
+    read: set[str] = set()
+    for rule in rules:
+        names = _metric_names(rule["expr"])
+        assert names, f"{rule['alert']} reads no metric"
+        assert names <= defined, f"{rule['alert']} reads {sorted(names - defined)}, not defined in clipchat/metrics.py"
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        read |= names
+    # Queue names in the rules are the topology's (the metrics carry them without the broker namespace).
+    for rule in rules:
+        for queue in re.findall(r'queue="([^"]+)"', rule["expr"]):
+            assert queue in WORKER_QUEUES.values(), f"{rule['alert']}: unknown queue {queue}"
+
+
+def test_the_metric_name_parser_sees_through_promql() -> None:
+    expr = ('sum by (le, queue) (rate(clipchat_queue_wait_seconds_bucket{queue="x"}[10m])) > 120 '
+            'unless on() (max(clipchat_encoder_in_use) == 1) and other_metric offset 5m')
+    assert _metric_names(expr) == {"clipchat_queue_wait_seconds_bucket", "clipchat_encoder_in_use", "other_metric"}
+
+
+def test_every_pod_is_scraped_on_a_port_it_serves(prod: Rendered) -> None:
+    config = prod.config()
+    assert int(config["CLIPCHAT_METRICS_PORT"]) == METRICS_PORT
+    monitors = prod.of_kind("PodMonitor")
+    scraped: set[str] = set()
+    for name in SERVICES:
+        labels = prod.of_kind("Deployment")[name]["spec"]["template"]["metadata"]["labels"]
+        ports = {p["name"]: p["containerPort"] for p in prod.container(name)["ports"]}
+        for monitor in monitors.values():
+            if _selects(monitor["spec"]["selector"], labels):
+                for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                    assert endpoint["port"] in ports, f"{name}: no port {endpoint['port']}"
+                    assert endpoint["path"] == "/metrics"
+                    scraped.add(name)
+        annotations = prod.of_kind("Deployment")[name]["spec"]["template"]["metadata"]["annotations"]
+        expected = ports["http"] if name == "gateway" else ports["metrics"]
+        assert annotations["prometheus.io/port"] == str(expected), name
+        assert annotations["prometheus.io/path"] == "/metrics", name
+        if name != "gateway":
+            assert ports["metrics"] == METRICS_PORT, name
+    assert scraped == set(SERVICES)
+
+
+def test_dev_needs_no_prometheus_operator(dev: Rendered) -> None:
+    assert not dev.of_kind("PodMonitor") and not dev.of_kind("PrometheusRule")
+    assert int(dev.config()["CLIPCHAT_METRICS_PORT"]) == METRICS_PORT  # annotations still work
+
+
+async def test_the_ingress_routes_the_public_paths_and_not_metrics(k8s: Rendered, tmp_path: Path) -> None:
+    """Every path of the gateway's API document, its page, static files and docs reach it through the
+    Ingress; /metrics (in-cluster only) does not."""
+    from clipchat.storage.local import LocalStorage
+    from gateway.app import create_app
+    from tests.unit.gateway.gateway_rig import running
+
+    [ingress] = k8s.of_kind("Ingress").values()
+    paths = [(p["path"], p["pathType"]) for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+
+    def routed(path: str) -> bool:
+        return any(path == prefix if kind == "Exact" else path.startswith(prefix) for prefix, kind in paths)
+
+    app = create_app(Settings(data_dir=tmp_path), storage=LocalStorage(tmp_path / "storage"))
+    public = [*app.openapi()["paths"], "/", "/static/app.js", app.openapi_url, app.docs_url, app.redoc_url]
+    assert "/api/v1/jobs" in public
+    for path in public:
+        assert path and routed(re.sub(r"\{[^}]+\}", "x", path)), f"the Ingress does not route {path}"
+    async with running(app) as client:
+        assert (await client.get("/metrics", headers={"Authorization": ""})).status_code == 200
+    assert not routed("/metrics"), "the Ingress would expose /metrics"
