@@ -33,15 +33,16 @@ from urllib.parse import quote
 
 import httpx
 
-from clipchat.errors import ClipChatError, ProviderMisconfigured
+from clipchat.errors import ClipChatError
 from clipchat.providers import DETAIL_CHARS
 from services.regenerator.http_generator import (
+    MODEL_NOT_FOUND,
     GenerationRejected,
     HttpVideoGenerator,
     PollState,
     RemotePrediction,
     TransientGenerationError,
-    provider_error,
+    misconfiguration,
 )
 from services.regenerator.model_inputs import INPUT_MAPPINGS
 
@@ -52,11 +53,7 @@ _PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 _POLICY_TYPES = ("content_policy", "content_policy_violation", "nsfw")
 # fal's platform error types that a later attempt may not hit (see its request-errors reference).
 _TRANSIENT_TYPES = ("timeout", "runner", "internal_error", "client_disconnected")
-_MISCONFIGURED: dict[int, tuple[str, str]] = {
-    404: ("generator_model_not_found", "The video generator model is not available. Please contact support."),
-}
-_REQUEST_INVALID = ("generator_request_invalid",
-                    "The video generator refused ClipChat's request format. Please contact support.")
+_MISCONFIGURED: dict[int, tuple[str, str]] = {404: MODEL_NOT_FOUND}
 
 
 class FalVideoGenerator(HttpVideoGenerator):
@@ -122,12 +119,7 @@ class FalVideoGenerator(HttpVideoGenerator):
 
     def _error_for(self, response: httpx.Response) -> ClipChatError:
         """A 4xx on submit or status is about the request ClipChat sent (see the module docstring)."""
-        common = provider_error(response)
-        if common is not None:
-            return common
-        code, message = _MISCONFIGURED.get(response.status_code, _REQUEST_INVALID)
-        return ProviderMisconfigured(message, code=code,
-                                     detail=f"HTTP {response.status_code}: {response.text[:DETAIL_CHARS]}")
+        return misconfiguration(response, _MISCONFIGURED)
 
 
 def _result_error(request_id: str, response: httpx.Response) -> ClipChatError:
@@ -140,11 +132,7 @@ def _result_error(request_id: str, response: httpx.Response) -> ClipChatError:
     if response.status_code >= 500 or any(t in kind for kind in kinds for t in _TRANSIENT_TYPES):
         return TransientGenerationError(code="generation_failed", detail=f"fal request {request_id}: {text}",
                                         retry_after=None)
-    common = provider_error(response)
-    if common is not None:
-        return common
-    return ProviderMisconfigured(_REQUEST_INVALID[1], code=_REQUEST_INVALID[0],
-                                 detail=f"HTTP {response.status_code}: {text}")
+    return misconfiguration(response, {})
 
 
 def _error_types(response: httpx.Response) -> list[str]:

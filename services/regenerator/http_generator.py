@@ -492,6 +492,23 @@ def provider_error(response: httpx.Response) -> ClipChatError | None:
     return None
 
 
+# A provider's 4xx about ClipChat's own request: the code it is recorded under and the message.
+MODEL_NOT_FOUND = ("generator_model_not_found", "The video generator model is not available. Please contact support.")
+REQUEST_INVALID = ("generator_request_invalid",
+                   "The video generator refused ClipChat's request format. Please contact support.")
+
+
+def misconfiguration(response: httpx.Response, codes: Mapping[int, tuple[str, str]]) -> ClipChatError:
+    """A non-2xx answer of an adapter whose 4xx answers are all about the request ClipChat sent:
+    the common mapping first, then ``codes`` by status (else ``REQUEST_INVALID``)."""
+    common = provider_error(response)
+    if common is not None:
+        return common
+    code, message = codes.get(response.status_code, REQUEST_INVALID)
+    return ProviderMisconfigured(message, code=code,
+                                 detail=f"HTTP {response.status_code}: {response.text[:DETAIL_CHARS]}")
+
+
 def _json_object(response: httpx.Response, method: str) -> dict[str, Any]:
     """A successful answer's JSON object; ``TransientGenerationError`` when it is malformed."""
     try:

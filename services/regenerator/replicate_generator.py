@@ -26,22 +26,19 @@ from urllib.parse import quote
 
 import httpx
 
-from clipchat.errors import ClipChatError, ProviderMisconfigured
-from clipchat.providers import DETAIL_CHARS
-from services.regenerator.http_generator import HttpVideoGenerator, provider_error
+from clipchat.errors import ClipChatError
+from services.regenerator.http_generator import MODEL_NOT_FOUND, HttpVideoGenerator, misconfiguration
 from services.regenerator.model_inputs import INPUT_MAPPINGS
 
 REPLICATE_API = "https://api.replicate.com"
 REPLICATE_OUTPUT_HOSTS = ("replicate.delivery", "*.replicate.delivery")
 
 _MODEL = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, without a version
-# Replicate's 4xx answers, each with the code it is recorded under and what the operator should check.
+# Replicate's 4xx answers other than 401/403/409/429, each with its code and message.
 _MISCONFIGURED: dict[int, tuple[str, str]] = {
     402: ("generator_payment_required", "The video generator account is out of credit. Please contact support."),
-    404: ("generator_model_not_found", "The video generator model is not available. Please contact support."),
+    404: MODEL_NOT_FOUND,
 }
-_REQUEST_INVALID = ("generator_request_invalid",
-                    "The video generator refused ClipChat's request format. Please contact support.")
 
 
 class ReplicateVideoGenerator(HttpVideoGenerator):
@@ -72,9 +69,4 @@ class ReplicateVideoGenerator(HttpVideoGenerator):
 
     def _error_for(self, response: httpx.Response) -> ClipChatError:
         """Replicate's 4xx answers are about the request ClipChat sent (see the module docstring)."""
-        common = provider_error(response)
-        if common is not None:
-            return common
-        code, message = _MISCONFIGURED.get(response.status_code, _REQUEST_INVALID)
-        return ProviderMisconfigured(message, code=code,
-                                     detail=f"HTTP {response.status_code}: {response.text[:DETAIL_CHARS]}")
+        return misconfiguration(response, _MISCONFIGURED)
