@@ -209,3 +209,20 @@ async def test_the_broker_counts_publishes_queue_waits_and_dead_letters() -> Non
     assert value(metrics.MESSAGES_PUBLISHED, queue=REGENERATE_QUEUE) == published + 2
     assert value(f"{metrics.QUEUE_WAIT}_count", queue=REGENERATE_QUEUE) == waits + 2
     assert value(metrics.DEAD_LETTERED, queue=REGENERATE_QUEUE, reason="handler_error") == dead + 1
+
+
+async def test_serve_names_the_setting_when_the_metrics_port_is_busy(tmp_path: Path) -> None:
+    """`clipchat serve` stops with one line naming CLIPCHAT_METRICS_PORT, before anything else starts."""
+    import asyncio
+    import socket
+
+    from launcher.errors import StartupError
+    from launcher.system import serve_one
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(data_dir=tmp_path, metrics_port=taken.getsockname()[1])
+        with pytest.raises(StartupError, match="CLIPCHAT_METRICS_PORT") as raised:
+            await serve_one("regenerator", settings, asyncio.Event())
+    assert "\n" not in str(raised.value)
