@@ -21,6 +21,15 @@ from tests.processes import spawn, stop_process
 ROOT = Path(__file__).resolve().parents[2]
 CLIPCHAT = str(Path(sys.executable).with_name("clipchat"))
 TOKEN = "e2e-token"
+# Where the page tests saved their screenshots (printed at the end of the run).
+SCREENSHOTS_KEY = pytest.StashKey[Path]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    folder = config.stash.get(SCREENSHOTS_KEY, None)
+    if folder is not None:
+        terminalreporter.write_sep("-", "page screenshots")
+        terminalreporter.write_line(f"Screenshots of the page's states (desktop and phone): {folder}")
 
 
 @dataclass
