@@ -22,6 +22,7 @@ from clipchat.storage import Storage
 from clipchat.storage.local import LocalStorage
 from clipchat.storage.s3 import S3Storage
 from gateway.app import create_app
+from gateway.schemas import MAX_CLIPS
 from tests.unit.gateway.gateway_rig import ALICE, Backend, SettingsFactory, error_of, served
 
 MIB = 1024 * 1024
@@ -164,3 +165,18 @@ async def test_oversized_part_headers_are_a_json_4xx(make_settings: SettingsFact
     error = error_of(response)
     assert error["code"] == "payload_too_large" and "header" in error["message"]
     assert backend.status.created == []
+
+
+async def test_too_many_file_parts_are_422(make_settings: SettingsFactory, backend: Backend,
+                                           storage: LocalStorage) -> None:
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"clips\"; filename=\"a.mp4\"\r\n\r\n"
+            f"{MP4_HEAD.decode('latin-1')}\r\n")
+    body = (part * (MAX_CLIPS + 2) + f"--{boundary}--\r\n").encode("latin-1")
+    async with served(create_app(make_settings(), storage=storage)) as url, httpx.AsyncClient(
+            base_url=url, timeout=30, headers={"Authorization": f"Bearer {ALICE}"}) as client:
+        response = await client.post("/api/v1/jobs", content=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 422
+    assert f"at most {MAX_CLIPS + 1}" in error_of(response)["message"]
+    assert backend.status.created == [] and await storage.list("") == []
