@@ -1,7 +1,8 @@
 """Pages of a job list: the page size rules and the opaque token that marks where a page ended.
 
 Pages are keyed on (created_at, job id), newest first, never on an offset: jobs created between two
-pages do not shift them, and each page is one index range scan however deep the list goes. The
+pages do not shift them, and no page reads the rows of the pages before it (the query asks for the
+owner's jobs past the key, ordered, with a LIMIT). The
 token is ``base64url(JSON [seconds, nanos, job_id])`` of the last job on the page; the gateway hands
 it to REST clients as ``next_cursor`` unchanged.
 """
