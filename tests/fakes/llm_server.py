@@ -202,7 +202,9 @@ class FakeLLMServer:
         app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
         @app.get("/v1/models")
-        async def models() -> Response:
+        async def models(request: Request) -> Response:
+            if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
             return JSONResponse({"object": "list", "data": [
                 {"id": self.model, "object": "model", "created": _CREATED, "owned_by": "clipchat-tests"}]})
 

@@ -14,6 +14,7 @@ What it reproduces:
   ``POST /v1/predictions/{id}/cancel`` cancels.
 - errors are problem documents (``{"title", "detail", "status"}``): 401 for a wrong token, and
   scripted 402 (credit), 429 with ``Retry-After``, 5xx.
+- ``GET /v1/account`` and ``GET /v1/models/{owner}/{name}[/versions/{id}]`` (free lookups).
 - outputs are served from a CDN host: ``http://{cdn_host}:{port}/files/{id}.mp4`` (``localhost``
   by default, a host other than the API's ``127.0.0.1``, as ``replicate.delivery`` is in real life).
 
@@ -126,6 +127,30 @@ class ReplicateServer(PredictionServer):
             if prediction.status in ("starting", "processing"):
                 prediction.status = "canceled"
             return JSONResponse(self._describe(prediction))
+
+        @app.get("/v1/account")
+        async def account(request: Request) -> Response:
+            if not self._authorized(request):
+                return _unauthenticated()
+            return JSONResponse({"type": "user", "username": "clipchat-tests", "name": "ClipChat tests",
+                                 "github_url": None})
+
+        @app.get("/v1/models/{owner}/{name}")
+        async def model(owner: str, name: str, request: Request) -> Response:
+            if not self._authorized(request):
+                return _unauthenticated()
+            if f"{owner}/{name}" not in self.models:
+                return problem(404, "Not found", "The requested resource could not be found.")
+            return JSONResponse({"owner": owner, "name": name, "visibility": "public",
+                                 "latest_version": {"id": self.versions[0]}})
+
+        @app.get("/v1/models/{owner}/{name}/versions/{version}")
+        async def model_version(owner: str, name: str, version: str, request: Request) -> Response:
+            if not self._authorized(request):
+                return _unauthenticated()
+            if f"{owner}/{name}" not in self.models or version not in self.versions:
+                return problem(404, "Not found", "The requested resource could not be found.")
+            return JSONResponse({"id": version, "created_at": "2026-11-01T00:00:00Z"})
 
         self._add_download_route(app)
         return app
