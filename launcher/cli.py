@@ -154,6 +154,29 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+providers_app = typer.Typer(no_args_is_help=True, help="The configured LLM and video generator.")
+app.add_typer(providers_app, name="providers")
+
+
+@providers_app.command("check")
+def providers_check(probe_llm: bool = typer.Option(
+        False, "--probe-llm", help="Also send one small rewrite (a few tokens) to learn the LLM's "
+                                   "structured-output mode.")) -> int:
+    """Whether the configured LLM and video generator answer, and with what; spends nothing by default."""
+    from services.regenerator.provider_check import check_providers
+
+    settings = _settings()
+
+    async def run() -> list[Any]:
+        async with httpx.AsyncClient(timeout=settings.generator_request_timeout_seconds) as http:
+            return await check_providers(settings, http=http, probe_llm=probe_llm)
+
+    results = asyncio.run(run())
+    for result in results:
+        print(f"{result.part:<10} {'ok' if result.ok else 'FAILED':<7} {result.summary}")
+    return 0 if all(result.ok for result in results) else 1
+
+
 @app.command()
 def serve(service: str = typer.Argument(..., help="status, regenerator, composer or gateway")) -> None:
     """Distributed mode: run one service, configured by CLIPCHAT_* environment variables."""
