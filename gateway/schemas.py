@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from clipchat.v1 import common_pb2
 from gateway.errors import ErrorBody
@@ -38,9 +39,27 @@ TransitionKind = Literal[
 # ---------------------------------------------------------------------------------------------
 # Requests
 
+# What a person's text may not hold: NUL and the other control characters but tab, line feed and
+# carriage return (PostgreSQL cannot store NUL; the rest have no place in a prompt or a title), and
+# unpaired surrogates (not encodable as UTF-8, so neither gRPC nor the database can carry them).
+# Everything else (quotes, ``;``, ``$(…)``, brackets, bidi controls, any script) is stored as sent:
+# it is data, and nothing downstream ever reads it as anything else.
+_UNSTORABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _storable(value: str) -> str:
+    if _UNSTORABLE.search(value):
+        raise ValueError("must not contain control characters (other than tab and line breaks) or "
+                         "unpaired surrogates")
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(_storable)]
+"""Text a person wrote, stored byte for byte; refused (422) when it holds what cannot be stored."""
+
 
 class ClipSpec(BaseModel):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+    prompt: StorableText = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
                         description="What the clip shows (the prompt it was generated from).")
     duration: float = Field(ge=MIN_CLIP_SECONDS, le=MAX_CLIP_SECONDS, allow_inf_nan=False,
                             description="Seconds of this clip used in the video.")
@@ -61,7 +80,7 @@ class TransitionSpec(BaseModel):
 class JobManifest(BaseModel):
     """The ``manifest`` field of ``POST /jobs``: what the uploaded files are and how to join them."""
 
-    title: str | None = Field(default=None, max_length=200)
+    title: StorableText | None = Field(default=None, max_length=200)
     clips: list[ClipSpec] = Field(min_length=1, max_length=MAX_CLIPS)
     transitions: list[TransitionSpec] | None = Field(
         default=None, description="One between each pair of clips (len(clips) - 1).")
@@ -95,11 +114,11 @@ class JobManifest(BaseModel):
 
 class Turn(BaseModel):
     role: Literal["user", "assistant"]
-    content: str = Field(max_length=MAX_TURN_CHARS)
+    content: StorableText = Field(max_length=MAX_TURN_CHARS)
 
 
 class RegenerateRequest(BaseModel):
-    instruction: str = Field(description="What to change, e.g. 'make it nighttime'. 1 to "
+    instruction: StorableText = Field(description="What to change, e.g. 'make it nighttime'. 1 to "
                                          "CLIPCHAT_MAX_INSTRUCTION_CHARS characters (2,000 by default).",
                              examples=["make it nighttime"])
     conversation_history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS)
