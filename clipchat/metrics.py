@@ -122,7 +122,7 @@ def _build() -> tuple[CollectorRegistry, _Instruments]:
                            "started it (a retry: from the end of its delay)."),
         composition_duration=seconds("clipchat_composition_duration", "Wall time of one composition "
                                      "(download, encode, mux, check, upload), by encoder and kind "
-                                     "(initial, regeneration)."),
+                                     "(full; incremental: segments reused from the cache)."),
         encoder_in_use=meter.create_gauge(
             "clipchat_encoder_in_use", description="1 for the H.264 encoder this composer uses, 0 for the other."),
         nvenc_fallbacks=meter.create_counter(
@@ -190,7 +190,8 @@ def queue_waited(queue: str, seconds: float) -> None:
 
 
 def composition_finished(seconds: float, *, encoder: str, kind: str) -> None:
-    """A composition was made in ``seconds`` with ``encoder``; ``kind`` is initial or regeneration."""
+    """A composition was made in ``seconds`` with ``encoder``; ``kind`` is full, or incremental when
+    it reused cached segments."""
     _instruments().composition_duration.record(seconds, {"encoder": encoder, "kind": kind})
 
 

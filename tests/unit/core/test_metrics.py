@@ -35,7 +35,7 @@ def test_every_listed_name_is_exported_once_recorded() -> None:
         pass
     metrics.message_published("clipchat.regenerate")
     metrics.queue_waited("clipchat.regenerate", 0.2)
-    metrics.composition_finished(1.5, encoder="libx264", kind="initial")
+    metrics.composition_finished(1.5, encoder="libx264", kind="full")
     metrics.encoder_selected("libx264", fell_back=False)
     metrics.segment_cache_lookup(hit=True)
     metrics.dead_lettered("clipchat.compose", "attempt_limit")
@@ -77,10 +77,10 @@ def test_histograms_sum_the_seconds_in_their_buckets() -> None:
     assert value(f"{metrics.QUEUE_WAIT}_sum", queue="clipchat.compose") == pytest.approx(total + 0.75)
     assert value(f"{metrics.QUEUE_WAIT}_bucket", queue="clipchat.compose", le="1.0") == in_first_second + 2
 
-    seconds = value(f"{metrics.COMPOSITION_DURATION}_sum", encoder="h264_nvenc", kind="regeneration")
-    metrics.composition_finished(4.0, encoder="h264_nvenc", kind="regeneration")
+    seconds = value(f"{metrics.COMPOSITION_DURATION}_sum", encoder="h264_nvenc", kind="incremental")
+    metrics.composition_finished(4.0, encoder="h264_nvenc", kind="incremental")
     assert value(f"{metrics.COMPOSITION_DURATION}_sum", encoder="h264_nvenc",
-                 kind="regeneration") == pytest.approx(seconds + 4.0)
+                 kind="incremental") == pytest.approx(seconds + 4.0)
 
 
 def test_the_encoder_gauge_names_one_encoder_and_a_fallback_is_counted() -> None:
