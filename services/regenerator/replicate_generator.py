@@ -54,6 +54,8 @@ class ReplicateVideoGenerator(HttpVideoGenerator):
             raise ValueError("prefer_wait is 0 to 60 seconds")
         super().__init__(base_url, api_token, model, **options)
         self._prefer_wait = prefer_wait
+        # A create that waits must not time out first: a retry after that would pay twice.
+        self._request_timeout = max(self._request_timeout, prefer_wait + 10.0)
 
     def _create_request(self, prompt: str, duration: float) -> tuple[str, dict[str, Any], dict[str, str]]:
         model_input = INPUT_MAPPINGS[self.name].build(prompt, duration, self._aspect_ratio)
