@@ -489,7 +489,7 @@ function runningMessage(r, rewriting) {
     el("p", { class: "run-note", hidden: state.connection !== "reconnecting" }, "Reconnecting…"));
   const cancel = el("button", { type: "button", class: "danger small", onclick: () => cancelRun(r.id) }, "Cancel");
   return assistant("running",
-    rewriting ? el("span", { class: "typing" }, el("span", {}, "Rewriting your prompt"),
+    rewriting ? el("span", { class: "typing" }, el("span", {}, "Reading your instruction"),
       el("span", { class: "typing-dots", "aria-hidden": "true" }, el("i"), el("i"), el("i"))) : rewrittenLine(r),
     run,
     el("div", { class: "actions" }, cancel));
@@ -752,7 +752,7 @@ function refused(clipIndex, instruction, error) {
     const job = state.job;
     note.title = "Over the budget.";
     note.text = `${error.message} This video has used ${money(job.total_cost)} of its ` +
-      `${money(job.budget_limit)} budget; nothing was spent. A change costs about ${money(lastEstimate(clipIndex) || 0)}.`;
+      `${money(job.budget_limit)} budget; nothing was spent. Restoring a version costs nothing.`;
   } else if (error.retryable || error.status === 0 || error.status === 429 || error.status >= 500) {
     note.retry = instruction;
   }

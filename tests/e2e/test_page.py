@@ -8,6 +8,7 @@ horizontal scrolling; each state is saved as a screenshot (the folder is printed
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +21,15 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, missing
-from tests.e2e.conftest import CLIPCHAT, SCREENSHOTS_KEY, TOKEN, base_env, start_process, wait_until
+from tests.e2e.conftest import (
+    CLIPCHAT,
+    SCREENSHOTS_KEY,
+    TOKEN,
+    base_env,
+    start_process,
+    wait_for_job,
+    wait_until,
+)
 from tests.fakes.prediction_server import PredictionServer
 from tests.processes import stop_process
 
@@ -68,8 +77,9 @@ class PageSystem:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 
     def job(self) -> dict[str, Any]:
+        """The demo job."""
         with self.client() as client:
-            job_id = client.get("/api/v1/jobs").json()["jobs"][0]["id"]
+            job_id = client.get("/api/v1/jobs").json()["jobs"][-1]["id"]
             job: dict[str, Any] = client.get(f"/api/v1/jobs/{job_id}").json()
             return job
 
@@ -155,7 +165,7 @@ class Watched:
 
 def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, *,
           allowed_statuses: frozenset[int] = frozenset(), hold_events: bool = False,
-          drop_first_stream: bool = False) -> Watched:
+          drop_first_stream: bool = False, job_id: str | None = None) -> Watched:
     """A fresh page on the demo job, its clips shown. ``hold_events`` holds its event stream back,
     as when another tab's change has not reached it yet; ``drop_first_stream`` resets the first
     event-stream connection, as a network that drops."""
@@ -202,8 +212,8 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
     page.on("pageerror", lambda exc: watched.problems.append(f"page error: {exc}"))
     page.on("requestfailed", failed)
     page.on("response", response)
-    page.goto(f"{system.url}/")
-    page.wait_for_function("document.querySelectorAll('#clips .clip').length >= 6")
+    page.goto(f"{system.url}/#job={job_id or system.job()['id']}")
+    page.wait_for_function(f"document.querySelectorAll('#clips .clip').length >= {1 if job_id else 6}")
     return watched
 
 
@@ -303,6 +313,7 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
     assert badges.index("Regenerating") < len(badges) - 1
     success = page.inner_text("#thread .msg.success")
     assert "Cost $" in success and "generation $0.20" in success, success
+    assert "no LLM used" in success  # the page says honestly how the prompt was written
     assert "nighttime" in page.inner_text("#thread").lower()
     assert page.locator("#thread .msg.success button", has_text="View updated video").count() == 1
     watched.shot("done")
@@ -425,6 +436,12 @@ def test_restore_a_version_after_confirming(system: PageSystem, browser: Any, sh
     assert restored != current
     assert page.locator("#versions li", has_text=f"Version {restored}").locator(".badge").text_content() == "current"
     watched.shot("restored")
+    page.select_option("#compare-a", "1")
+    page.select_option("#compare-b", str(current))
+    page.locator("#versions-compare button").click()
+    page.wait_for_selector("#compare:not([hidden])")
+    assert f"version {current}" in page.inner_text("#compare-caption").lower()
+    watched.shot("versions-compared")
     watched.assert_clean()
     page.context.close()
 
@@ -440,5 +457,45 @@ def test_a_lost_connection_reconnects_by_itself(system: PageSystem, browser: Any
     watched.held[1].continue_()
     page.wait_for_function("document.getElementById('connection').hidden")
     watched.shot("reconnected")
+    watched.assert_clean()
+    page.context.close()
+
+
+@pytest.fixture(scope="module")
+def small_budget_job(system: PageSystem, ffmpeg_exe: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A one-clip job whose budget cannot pay for a change (created last: the demo stays the oldest)."""
+    folder = tmp_path_factory.mktemp("small-job")
+    clip, music = folder / "clip.mp4", folder / "music.m4a"
+    for args, dest in ((["-i", "testsrc=size=320x180:rate=25:duration=1", "-c:v", "libx264", "-preset", "superfast",
+                         "-pix_fmt", "yuv420p"], clip),
+                       (["-i", "sine=frequency=220:sample_rate=48000:duration=1", "-c:a", "aac"], music)):
+        subprocess.run([ffmpeg_exe, "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi", *args,
+                        str(dest)], check=True, capture_output=True, timeout=60)
+    manifest = {"title": "Tiny budget", "clips": [{"prompt": "a test pattern", "duration": 1.0}],
+                "budget_limit": "0.05"}
+    with system.client() as client:
+        created = client.post("/api/v1/jobs", data={"manifest": json.dumps(manifest)},
+                              files=[("clips", ("clip.mp4", clip.read_bytes(), "video/mp4")),
+                                     ("audio", ("music.m4a", music.read_bytes(), "audio/mp4"))])
+        assert created.status_code == 202, created.text
+        job_id: str = created.json()["id"]
+        wait_for_job(client, job_id, {"completed"})
+    return job_id
+
+
+@pytest.mark.parametrize("width", list(VIEWPORTS))
+def test_over_budget_is_explained(system: PageSystem, browser: Any, shots: Path, width: str,
+                                  small_budget_job: str) -> None:
+    watched = _open(browser, system, shots, width, "7-budget", allowed_statuses=frozenset({402}),
+                    job_id=small_budget_job)
+    page = watched.page
+    assert page.is_visible("#job-select")  # two videos: the picker shows
+    _send(page, "make it nighttime")
+    note = page.locator("#thread .msg.error", has_text="Over the budget")
+    note.wait_for()
+    assert "budget" in note.inner_text() and "nothing was spent" in note.inner_text()
+    watched.shot("refused")
+    with system.client() as client:
+        assert client.get(f"/api/v1/jobs/{small_budget_job}/regenerations").json()["regenerations"] == []
     watched.assert_clean()
     page.context.close()
