@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 _configured = False
-# Probes call these every few seconds; a span each would drown the requests people make.
-_UNTRACED_URLS = "/api/v1/healthz,/api/v1/readyz"
+# Probes and scrapes call these every few seconds; a span each would drown the requests people make.
+_UNTRACED_URLS = "/api/v1/healthz,/api/v1/readyz,/metrics"
 _instrumented_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
