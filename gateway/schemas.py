@@ -54,7 +54,8 @@ def _storable(value: str) -> str:
     return value
 
 
-StorableText = Annotated[str, AfterValidator(_storable)]
+StorableText = Annotated[str, AfterValidator(_storable),
+                         Field(json_schema_extra={"pattern": r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"})]
 """Text a person wrote, stored byte for byte; refused (422) when it holds what cannot be stored."""
 
 
