@@ -54,6 +54,11 @@ class GrpcServer:
         self._taking_work = serving
         await self._publish_own_health()
 
+    @property
+    def watcher(self) -> DependencyWatcher | None:
+        """What ``watch`` started (None before): ``check_now()`` re-checks at once."""
+        return self._watcher
+
     async def watch(self, checks: Mapping[str, HealthCheck], *, interval: float = 5.0,
                     timeout: float | None = None) -> DependencyWatcher:
         """Make health follow ``checks`` (dependency name → async ping returning up or not).

@@ -76,7 +76,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    owner: Mapped[str] = mapped_column(String(200), index=True)
+    owner: Mapped[str] = mapped_column(String(200))
     title: Mapped[str] = mapped_column(String(200), default="")
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.COMPOSING)
     audio_key: Mapped[str] = mapped_column(String(512))
@@ -108,7 +108,9 @@ class Job(Base):
     versions: Mapped[list[VideoVersion]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                         passive_deletes=True, order_by="VideoVersion.version")
 
-    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_expires_at"),)
+    # An owner's jobs, newest first, one page at a time (keyset on created_at, id).
+    __table_args__ = (Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+                      Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"))
 
 
 class Clip(Base):

@@ -9,6 +9,7 @@ from typing import Any
 
 from clipchat.broker import Broker, Subscription
 from clipchat.db import Database
+from clipchat.db.migrate import head_revision, schema_at_head
 from clipchat.db.models import JobEvent
 from clipchat.rpc import GrpcServer, create_server
 from clipchat.settings import Settings
@@ -54,7 +55,9 @@ class StatusService:
         self.grpc = await create_server(
             [(status_server.add_to_server, self.servicer, status_server.SERVICE_NAME)], host=host, port=port,
             settings=self.settings)
-        await self.grpc.watch({"database": self.db.ping, "broker": self.broker.ping},
+        head = head_revision()
+        await self.grpc.watch({"database": self.db.ping, "schema": lambda: schema_at_head(self.db, head),
+                               "broker": self.broker.ping},
                               interval=self.settings.health_check_interval_seconds,
                               timeout=self.settings.health_check_timeout_seconds)
         log.info("status.started", extra={"port": self.grpc.port})

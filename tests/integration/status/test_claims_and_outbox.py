@@ -19,6 +19,7 @@ from clipchat.broker import REGENERATE_QUEUE
 from clipchat.broker.memory import InMemoryBroker
 from clipchat.broker.topology import COMPOSE_QUEUE
 from clipchat.db import Database
+from clipchat.db.migrate import head_revision
 from clipchat.db.models import OutboxMessage
 from clipchat.errors import DependencyUnavailable, StaleLease
 from services.status.outbox import OutboxRelay
@@ -178,6 +179,6 @@ async def test_migrations_started_at_once_all_succeed(database_url: str, tmp_pat
     try:
         async with database.read() as session:
             version = (await session.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
-        assert version == "0002"
+        assert version == head_revision()
     finally:
         await database.dispose()
