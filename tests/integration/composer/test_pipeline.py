@@ -17,19 +17,24 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
 import av
+import grpc
 import pytest
 
 from clipchat.errors import Conflict, DependencyUnavailable, InvalidInput, MediaError
 from clipchat.media.encoder import LIBX264
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.probe import moov_before_mdat, probe
+from clipchat.rpc import create_server
 from clipchat.settings import Settings
 from clipchat.storage.local import LocalStorage
+from clipchat.v1 import common_pb2, composer_pb2, composer_pb2_grpc
+from services.composer import server as composer_server
 from services.composer.pipeline import ClipSpec, Composer, CompositionSpec, TransitionSpec
 from services.composer.timeline import TRANSITIONS, plan_timeline
 
@@ -637,3 +642,70 @@ async def test_a_missing_clip_fails_at_once_naming_it(composer: Composer, storag
     with pytest.raises(MediaError, match=r"^Clip 2 could not be found"):
         await composer.compose(spec, "jobs/test/videos/v1.mp4")
     assert not [r for r in caplog.records if r.getMessage() == "retry.scheduled"]
+
+
+# --- the streaming Compose RPC, over real gRPC -------------------------------------------------
+
+
+def compose_request(spec: CompositionSpec, output_key: str) -> composer_pb2.ComposeRequest:
+    return composer_pb2.ComposeRequest(
+        job_id=spec.job_id, audio_key=spec.audio_key, output_key=output_key, aspect_ratio=spec.aspect_ratio,
+        fit=spec.fit, beat_timestamps=spec.beat_timestamps,
+        clips=[common_pb2.Clip(video_key=c.video_key, duration=c.duration) for c in spec.clips],
+        transitions=[common_pb2.Transition(kind=t.kind, duration=t.duration) for t in spec.transitions])
+
+
+@pytest.fixture
+async def composer_stub(composer: Composer) -> AsyncIterator[composer_pb2_grpc.ComposerServiceStub]:
+    server = await create_server([(composer_server.add_to_server, composer_server.ComposerServicer(composer),
+                                   composer_server.SERVICE_NAME)])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield composer_pb2_grpc.ComposerServiceStub(channel)
+    await server.stop(grace=0)
+
+
+async def test_compose_rpc_streams_progress_then_the_result(composer_stub: composer_pb2_grpc.ComposerServiceStub,
+                                                            storage: LocalStorage, sources: Sources) -> None:
+    spec = await make_spec(storage, [sources.wide, sources.tall], sources.music, durations=(1.0, 1.0),
+                           aspect_ratio="1:1")
+    messages = [m async for m in composer_stub.Compose(compose_request(spec, "jobs/test/videos/v1.mp4"),
+                                                       timeout=300)]
+
+    *progress, last = messages
+    assert progress and all(0.0 <= m.fraction <= 1.0 for m in progress)
+    assert {m.stage for m in progress} >= {common_pb2.STAGE_NORMALIZING}
+    assert last.stage == common_pb2.STAGE_DONE and last.HasField("result")
+    assert last.result.video_key == "jobs/test/videos/v1.mp4" and last.result.encoder == LIBX264
+    assert last.result.segments_encoded >= 2
+    with av.open(str(output_path(storage, "jobs/test/videos/v1.mp4"))) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+        assert abs(seconds(container.streams.video[0]) - last.result.duration) < 0.1
+
+
+async def test_compose_rpc_refuses_a_request_without_clips(
+        composer_stub: composer_pb2_grpc.ComposerServiceStub) -> None:
+    call = composer_stub.Compose(composer_pb2.ComposeRequest(audio_key="jobs/test/a.m4a",
+                                                             output_key="jobs/test/videos/v1.mp4"), timeout=30)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_closing_the_compose_stream_stops_ffmpeg(composer_stub: composer_pb2_grpc.ComposerServiceStub,
+                                                       storage: LocalStorage, sources: Sources,
+                                                       work_root: Path) -> None:
+    spec = await make_spec(storage, [sources.long], sources.music, durations=(8.0,), transitions=[])
+    call = composer_stub.Compose(compose_request(spec, "jobs/test/videos/v1.mp4"), timeout=300)
+    await call.read()  # the first progress message: the work is under way
+    await wait_for_child("libx264")
+
+    call.cancel()
+
+    for _ in range(1200):  # the server sees the cancel, kills ffmpeg and cleans up (at most a minute)
+        if not any("ffmpeg" in command for command in children().values()) and not leftovers(work_root):
+            break
+        await asyncio.sleep(0.05)
+    assert {pid: command for pid, command in children().items() if "ffmpeg" in command} == {}
+    assert leftovers(work_root) == []
+    assert not await storage.exists("jobs/test/videos/v1.mp4")
