@@ -47,7 +47,8 @@ async def test_a_composer_that_is_down_is_shown_but_does_not_make_the_gateway_un
         response = await client.get("/api/v1/readyz")
     assert response.status_code == 200
     assert response.json()["composer"] == {"state": "unavailable", "encoder": None, "encoder_reason": None,
-                                           "encoder_fallback": None, "x264_preset": None, "workers": None, "cache": None}
+                                           "encoder_fallback": None, "x264_preset": None, "workers": None,
+                                           "cache": None}
 
 
 async def test_readyz_names_the_dependency_that_is_down(make_settings: SettingsFactory,
