@@ -282,6 +282,10 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
     page = watched.page
     assert page.evaluate("window.__seen.skeletons") >= 1, "no skeletons while the clips load"
     watched.shot("loaded")
+    if width == "phone":  # the narrowest phone the page supports
+        page.set_viewport_size({"width": 360, "height": 740})
+        watched.assert_fits()
+        page.set_viewport_size(VIEWPORTS[width])
     video_before = page.get_attribute("#video", "src")
     assert "/media/" in (video_before or "")
     assert_contrast(page)
@@ -456,6 +460,8 @@ def test_a_lost_connection_reconnects_by_itself(system: PageSystem, browser: Any
     wait_until_true(lambda: len(watched.held) >= 2, page)  # it came back, with a fresh ticket
     watched.held[1].continue_()
     page.wait_for_function("document.getElementById('connection').hidden")
+    page.emulate_media(color_scheme="dark")
+    assert_contrast(page)
     watched.shot("reconnected")
     watched.assert_clean()
     page.context.close()
