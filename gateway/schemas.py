@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema, field_validator, model_validator
 
 from clipchat.v1 import common_pb2
 from gateway.errors import ErrorBody
@@ -54,6 +54,9 @@ def _storable(value: str) -> str:
     return value
 
 
+# A money amount as text: digits, and at most four after the point (DECIMAL(14, 4)).
+_DECIMAL_TEXT = r"^[0-9]{1,10}(\.[0-9]{1,4})?$"
+
 StorableText = Annotated[str, AfterValidator(_storable),
                          Field(json_schema_extra={"pattern": r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"})]
 """Text a person wrote, stored byte for byte; refused (422) when it holds what cannot be stored."""
@@ -89,9 +92,18 @@ class JobManifest(BaseModel):
                                                 description="Seconds, sorted, non-negative.")
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
     fit: Literal["pad", "crop"] = "pad"
-    budget_limit: Decimal | None = Field(
+    budget_limit: Annotated[Decimal | None, WithJsonSchema({"anyOf": [
+        {"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": _DECIMAL_TEXT},
+        {"type": "null"}]})] = Field(
         default=None, gt=0, max_digits=14, decimal_places=4,
         description='A decimal string, e.g. "25.00"; at most CLIPCHAT_MAX_BUDGET_LIMIT (10000 by default).')
+
+    @field_validator("budget_limit", mode="before")
+    @classmethod
+    def _decimal_text(cls, value: object) -> object:
+        if isinstance(value, str) and not re.fullmatch(_DECIMAL_TEXT, value):
+            raise ValueError('must be a number or a decimal string such as "25.00"')
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> JobManifest:
