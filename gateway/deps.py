@@ -1,7 +1,8 @@
 """What routes get from FastAPI's dependency injection, as ``Annotated`` aliases.
 
 Everything lives on ``app.state`` (set up by ``gateway.app.create_app`` and its lifespan), so the
-routes never reach for globals.
+routes never reach for globals. The dependencies are ``async def`` although none of them waits:
+FastAPI runs a plain ``def`` dependency in a worker thread, a hop that costs more than its work.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Downstream:
 def _app_state(attribute: str) -> Callable[[Request], Any]:
     """A dependency that hands out one of the objects ``create_app`` keeps on ``app.state``."""
 
-    def from_state(request: Request) -> Any:
+    async def from_state(request: Request) -> Any:
         return getattr(request.app.state, attribute)
 
     from_state.__name__ = f"app_state_{attribute}"
@@ -121,14 +122,14 @@ def _owner_of(token: str | None, settings: Settings, request: Request) -> str:
     return owner
 
 
-def _current_owner(request: Request, settings: SettingsDep,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
+async def _current_owner(request: Request, settings: SettingsDep,
+                         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> str:
     return _owner_of(credentials.credentials if credentials else None, settings, request)
 
 
-def _stream_owner(request: Request, settings: SettingsDep, job_id: Annotated[str, Depends(_job_id)],
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-                  query_ticket: Annotated[str | None, Security(_query_ticket)]) -> str:
+async def _stream_owner(request: Request, settings: SettingsDep, job_id: Annotated[str, Depends(_job_id)],
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+                        query_ticket: Annotated[str | None, Security(_query_ticket)]) -> str:
     """The owner from ``Authorization: Bearer`` or a ticket for this job in ``?ticket=``.
 
     The long-lived API token is never accepted in the URL (not even in development: the page and
@@ -156,7 +157,7 @@ def _stream_owner(request: Request, settings: SettingsDep, job_id: Annotated[str
         raise
 
 
-def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current_owner)]) -> str:
+async def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current_owner)]) -> str:
     limiter: TokenBucketLimiter = request.app.state.limiter
     retry_after = limiter.acquire(owner)
     if retry_after is not None:
@@ -165,7 +166,7 @@ def _rate_limited_owner(request: Request, owner: Annotated[str, Depends(_current
     return owner
 
 
-def _job_id(job_id: Annotated[str, Path(description="The job's id (a UUID).")]) -> str:
+async def _job_id(job_id: Annotated[str, Path(description="The job's id (a UUID).")]) -> str:
     try:
         return str(uuid.UUID(job_id))
     except ValueError:

@@ -9,12 +9,16 @@ A subscriber first replays the events after its resume point with a ``replay_onl
 then reads the shared feed. Event sequences of a job are contiguous (1, 2, 3, …), so it skips what
 it already sent and fills any gap (an event it joined too late to get from the feed, or a feed that
 started ahead of it) with another replay: every watcher gets every event once, in order.
+
+Each event is encoded for the wire once per feed (``FeedHub.stream``), not once per watcher: with a
+thousand watchers that is most of the gateway's work per event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +33,13 @@ log = logging.getLogger("clipchat.gateway")
 
 WatchMethod = Callable[..., Any]
 """``JobStatusServiceStub.WatchJob``: ``(request, *, timeout) -> call``."""
+Encoder = Callable[[common_pb2.JobEvent], bytes]
+"""Makes the bytes a watcher is sent for one event."""
+
+# Encoded events a feed keeps for the watchers still behind it; each is made afresh after a minute,
+# since the encoding may carry signed media URLs that expire.
+_ENCODED_KEPT = 64
+_ENCODED_SECONDS = 60.0
 
 
 class SubscriberOverflow(Exception):
@@ -65,6 +76,19 @@ class JobFeed:
     after: int
     subscribers: set[_Subscriber] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    _encoded: dict[int, tuple[bytes, float]] = field(default_factory=dict)
+
+    def encoded(self, event: common_pb2.JobEvent, encode: Encoder) -> bytes:
+        """``encode(event)``, made once for all the feed's watchers (events never change)."""
+        now = time.monotonic()
+        kept = self._encoded.get(event.sequence)
+        if kept is not None and now - kept[1] < _ENCODED_SECONDS:
+            return kept[0]
+        data = encode(event)
+        if len(self._encoded) >= _ENCODED_KEPT:
+            del self._encoded[min(self._encoded)]
+        self._encoded[event.sequence] = (data, now)
+        return data
 
     async def run(self, method: WatchMethod, stream_seconds: float, on_end: Callable[[JobFeed], None]) -> None:
         watch = _CallCanceller(method)
@@ -156,6 +180,15 @@ class FeedHub:
                 yield event
         finally:
             watch.cancel()
+
+    async def stream(self, method: WatchMethod, owner: str, job_id: str, after: int, encode: Encoder,
+                     ) -> AsyncIterator[bytes]:
+        """``events``, each as ``encode`` makes it, encoded once for every watcher of the job's feed.
+
+        Ends as ``events`` does."""
+        async for event in self.events(method, owner, job_id, after):
+            feed = self._feeds.get((owner, job_id))
+            yield encode(event) if feed is None else feed.encoded(event, encode)
 
     async def events(self, method: WatchMethod, owner: str, job_id: str, after: int,
                      ) -> AsyncIterator[common_pb2.JobEvent]:

@@ -60,14 +60,18 @@ class Database:
             _sqlite_setup(self.write_engine, begin="BEGIN IMMEDIATE")
             _sqlite_setup(self.read_engine, begin="BEGIN")
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
-        self._reads = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        # PostgreSQL reads send no BEGIN and COMMIT: under READ COMMITTED each statement of a
+        # transaction sees its own snapshot anyway, so for reads the two are just round trips.
+        reads = (self.read_engine if self.is_sqlite
+                 else self.write_engine.execution_options(isolation_level="AUTOCOMMIT"))
+        self._reads = async_sessionmaker(reads, expire_on_commit=False)
 
     def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A write transaction, committed on success, rolled back on error."""
         return _session(self._writes)
 
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
-        """A read-only transaction."""
+        """A session for reads (on PostgreSQL outside a transaction: each statement commits)."""
         return _session(self._reads)
 
     async def ping(self, timeout: float = 5.0) -> bool:

@@ -7,6 +7,7 @@ short-lived ticket (``POST /jobs/{id}/tickets``), never the API token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -14,11 +15,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.types import Receive, Scope, Send
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Message, Receive, Scope, Send
 
 from clipchat.errors import ClipChatError
 from clipchat.rpc import call
-from clipchat.v1 import jobs_pb2
+from clipchat.v1 import common_pb2, jobs_pb2
 from gateway.deps import (
     DownstreamDep,
     FeedsDep,
@@ -75,7 +77,8 @@ async def create_ticket(job_id: JobId, owner: Owner, settings: SettingsDep, down
 
 
 class _SlotHeldResponse(EventSourceResponse):
-    """An event stream that gives its owner's stream slot back however the stream ends."""
+    """An event stream that gives its owner's stream slot back however the stream ends, and ends
+    when one send waits more than ``send_timeout`` seconds (a client that stopped reading)."""
 
     def __init__(self, *args: object, slots: StreamSlots, owner: str, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -92,6 +95,15 @@ class _SlotHeldResponse(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.release()
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        # The same limit as sse-starlette's, with asyncio's timeout: its anyio cancel scope, made
+        # for every event of every watcher, cost more than the send itself.
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise SendTimeoutError() from None
 
 
 @router.get(
@@ -144,11 +156,14 @@ def _resume_point(last_event_id: str | None, after: int | None) -> int:
 
 
 async def _events(feeds: FeedHub, watch: WatchMethod, owner: str, job_id: str, after: int,
-                  signer: MediaSigner) -> AsyncIterator[ServerSentEvent]:
+                  signer: MediaSigner) -> AsyncIterator[ServerSentEvent | bytes]:
+    def encode(event: common_pb2.JobEvent) -> bytes:
+        return ServerSentEvent(data=event_out(event, signer).model_dump_json(), event=event.type,
+                               id=str(event.sequence), retry=RECONNECT_MILLISECONDS).encode()
+
     try:
-        async for event in feeds.events(watch, owner, job_id, after):
-            yield ServerSentEvent(data=event_out(event, signer).model_dump_json(), event=event.type,
-                                  id=str(event.sequence), retry=RECONNECT_MILLISECONDS)
+        async for data in feeds.stream(watch, owner, job_id, after, encode):
+            yield data
     except SubscriberOverflow:
         return  # fell behind (or the feed ended): EventSource reconnects and resumes from its last id
     except ClipChatError as exc:

@@ -5,7 +5,7 @@
     python -m tests.load.client burst '{"url": …, "token": …, "job_id": …, "size": 20, "rounds": 5}'
 
 Each prints one JSON line with what it saw. ``sse`` first prints ``{"connected": …}`` once every
-watcher has its response headers, then reads ``<first> <last>`` on stdin (the sequences of the
+watcher has its response headers and the job's first event, then reads ``<first> <last>`` on stdin (the sequences of the
 events the test is making) and prints the result when every watcher has ``last`` or a minute passed.
 
 HTTP/1.1 is spoken directly on asyncio protocols (no client library): at a thousand streams a
@@ -180,6 +180,7 @@ class _Watcher(asyncio.Protocol):
         self.shared = shared
         self.status: int | None = None
         self.headers_received = asyncio.get_running_loop().create_future()
+        self.first_event = asyncio.get_running_loop().create_future()
         self.received: list[tuple[int, float]] = []
         self.closed = False
         self._raw = bytearray()
@@ -239,6 +240,8 @@ class _Watcher(asyncio.Protocol):
             if sequence is None:
                 continue  # a heartbeat comment
             self.received.append((sequence, now))
+            if not self.first_event.done():
+                self.first_event.set_result(sequence)
             shared = self.shared
             if sequence not in shared.created_at and data is not None:
                 created = json.loads(data)["created_at"]
@@ -254,8 +257,9 @@ class _Watcher(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.headers_received.done():
-            self.headers_received.set_exception(ConnectionError("closed before the headers"))
+        for waiter in (self.headers_received, self.first_event):
+            if not waiter.done():
+                waiter.set_result(None)  # closed before it came
 
 
 def _read_stdin_line(loop: asyncio.AbstractEventLoop, future: asyncio.Future[str]) -> None:
@@ -276,10 +280,9 @@ async def run_sse(url: str, token: str, job_id: str, watchers: int) -> dict[str,
             transport, protocol = await loop.create_connection(lambda: _Watcher(shared), *_address(url))
             streams.append(protocol)
             transport.write(raw)
-            try:
-                await protocol.headers_received
-            except ConnectionError:
-                pass
+            # Connected: the stream is open and the replay of the job's first event came.
+            if await protocol.headers_received == 200:
+                await protocol.first_event
 
     started = time.perf_counter()
     await asyncio.gather(*(open_one() for _ in range(watchers)))

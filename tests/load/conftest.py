@@ -35,7 +35,7 @@ class LoadRecord:
 
     def add(self, **figures: object) -> None:
         for name, value in figures.items():
-            self.figures[name] = f"{value:.1f}" if isinstance(value, float) else str(value)
+            self.figures[name] = f"{value:.{1 if abs(value) >= 10 else 2}f}" if isinstance(value, float) else str(value)
 
 
 _RECORDS = pytest.StashKey[dict[str, LoadRecord]]()

@@ -29,11 +29,14 @@ def test_job_reads_all_answer(load_rig: LoadRig, load: LoadRecord, clients: list
     if requests >= WARM_UP_REQUESTS:  # connection pools filled, code paths warm
         run_client(clients, "get", url=load_rig.url, token=TOKEN, path=path, connections=connections,
                    requests=WARM_UP_REQUESTS)
-    before = load_rig.transactions()
+    before, cpu_before = load_rig.transactions(), load_rig.cpu_seconds()
     result = run_client(clients, "get", url=load_rig.url, token=TOKEN, path=path, connections=connections,
                         requests=requests)
     transactions = load_rig.transactions() - before
+    cpu = {name: used - cpu_before[name] for name, used in load_rig.cpu_seconds().items()}
     load.add(connections=connections, requests=result["requests"], rps=result["rps"], p50_ms=result["p50_ms"],
-             p99_ms=result["p99_ms"], db_xact_per_request=transactions / max(result["requests"], 1))
+             p99_ms=result["p99_ms"], db_xact_per_request=transactions / requests,
+             gateway_cpu_ms_per_request=1000 * cpu["gateway"] / requests,
+             status_cpu_ms_per_request=1000 * cpu["status"] / requests)
 
     assert result["statuses"] == {"200": requests}, "every read answered 200 (no 5xx, no 429)"

@@ -41,15 +41,18 @@ def test_every_watcher_gets_every_event_in_order(load_rig: LoadRig, load: LoadRe
     connected = client.read()
     assert connected["statuses"] == {"200": watchers}, "every watcher gets its stream (no 429, no 503)"
 
-    before, started = load_rig.transactions(), time.monotonic()
+    before, cpu_before, started = load_rig.transactions(), load_rig.cpu_seconds(), time.monotonic()
     first, last = asyncio.run(_make_events(load_rig, job, events, interval))
     seconds, transactions = time.monotonic() - started, load_rig.transactions() - before
+    cpu = {name: used - cpu_before[name] for name, used in load_rig.cpu_seconds().items()}
     client.say(f"{first} {last}")
     result = client.read()
     load.add(watchers=f"{result['statuses'].get('200', 0)}/{watchers}", events=last,
              complete=result["complete"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"],
              max_ms=result["max_ms"], db_xact_per_s=transactions / seconds,
-             db_xact_per_event=transactions / events, connect_s=result["connect_seconds"])
+             db_xact_per_event=transactions / events, connect_s=result["connect_seconds"],
+             gateway_cpu_ms_per_event=1000 * cpu["gateway"] / events,
+             status_cpu_ms_per_event=1000 * cpu["status"] / events)
 
     assert result["dropped"] == 0, "no watcher was dropped as too slow"
     assert result["out_of_order"] == 0
