@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,8 +45,18 @@ from clipchat.settings import Settings
 from clipchat.storage.local import LocalStorage
 from clipchat.v1 import composer_pb2_grpc, jobs_pb2_grpc, regenerator_pb2_grpc
 from gateway.app import create_app
-from tests.unit.gateway.gateway_rig import ALICE, BOB, FakeComposer, FakeRegenerator, FakeStatus, make_job, served
+from tests.unit.gateway.gateway_rig import (
+    ALICE,
+    BOB,
+    FakeComposer,
+    FakeRegenerator,
+    FakeStatus,
+    error_of,
+    make_job,
+    served,
+)
 
+ROOT = Path(__file__).resolve().parents[3]
 # Cases per operation and phase: about a minute for the whole run on two cores.
 MAX_EXAMPLES = 12
 # A fixed seed: the same cases every run, so a failure here is a change in the gateway.
@@ -166,6 +177,7 @@ def _gateway_in_thread(data_dir: Path) -> Iterator[_Gateway]:
         loop.close()
 
 
+@pytest.mark.timeout(300)
 def test_the_gateway_does_what_its_openapi_document_says(tmp_path: Path) -> None:
     with _gateway_in_thread(tmp_path) as gateway:
         run = subprocess.run(
@@ -174,7 +186,7 @@ def test_the_gateway_does_what_its_openapi_document_says(tmp_path: Path) -> None
              "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--workers", "1",
              "--header", f"Authorization: Bearer {ALICE}", "--request-timeout", "20",
              "--suppress-health-check", "all", "--no-color"],
-            env={**os.environ, "SCHEMATHESIS_HOOKS": __name__, "PYTHONPATH": os.getcwd()},
+            env={**os.environ, "SCHEMATHESIS_HOOKS": __name__, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
             capture_output=True, text=True, timeout=280, check=False)
         created, regenerations = list(gateway.status.created), dict(gateway.status.regenerations)
     report = run.stdout[-12_000:] + run.stderr[-4_000:]
@@ -186,6 +198,51 @@ def test_the_gateway_does_what_its_openapi_document_says(tmp_path: Path) -> None
     # Positive uploads made jobs, and the links from them reached the jobs' operations.
     assert created, report
     assert any(rows for job_id, rows in regenerations.items() if job_id in {c.job_id for c in created}), report
+
+
+async def test_the_document_says_the_manifest_is_json_and_links_a_job_to_its_operations(
+        client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    create = document["paths"]["/api/v1/jobs"]["post"]
+    form = create["requestBody"]["content"]["multipart/form-data"]
+    assert form["schema"]["properties"]["manifest"] == {"$ref": "#/components/schemas/JobManifest"}
+    assert form["encoding"]["manifest"]["contentType"] == "application/json"
+    assert form["schema"]["additionalProperties"] is False
+    manifest = document["components"]["schemas"]["JobManifest"]
+    assert manifest["properties"]["clips"]["maxItems"] == 100
+    links = create["responses"]["202"]["links"]
+    assert links["GetJob"]["parameters"] == {"job_id": "$response.body#/id"}
+    targets = {link["operationRef"] for link in links.values()}
+    for target in targets:  # every link names an operation that exists
+        path, method = target.removeprefix("#/paths/").rsplit("/", 1)
+        assert method in document["paths"][path.replace("~1", "/").replace("~0", "~")], target
+    assert len(targets) == 7
+    clip_index = next(p for p in document["paths"]["/api/v1/jobs/{job_id}/clips/{clip_index}/regenerate"]["post"]
+                      ["parameters"] if p["name"] == "clip_index")
+    assert (clip_index["schema"]["minimum"], clip_index["schema"]["maximum"]) == (0, 99)
+
+
+async def test_optional_parameters_are_never_null_and_last_event_id_is_digits(client: httpx.AsyncClient,
+                                                                              backend: Any) -> None:
+    document = (await client.get("/openapi.json")).json()
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                assert {"type": "null"} not in parameter["schema"].get("anyOf", []), parameter
+    events = document["paths"]["/api/v1/jobs/{job_id}/events"]["get"]
+    [header] = [p for p in events["parameters"] if p["in"] == "header"]
+    assert header["schema"]["pattern"] == "^[0-9]{1,18}$"
+    job = backend.status.add_job(make_job("alice"))
+    for value in ["null", "", " 7", "-1", "1e3", "9" * 19]:
+        response = await client.get(f"/api/v1/jobs/{job.job_id}/events", headers={"Last-Event-ID": value})
+        assert response.status_code == 422 and error_of(response)["code"] == "invalid_input", value
+
+
+async def test_a_wrong_method_names_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    for path, allowed in [("/api/v1/jobs", "GET, POST"), ("/api/v1/healthz", "GET")]:
+        response = await client.options(path)
+        assert response.status_code == 405 and error_of(response)["code"] == "method_not_allowed"
+        assert response.headers["Allow"] == allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,4 +264,3 @@ if os.environ.get("SCHEMATHESIS_HOOKS") == __name__:
     schemathesis.hook("map_case").apply_to(  # type: ignore[attr-defined]
         method="POST", path="/api/v1/jobs")(_with_real_file_heads)
 
-pytestmark = pytest.mark.timeout(300)
