@@ -1,7 +1,5 @@
 """What the clients of paid outside providers (the LLM, the video generators) share.
 
-- ``round_money``: every provider cost is recorded to 0.0001 (the ``DECIMAL(10,4)`` columns),
-  half up.
 - ``retry_after``: the wait a provider asked for, from ``retry-after-ms`` or ``Retry-After``
   (delta-seconds or an HTTP-date).
 - ``classify_status``: what a non-2xx HTTP status means for the caller (retry later, a conflict
@@ -16,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from types import TracebackType
@@ -25,13 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-MONEY_FRACTION = Decimal("0.0001")
 DETAIL_CHARS = 2000  # enough of a provider's answer for support, not a whole HTML error page
-
-
-def round_money(amount: Decimal) -> Decimal:
-    """``amount`` to 0.0001, half up: the unit every cost is recorded in."""
-    return amount.quantize(MONEY_FRACTION, rounding=ROUND_HALF_UP)
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

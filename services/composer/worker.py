@@ -18,6 +18,7 @@ from clipchat.errors import ClipChatError, MediaError, StaleLease
 from clipchat.lease import LeaseKeeper, WorkClaim, run_claimed
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.thumbnail import render_thumbnail
+from clipchat.pricing import composition_cost
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.storage import Storage, job_prefix, new_key
@@ -111,12 +112,11 @@ class ComposeWorker:
             raise
         except Exception as exc:
             raise CompositionFailed(exc) from exc
-        cost = (self.settings.composition_price_per_second
-                * type(self.settings.composition_price_per_second)(str(round(result.duration, 3))))
+        cost = composition_cost(self.settings.composition_price_per_second, result.duration)
         request = jobs_pb2.SucceedRegenerationRequest(
             job_id=job.job_id, lease_token=claim.token, regeneration_id=regeneration_id,
             video_key=result.video_key, video_duration=result.duration,
-            composition_cost=str(cost.quantize(type(cost)("0.0001"))), encoder=result.encoder,
+            composition_cost=str(cost), encoder=result.encoder,
             claim_id=claim.claim_id)
         if not regeneration_id:
             request.clip_thumbnail_keys.extend(await self._thumbnails(job))

@@ -63,6 +63,7 @@ from clipchat.errors import (
     ProviderRefused,
     ProviderUnavailable,
 )
+from clipchat.pricing import round_money
 from clipchat.providers import (
     DETAIL_CHARS,
     OwnedHttpClient,
@@ -70,7 +71,6 @@ from clipchat.providers import (
     check_base_url,
     classify_status,
     retry_after,
-    round_money,
 )
 from services.regenerator.generator import GeneratedClip, ProgressFn, StartedFn
 from services.regenerator.model_inputs import INPUT_MAPPINGS

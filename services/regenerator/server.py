@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from clipchat.errors import InvalidInput
+from clipchat.pricing import composition_cost, round_money
 from clipchat.rpc import call, require_owner, rpc_method
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
@@ -54,9 +55,9 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
         steps = {
             "rewrite": self.settings.llm_estimated_cost if self.settings.llm_base_url else Decimal("0"),
             "generate": self.generator.estimate_cost(clip_duration),
-            "compose": self.settings.composition_price_per_second * Decimal(str(round(video_duration, 3))),
+            "compose": composition_cost(self.settings.composition_price_per_second, video_duration),
         }
-        return {step: cost.quantize(Decimal("0.0001")) for step, cost in steps.items()}
+        return {step: round_money(cost) for step, cost in steps.items()}
 
     @rpc_method
     async def StartRegeneration(self, request: regenerator_pb2.StartRegenerationRequest,

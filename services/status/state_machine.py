@@ -59,13 +59,13 @@ from clipchat.errors import (
     NotFound,
     StaleLease,
 )
+from clipchat.pricing import round_money
 from clipchat.telemetry import inject_headers
 from clipchat.v1 import jobs_pb2, tasks_pb2
 from services.status.paging import PageKey
 
 log = logging.getLogger("clipchat.status")
 
-CENT = Decimal("0.0001")
 LEASE_EXPIRED_MESSAGE = "Regeneration failed. Please try again."
 COMPOSE_LEASE_EXPIRED_MESSAGE = "Composition failed. Please try again."
 
@@ -136,7 +136,7 @@ def money(value: str | Decimal | None) -> Decimal:
         raise InvalidInput("Invalid amount of money.") from exc
     if not amount.is_finite() or amount < 0:
         raise InvalidInput("Invalid amount of money.")
-    return amount.quantize(CENT)
+    return round_money(amount)
 
 
 def parse_uuid(value: str, what: str = "job") -> uuid.UUID:

@@ -312,7 +312,7 @@ def llm_cost(usage: dict[str, int]) -> Decimal:
 
 
 def composition_cost(video_seconds: float) -> Decimal:
-    return (COMPOSITION_PRICE_PER_SECOND * Decimal(str(round(video_seconds, 3)))).quantize(FRACTION)
+    return (COMPOSITION_PRICE_PER_SECOND * Decimal(str(round(video_seconds, 3)))).quantize(FRACTION, ROUND_HALF_UP)
 
 
 def estimate(*, clip_seconds: float = CLIP_SECONDS,

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from clipchat.errors import ProviderMisconfigured, ProviderRefused, ProviderUnavailable
+from clipchat.pricing import round_money
 from clipchat.providers import (
     DETAIL_CHARS,
     OwnedHttpClient,
@@ -22,7 +23,6 @@ from clipchat.providers import (
     check_base_url,
     classify_status,
     retry_after,
-    round_money,
 )
 from services.regenerator.rewrite.base import RewriteRequest, RewriteResult, sanitize_instruction
 from services.regenerator.rewrite.text import clean_text, truncate_words
