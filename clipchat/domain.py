@@ -35,3 +35,16 @@ class WorkPhase(StrEnum):
 
     REGENERATE = "regenerate"
     COMPOSE = "compose"
+
+
+# A regeneration's one progress bar, 0 to 1, shared by the two workers: rewriting the prompt, then
+# generating the clip (the regenerator), then composing the video (the composer, after the hand-off).
+REWRITE_SHARE = (0.0, 0.1)
+GENERATE_SHARE = (0.1, 0.6)
+COMPOSE_SHARE = (0.6, 1.0)
+
+
+def overall_progress(share: tuple[float, float], fraction: float) -> float:
+    """Where ``fraction`` (0 to 1) of one part of a regeneration falls on its whole progress bar."""
+    start, end = share
+    return start + (end - start) * min(1.0, max(0.0, fraction))

@@ -14,6 +14,7 @@ from opentelemetry import trace
 
 from clipchat import metrics
 from clipchat.broker import Delivery
+from clipchat.domain import COMPOSE_SHARE, overall_progress
 from clipchat.errors import ClipChatError, MediaError, StaleLease
 from clipchat.lease import LeaseKeeper, WorkClaim, run_claimed
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -99,8 +100,8 @@ class ComposeWorker:
         started = time.monotonic()
 
         async def on_progress(stage: str, fraction: float, eta: float | None) -> None:
-            # The regeneration's first 60 % were rewriting and generating.
-            overall = 0.6 + 0.4 * fraction if regeneration_id else fraction
+            # A regeneration was rewritten and generated before; a job's first composition is all of it.
+            overall = overall_progress(COMPOSE_SHARE, fraction) if regeneration_id else fraction
             await keeper.progress(stage, overall, f"Composer: {stage}", eta or 0.0)
 
         try:

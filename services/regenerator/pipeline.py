@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clipchat import metrics
+from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, overall_progress
 from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -169,7 +170,7 @@ class RegenerationPipeline:
         index = regeneration.clip_index
         clips = list(job.clips)
         clip = clips[index]
-        await keeper.progress("rewriting", 0.02, "Rewriting the prompt")
+        await keeper.progress("rewriting", overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt")
 
         if "rewrite" in checkpoints:
             prompt = checkpoints["rewrite"]["prompt"]
@@ -192,7 +193,7 @@ class RegenerationPipeline:
                                     checkpoint={"prompt": result.prompt},
                                     charge_key=task.charge_key("rewrite", tries.count))
 
-        await keeper.progress("generating", 0.1, "Generating the new clip")
+        await keeper.progress("generating", overall_progress(GENERATE_SHARE, 0), "Generating the new clip")
         if "generate" in checkpoints:
             generated = checkpoints["generate"]
         else:
@@ -208,7 +209,7 @@ class RegenerationPipeline:
                 await asyncio.shield(self._discard(generated))
                 raise
 
-        await keeper.progress("queued", 0.6, "Waiting for the composer")
+        await keeper.progress("queued", overall_progress(COMPOSE_SHARE, 0), "Waiting for the composer")
         await keeper.flush()
         await self.status_policy.run(lambda: self._hand_to_composer(task, index, prompt, generated),
                                      what="queue_composition")
@@ -240,7 +241,8 @@ class RegenerationPipeline:
         async def on_progress(fraction: float) -> None:
             elapsed = time.monotonic() - started
             eta = elapsed / fraction - elapsed if fraction > 0.05 else 0.0
-            await keeper.progress("generating", 0.1 + 0.5 * fraction, "Generating the new clip", eta)
+            await keeper.progress("generating", overall_progress(GENERATE_SHARE, fraction), "Generating the new clip",
+                                  eta)
 
         async def on_started(provider_id: str) -> None:
             # Durable before any wait: a delivery that takes over resumes this prediction.
