@@ -13,8 +13,10 @@ from typing import Any
 import click
 import httpx
 import typer
+from httpx_sse import SSEError, aconnect_sse
 from pydantic import ValidationError
 
+from clipchat.retry import RetryPolicy
 from clipchat.settings import Settings
 from launcher.errors import StartupError
 
@@ -354,33 +356,37 @@ async def _follow(client: httpx.AsyncClient, job_id: str, regeneration_id: str) 
         raise CliError(f"regeneration failed: {payload.get('message', 'unknown error')}")
 
 
+# Reconnecting after a dropped stream: the project's retry policy, reset by every event received.
+STREAM_RETRY = RetryPolicy(attempts=6, base_seconds=0.4, max_seconds=10.0)
+
+
 async def sse_events(client: httpx.AsyncClient, job_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
-    """The job's events from ``GET /events``, resuming with ``Last-Event-ID`` after a dropped connection."""
+    """The job's events from ``GET /events`` (httpx-sse), resuming with ``Last-Event-ID`` after a
+    dropped connection; an error the gateway sends in the stream ends it with that error's message."""
     last = after
     failures = 0
     while True:
         try:
-            async with client.stream("GET", f"/api/v1/jobs/{job_id}/events",
-                                     headers={"Last-Event-ID": str(last), "Accept": "text/event-stream"},
-                                     timeout=httpx.Timeout(30, read=None)) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    _check(response, 200)
-                data: list[str] = []
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    elif line.startswith("id:"):
-                        last = int(line[3:].strip() or last)
-                    elif line == "" and data:
-                        failures = 0
-                        yield json.loads("\n".join(data))
-                        data = []
-        except (httpx.TransportError, httpx.RemoteProtocolError):
+            async with aconnect_sse(client, "GET", f"/api/v1/jobs/{job_id}/events",
+                                    headers={"Last-Event-ID": str(last)},
+                                    timeout=httpx.Timeout(30, read=None)) as source:
+                if source.response.status_code != 200:
+                    await source.response.aread()
+                    _check(source.response, 200)
+                async for message in source.aiter_sse():
+                    if message.event == "watch.error":
+                        error = message.json().get("error") or {}
+                        raise CliError(error.get("message") or "the event stream failed")
+                    if not message.data:
+                        continue
+                    last = int(message.id or last)
+                    failures = 0
+                    yield message.json()
+        except (httpx.TransportError, SSEError) as exc:
             failures += 1
-            if failures > 5:
-                raise
-            await asyncio.sleep(min(2 ** failures, 10) * 0.2)
+            if failures >= STREAM_RETRY.attempts:
+                raise CliError(f"lost the event stream: {exc or type(exc).__name__}") from exc
+            await asyncio.sleep(STREAM_RETRY.delay(failures, exc))
 
 
 def _describe(event: dict[str, Any]) -> str:
