@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["dev", "test", "production"]
 GeneratorName = Literal["local", "http", "replicate", "fal"]
+EncoderName = Literal["auto", "libx264", "h264_nvenc"]
+# x264's presets from superfast on: ultrafast turns off CABAC and the High profile's tools, and the
+# segments of one video must share one encoder configuration to be joined by stream copy.
+X264Preset = Literal["superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"]
 
 DEV_AUTH_TOKENS = "dev-token=demo"
 DEV_MEDIA_SIGNING_KEY = "change-me-in-production"
@@ -116,8 +120,8 @@ class Settings(BaseSettings):
 
     # Media.
     ffmpeg_path: str = ""
-    x264_preset: str = "veryfast"
-    encoder: str = "auto"  # auto | libx264 | h264_nvenc
+    x264_preset: X264Preset = "veryfast"
+    encoder: EncoderName = "auto"
     # Least-recently-used segments are evicted past this size; encodes run this many at once.
     segment_cache_max_bytes: int = 20 * 1024**3
     composer_workers: int = 2

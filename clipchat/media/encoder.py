@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import get_args
 
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
+from clipchat.settings import X264Preset
 
 log = logging.getLogger("clipchat.composer")
 
@@ -28,7 +30,7 @@ GOP_FRAMES = 300
 X264_THREADS = 2
 # Not "ultrafast": without CABAC and 8x8 transforms x264 writes Constrained Baseline, and the
 # composer's output is High profile.
-X264_PRESETS = ("superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+X264_PRESETS: tuple[str, ...] = get_args(X264Preset)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ async def events_server() -> AsyncIterator[EventServer]:
 async def test_resumes_after_a_dropped_connection_and_ends_on_an_in_band_error(events_server: EventServer) -> None:
     received: list[int] = []
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{events_server.port}") as client:
-        with pytest.raises(CliError, match="The job's events are unavailable."):
+        with pytest.raises(CliError, match="The job's events are unavailable"):
             async for event in sse_events(client, "job-1", 0):
                 received.append(event["sequence"])
 

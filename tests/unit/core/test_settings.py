@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from clipchat.settings import DEV_AUTH_TOKENS, DEV_MEDIA_SIGNING_KEY, InvalidSettings, Settings
 
@@ -125,3 +126,18 @@ def test_the_default_budget_must_be_within_the_maximum() -> None:
     with pytest.raises(InvalidSettings, match=r"CLIPCHAT_BUDGET_LIMIT \(2000\) is above "
                                               r"CLIPCHAT_MAX_BUDGET_LIMIT \(1000\)"):
         Settings(budget_limit=Decimal(2000), max_budget_limit=Decimal(1000))
+
+
+@pytest.mark.parametrize(("field", "value"), [("x264_preset", "ultrafast"), ("x264_preset", "Fast"),
+                                              ("encoder", "nvenc"), ("encoder", "h265")])
+def test_media_settings_are_closed_sets(field: str, value: str) -> None:
+    # ultrafast would start and then fail every composition; refuse it at start instead.
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
+def test_the_composer_knows_every_preset_the_settings_accept() -> None:
+    from clipchat.media.encoder import video_encoder_args
+
+    for preset in ("superfast", "veryfast", "medium", "placebo"):
+        assert preset in video_encoder_args("libx264", x264_preset=preset)
