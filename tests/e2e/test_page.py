@@ -462,6 +462,7 @@ def test_a_lost_connection_reconnects_by_itself(system: PageSystem, browser: Any
     page.wait_for_function("document.getElementById('connection').hidden")
     page.emulate_media(color_scheme="dark")
     assert_contrast(page)
+    watched.shot("dark")
     watched.shot("reconnected")
     watched.assert_clean()
     page.context.close()
