@@ -587,12 +587,17 @@ def test_prompt_injection_gives_a_422_or_a_validated_prompt(rig: Rig, client: ht
     too_long = client.post(f"/api/v1/jobs/{job['id']}/clips/1/regenerate", json={"instruction": "night " * 1700})
     assert too_long.status_code == 422, too_long.text
     assert "2,000" in too_long.json()["error"]["message"] or "2000" in too_long.json()["error"]["message"]
-    only_controls = client.post(f"/api/v1/jobs/{job['id']}/clips/1/regenerate", json={"instruction": "\x00\x1b\u202e"})
-    assert only_controls.status_code == 422 and only_controls.json()["error"]["code"] == "empty_instruction"
+    # Control characters (NUL, ESC…) are refused at the door; nothing is spent.
+    controls = client.post(f"/api/v1/jobs/{job['id']}/clips/1/regenerate",
+                           json={"instruction": "anime\x00 style, keep\x1b the same dancer"})
+    assert controls.status_code == 422 and controls.json()["error"]["code"] == "invalid_input", controls.text
+    only_invisible = client.post(f"/api/v1/jobs/{job['id']}/clips/1/regenerate",
+                                 json={"instruction": "\u202e\u200b \r\n"})
+    assert only_invisible.status_code == 422 and only_invisible.json()["error"]["code"] == "empty_instruction"
     assert len(regenerations(client, job["id"])) == 2
 
-    # Control and invisible characters are removed; what is left is rewritten and capped.
-    hostile = "anime\x00 style,\u202e keep\x1b the same\u200b dancer\r\nplease"
+    # Invisible and bidi characters and line breaks are removed; what is left is rewritten and capped.
+    hostile = "anime style,\u202e keep the same\u200b dancer\r\nplease"
     row = run_regeneration(client, job["id"], 1, hostile)
     assert row["status"] == "completed", row
     clean = "anime style, keep the same dancer please"
