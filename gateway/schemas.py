@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema, field_validator, model_validator
 
-from clipchat.v1 import common_pb2
+from clipchat.proto_enums import stage_from_proto
+from clipchat.v1 import common_pb2, jobs_pb2
 from gateway.errors import ErrorBody
 from gateway.signing import MediaSigner
 
@@ -302,9 +303,11 @@ def _enum_name(value: int, enum: Any, prefix: str) -> str:
 
 def stage_name(stage: int) -> str | None:
     """``STAGE_GENERATING`` → ``"generating"``; unspecified → ``None``."""
-    if stage == common_pb2.STAGE_UNSPECIFIED:
-        return None
-    return _enum_name(stage, common_pb2.Stage, "STAGE_")
+    try:
+        known = stage_from_proto(stage)
+    except ValueError:
+        return "unknown"
+    return known.value if known is not None else None
 
 
 def regeneration_status(state: int) -> Any:
@@ -390,3 +393,123 @@ def event_out(event: common_pb2.JobEvent, signer: MediaSigner) -> EventOut:
             payload[key] = value
     return EventOut(sequence=event.sequence, type=event.type, stage=stage_name(event.stage),
                     fraction=event.fraction, payload=payload, created_at=_time(event.created_at))
+
+
+# ---------------------------------------------------------------------------------------------
+# Version compare and usage
+
+
+class ClipDifferenceOut(BaseModel):
+    index: int
+    revision_before: int
+    revision_after: int
+    prompt_before: str
+    prompt_after: str
+    video_url_before: str | None
+    video_url_after: str | None
+    thumbnail_url_before: str | None
+    thumbnail_url_after: str | None
+
+
+class VersionChangeOut(BaseModel):
+    id: str
+    clip_index: int
+    instruction: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "unknown"]
+    cost: str
+    step_costs: StepCostsOut
+    version: int | None = Field(description="The version this change published; null when it published "
+                                            "none (failed, cancelled or still running).")
+    created_at: datetime | None
+    finished_at: datetime | None
+
+
+class VersionComparison(BaseModel):
+    """What differs between two versions of a job."""
+
+    from_version: int = Field(description="The version compared from: its clips are the 'before'.")
+    to_version: int = Field(description="The version compared to: its clips are the 'after'.")
+    clips: list[ClipDifferenceOut] = Field(
+        description="The clips whose revision differs between the two versions, in timeline order.")
+    changes: list[VersionChangeOut] = Field(
+        description="Oldest first: every change begun after the older of the two versions was "
+                    "published, up to the publication of the newer one, whatever its outcome "
+                    "(failed and cancelled attempts too).")
+    cost: str = Field(description="The sum of those changes' costs (a decimal string): what was spent "
+                                  "going from the older version to the newer, paid failed attempts included.")
+
+
+class StepSpendOut(BaseModel):
+    rewrite: str = Field(description="Prompt rewriting (the LLM).")
+    generate: str = Field(description="Clip generation (the video provider).")
+    compose: str = Field(description="Composition: the initial one and every change's.")
+
+
+class OutcomeCounts(BaseModel):
+    completed: int
+    failed: int
+    cancelled: int
+    running: int = Field(description="Changes queued or running now.")
+
+
+class StageTimeOut(BaseModel):
+    stage: str
+    median_seconds: float
+    samples: int = Field(description="How many stretches of work in this stage were measured.")
+
+
+class UsageOut(BaseModel):
+    """Spend, changes and time, of one job or of all the caller's jobs."""
+
+    job_id: str | None = Field(description="The job; null for all the caller's jobs.")
+    jobs: int
+    total_cost: str = Field(description="The jobs' total cost: initial compositions and finished changes.")
+    spend_by_step: StepSpendOut = Field(
+        description="What total_cost is made of, by step: it adds up to total_cost.")
+    running_cost: str = Field(description="Spent so far by changes still running (added to total_cost "
+                                          "when they finish).")
+    changes: OutcomeCounts
+    median_seconds_by_stage: list[StageTimeOut] = Field(
+        description="From the job event log: a stage lasts from the first event in it to the next event "
+                    "in another stage, or to the outcome of the work.")
+    median_change_seconds: float | None = Field(
+        description="Median seconds from a completed change's request to its new version; null when "
+                    "none completed.")
+
+
+def comparison_out(reply: jobs_pb2.CompareVersionsResponse, signer: MediaSigner) -> VersionComparison:
+    """The JSON of a ``CompareVersionsResponse``: storage keys become signed URLs."""
+    return VersionComparison(
+        from_version=reply.from_version, to_version=reply.to_version,
+        clips=[ClipDifferenceOut(
+            index=d.clip_index, revision_before=d.revision_before, revision_after=d.revision_after,
+            prompt_before=d.prompt_before, prompt_after=d.prompt_after,
+            video_url_before=signer.optional_url(d.video_key_before),
+            video_url_after=signer.optional_url(d.video_key_after),
+            thumbnail_url_before=signer.optional_url(d.thumbnail_key_before),
+            thumbnail_url_after=signer.optional_url(d.thumbnail_key_after)) for d in reply.clips],
+        changes=[VersionChangeOut(
+            id=c.regeneration_id, clip_index=c.clip_index, instruction=c.user_instruction,
+            status=regeneration_status(c.state), cost=str(_money(c.cost)),
+            step_costs=StepCostsOut(llm=str(_money(c.step_costs.llm)),
+                                    generation=str(_money(c.step_costs.generation)),
+                                    composition=str(_money(c.step_costs.composition))),
+            version=c.version or None, created_at=_time(c.created_at), finished_at=_time(c.finished_at))
+            for c in reply.changes],
+        cost=str(_money(reply.cost)))
+
+
+def usage_out(usage: jobs_pb2.Usage, job_id: str | None) -> UsageOut:
+    """The JSON of a ``Usage`` message."""
+    return UsageOut(
+        job_id=job_id, jobs=usage.jobs, total_cost=str(_money(usage.total_cost)),
+        spend_by_step=StepSpendOut(rewrite=str(_money(usage.rewrite_cost)),
+                                   generate=str(_money(usage.generate_cost)),
+                                   compose=str(_money(usage.compose_cost))),
+        running_cost=str(_money(usage.running_cost)),
+        changes=OutcomeCounts(completed=usage.completed, failed=usage.failed, cancelled=usage.cancelled,
+                              running=usage.running),
+        median_seconds_by_stage=[StageTimeOut(stage=stage_name(s.stage) or "unknown",
+                                              median_seconds=s.median_seconds, samples=s.samples)
+                                 for s in usage.stage_times],
+        median_change_seconds=usage.median_change_seconds if usage.completed else None)

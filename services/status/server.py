@@ -10,15 +10,18 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipchat import proto_enums
 from clipchat.db.models import ClipRegeneration, JobEvent
-from clipchat.domain import JobStatus
+from clipchat.domain import JobStatus, Stage
 from clipchat.errors import InvalidInput
 from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from services.status.events import EventHub
 from services.status.paging import decode_page_token, encode_page_token, page_size
+from services.status.reports import Comparison, JobReports, Usage
 from services.status.state_machine import (
     PHASE_COMPOSE,
     PHASE_REGENERATE,
@@ -54,17 +57,44 @@ _REGEN_STATES = {
 }
 
 
-def stage_to_proto(stage: str) -> common_pb2.Stage.ValueType:
+def stage_to_proto(stage: str | None) -> common_pb2.Stage.ValueType:
+    """A stored stage as the proto enum; one this version does not know is unspecified."""
     try:
-        return common_pb2.Stage.Value(f"STAGE_{stage.upper()}") if stage else common_pb2.STAGE_UNSPECIFIED
+        return proto_enums.stage_to_proto(stage)
     except ValueError:
         return common_pb2.STAGE_UNSPECIFIED
 
 
-def stage_from_proto(stage: common_pb2.Stage.ValueType) -> str:
-    if stage == common_pb2.STAGE_UNSPECIFIED:
+def stage_from_proto(stage: common_pb2.Stage.ValueType) -> Stage:
+    try:
+        known = proto_enums.stage_from_proto(stage)
+    except ValueError:
+        known = None
+    if known is None:
         raise InvalidInput("A progress report needs a stage.")
-    return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
+    return known
+
+
+def checkpoint_from_proto(checkpoint: common_pb2.Checkpoint) -> dict[str, Any]:
+    """A step's checkpoint as stored (a JSON object of its set fields)."""
+    return json_format.MessageToDict(checkpoint, preserving_proto_field_name=True)
+
+
+def checkpoints_to_proto(stored: dict[str, Any] | None) -> list[common_pb2.StepCheckpoint]:
+    """The stored checkpoints, by step; a step or field this version does not know is left out."""
+    checkpoints = []
+    for name, fields in (stored or {}).items():
+        try:
+            step = proto_enums.step_to_proto(name)
+        except ValueError:
+            continue
+        checkpoint = common_pb2.Checkpoint()
+        try:
+            json_format.ParseDict(fields, checkpoint, ignore_unknown_fields=True)
+        except json_format.ParseError:
+            log.warning("checkpoint.unreadable", extra={"step": name})
+        checkpoints.append(common_pb2.StepCheckpoint(step=step, checkpoint=checkpoint))
+    return checkpoints
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
@@ -129,10 +159,12 @@ def _json(text: str, default: Any, what: str) -> Any:
 
 
 class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
-    def __init__(self, machine: JobStateMachine, hub: EventHub, *, poll_seconds: float = 1.0) -> None:
+    def __init__(self, machine: JobStateMachine, hub: EventHub, *, poll_seconds: float = 1.0,
+                 reports: JobReports | None = None) -> None:
         self.machine = machine
         self.hub = hub
         self.poll_seconds = poll_seconds
+        self.reports = reports if reports is not None else JobReports(machine.db)
 
     @rpc_method
     async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Any) -> jobs_pb2.CreateJobResponse:
@@ -216,9 +248,13 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def RecordStep(self, request: jobs_pb2.RecordStepRequest, context: Any) -> jobs_pb2.RecordStepResponse:
-        checkpoint = _json(request.checkpoint_json, None, "Checkpoint")
+        checkpoint = checkpoint_from_proto(request.checkpoint) if request.HasField("checkpoint") else None
+        try:
+            step = proto_enums.step_from_proto(request.step)
+        except ValueError:
+            step = None
         row = await self.machine.record_step(
-            request.job_id, request.lease_token, step=request.step, cost=request.cost,
+            request.job_id, request.lease_token, step=step or "", cost=request.cost,
             modified_prompt=request.modified_prompt, change_summary=request.change_summary,
             rewriter=request.rewriter, checkpoint=checkpoint, claim_id=request.claim_id,
             charge_key=request.charge_key)
@@ -259,7 +295,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
                               context: Any) -> jobs_pb2.GetRegenerationResponse:
         row = await self.machine.get_regeneration(request.job_id, request.regeneration_id)
         return jobs_pb2.GetRegenerationResponse(regeneration=regeneration_to_proto(row),
-                                                checkpoints_json=json.dumps(row.checkpoints or {}))
+                                                checkpoints=checkpoints_to_proto(row.checkpoints))
 
     @rpc_method
     async def ListRegenerations(self, request: jobs_pb2.ListRegenerationsRequest,
@@ -297,6 +333,51 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
                 return
             await self.hub.wait(request.job_id, last, self.poll_seconds)
             await asyncio.sleep(0)
+
+    @rpc_method
+    async def CompareVersions(self, request: jobs_pb2.CompareVersionsRequest,
+                              context: Any) -> jobs_pb2.CompareVersionsResponse:
+        require_owner(request.owner, "Comparing versions")
+        comparison = await self.reports.compare_versions(request.job_id, request.owner,
+                                                         request.from_version, request.to_version)
+        return comparison_to_proto(comparison)
+
+    @rpc_method
+    async def GetUsage(self, request: jobs_pb2.GetUsageRequest, context: Any) -> jobs_pb2.GetUsageResponse:
+        require_owner(request.owner, "Reading usage")
+        usage = await self.reports.usage(request.owner, request.job_id)
+        return jobs_pb2.GetUsageResponse(usage=usage_to_proto(usage))
+
+
+def comparison_to_proto(comparison: Comparison) -> jobs_pb2.CompareVersionsResponse:
+    return jobs_pb2.CompareVersionsResponse(
+        from_version=comparison.from_version, to_version=comparison.to_version,
+        clips=[jobs_pb2.ClipDifference(
+            clip_index=d.clip_index, revision_before=d.before.revision, revision_after=d.after.revision,
+            prompt_before=d.before.prompt, prompt_after=d.after.prompt,
+            video_key_before=d.before.video_key, video_key_after=d.after.video_key,
+            thumbnail_key_before=d.before.thumbnail_key, thumbnail_key_after=d.after.thumbnail_key)
+            for d in comparison.clips],
+        changes=[jobs_pb2.VersionChange(
+            regeneration_id=str(row.id), clip_index=row.clip_index, user_instruction=row.user_instruction,
+            state=_REGEN_STATES[row.status], cost=str(row.cost),
+            step_costs=common_pb2.StepCosts(llm=str(row.llm_cost), generation=str(row.generation_cost),
+                                            composition=str(row.composition_cost)),
+            version=version, created_at=_ts(row.created_at), finished_at=_ts(row.finished_at))
+            for row, version in comparison.changes],
+        cost=str(comparison.cost))
+
+
+def usage_to_proto(usage: Usage) -> jobs_pb2.Usage:
+    return jobs_pb2.Usage(
+        jobs=usage.jobs, total_cost=str(usage.total_cost), rewrite_cost=str(usage.step_costs["rewrite"]),
+        generate_cost=str(usage.step_costs["generate"]), compose_cost=str(usage.step_costs["compose"]),
+        running_cost=str(usage.running_cost), completed=usage.outcomes["completed"],
+        failed=usage.outcomes["failed"], cancelled=usage.outcomes["cancelled"],
+        running=usage.outcomes["running"],
+        stage_times=[jobs_pb2.StageTime(stage=stage_to_proto(stage), median_seconds=median, samples=count)
+                     for stage, (median, count) in usage.stage_times.items()],
+        median_change_seconds=usage.median_change_seconds)
 
 
 def add_to_server(servicer: JobStatusServicer, server: grpc.aio.Server) -> None:

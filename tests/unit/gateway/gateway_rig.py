@@ -176,6 +176,55 @@ class FakeStatus(jobs_pb2_grpc.JobStatusServiceServicer):
         return jobs_pb2.RestoreVersionResponse(job=job)
 
     @rpc_method
+    async def CompareVersions(self, request: jobs_pb2.CompareVersionsRequest,
+                              context: Any) -> jobs_pb2.CompareVersionsResponse:
+        """Clip 0 differs between any two versions; the change that made the newer one is listed."""
+        self._maybe_fail("CompareVersions")
+        job = self.job(request.job_id, request.owner)
+        if request.from_version == request.to_version:
+            raise InvalidInput("Compare two different versions.")
+        versions = {v.version: v for v in job.versions}
+        for number in (request.from_version, request.to_version):
+            if number not in versions:
+                raise NotFound(f"This video has no version {number}.")
+        newer = versions[max(request.from_version, request.to_version)]
+        clip = job.clips[0]
+        return jobs_pb2.CompareVersionsResponse(
+            from_version=request.from_version, to_version=request.to_version,
+            clips=[jobs_pb2.ClipDifference(clip_index=0, revision_before=0, revision_after=clip.revision,
+                                           prompt_before="the first prompt", prompt_after=clip.prompt,
+                                           video_key_before=clip.video_key, video_key_after=clip.video_key,
+                                           thumbnail_key_after=clip.thumbnail_key)],
+            changes=[jobs_pb2.VersionChange(
+                regeneration_id=newer.created_by_regeneration_id or "r-0", clip_index=0,
+                user_instruction="make it nighttime", state=common_pb2.REGENERATION_STATE_COMPLETED,
+                cost="0.5000", step_costs=common_pb2.StepCosts(llm="0.0100", generation="0.4000",
+                                                               composition="0.0900"),
+                version=newer.version, created_at=now_ts(-30), finished_at=now_ts())],
+            cost="0.5000")
+
+    @rpc_method
+    async def GetUsage(self, request: jobs_pb2.GetUsageRequest, context: Any) -> jobs_pb2.GetUsageResponse:
+        """The jobs' total cost, split between generation and composition."""
+        self._maybe_fail("GetUsage")
+        if request.job_id:
+            jobs = [self.job(request.job_id, request.owner)]
+        else:
+            jobs = [j for j in self.jobs.values() if j.owner == request.owner]
+        total = sum((Decimal(j.total_cost or "0") for j in jobs), Decimal("0"))
+        generate = (total / 2).quantize(Decimal("0.0001"))
+        finished = [r for j in jobs for r in self.regenerations.get(j.job_id, [])]
+        return jobs_pb2.GetUsageResponse(usage=jobs_pb2.Usage(
+            jobs=len(jobs), total_cost=str(total), rewrite_cost="0", generate_cost=str(generate),
+            compose_cost=str(total - generate), running_cost="0",
+            completed=sum(r.state == common_pb2.REGENERATION_STATE_COMPLETED for r in finished),
+            failed=sum(r.state == common_pb2.REGENERATION_STATE_FAILED for r in finished),
+            cancelled=sum(r.state == common_pb2.REGENERATION_STATE_CANCELLED for r in finished),
+            running=sum(r.state not in TERMINAL for r in finished),
+            stage_times=[jobs_pb2.StageTime(stage=common_pb2.STAGE_GENERATING, median_seconds=4.5, samples=2)],
+            median_change_seconds=9.0))
+
+    @rpc_method
     async def WatchJob(self, request: jobs_pb2.WatchJobRequest,
                        context: Any) -> AsyncIterator[common_pb2.JobEvent]:
         self.watch_requests.append(request)
