@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema, field_validator, model_validator
 
-from clipchat.proto_enums import stage_from_proto
 from clipchat.v1 import common_pb2, jobs_pb2
 from gateway.errors import ErrorBody
 from gateway.signing import MediaSigner
@@ -303,11 +302,9 @@ def _enum_name(value: int, enum: Any, prefix: str) -> str:
 
 def stage_name(stage: int) -> str | None:
     """``STAGE_GENERATING`` → ``"generating"``; unspecified → ``None``."""
-    try:
-        known = stage_from_proto(stage)
-    except ValueError:
-        return "unknown"
-    return known.value if known is not None else None
+    if stage == common_pb2.STAGE_UNSPECIFIED:
+        return None
+    return _enum_name(stage, common_pb2.Stage, "STAGE_")
 
 
 def regeneration_status(state: int) -> Any:

@@ -10,12 +10,10 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from clipchat import proto_enums
 from clipchat.db.models import ClipRegeneration, JobEvent
-from clipchat.domain import JobStatus, Stage
+from clipchat.domain import JobStatus
 from clipchat.errors import InvalidInput
 from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -57,44 +55,17 @@ _REGEN_STATES = {
 }
 
 
-def stage_to_proto(stage: str | None) -> common_pb2.Stage.ValueType:
-    """A stored stage as the proto enum; one this version does not know is unspecified."""
+def stage_to_proto(stage: str) -> common_pb2.Stage.ValueType:
     try:
-        return proto_enums.stage_to_proto(stage)
+        return common_pb2.Stage.Value(f"STAGE_{stage.upper()}") if stage else common_pb2.STAGE_UNSPECIFIED
     except ValueError:
         return common_pb2.STAGE_UNSPECIFIED
 
 
-def stage_from_proto(stage: common_pb2.Stage.ValueType) -> Stage:
-    try:
-        known = proto_enums.stage_from_proto(stage)
-    except ValueError:
-        known = None
-    if known is None:
+def stage_from_proto(stage: common_pb2.Stage.ValueType) -> str:
+    if stage == common_pb2.STAGE_UNSPECIFIED:
         raise InvalidInput("A progress report needs a stage.")
-    return known
-
-
-def checkpoint_from_proto(checkpoint: common_pb2.Checkpoint) -> dict[str, Any]:
-    """A step's checkpoint as stored (a JSON object of its set fields)."""
-    return json_format.MessageToDict(checkpoint, preserving_proto_field_name=True)
-
-
-def checkpoints_to_proto(stored: dict[str, Any] | None) -> list[common_pb2.StepCheckpoint]:
-    """The stored checkpoints, by step; a step or field this version does not know is left out."""
-    checkpoints = []
-    for name, fields in (stored or {}).items():
-        try:
-            step = proto_enums.step_to_proto(name)
-        except ValueError:
-            continue
-        checkpoint = common_pb2.Checkpoint()
-        try:
-            json_format.ParseDict(fields, checkpoint, ignore_unknown_fields=True)
-        except json_format.ParseError:
-            log.warning("checkpoint.unreadable", extra={"step": name})
-        checkpoints.append(common_pb2.StepCheckpoint(step=step, checkpoint=checkpoint))
-    return checkpoints
+    return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
@@ -248,13 +219,9 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def RecordStep(self, request: jobs_pb2.RecordStepRequest, context: Any) -> jobs_pb2.RecordStepResponse:
-        checkpoint = checkpoint_from_proto(request.checkpoint) if request.HasField("checkpoint") else None
-        try:
-            step = proto_enums.step_from_proto(request.step)
-        except ValueError:
-            step = None
+        checkpoint = _json(request.checkpoint_json, None, "Checkpoint")
         row = await self.machine.record_step(
-            request.job_id, request.lease_token, step=step or "", cost=request.cost,
+            request.job_id, request.lease_token, step=request.step, cost=request.cost,
             modified_prompt=request.modified_prompt, change_summary=request.change_summary,
             rewriter=request.rewriter, checkpoint=checkpoint, claim_id=request.claim_id,
             charge_key=request.charge_key)
@@ -295,7 +262,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
                               context: Any) -> jobs_pb2.GetRegenerationResponse:
         row = await self.machine.get_regeneration(request.job_id, request.regeneration_id)
         return jobs_pb2.GetRegenerationResponse(regeneration=regeneration_to_proto(row),
-                                                checkpoints=checkpoints_to_proto(row.checkpoints))
+                                                checkpoints_json=json.dumps(row.checkpoints or {}))
 
     @rpc_method
     async def ListRegenerations(self, request: jobs_pb2.ListRegenerationsRequest,
