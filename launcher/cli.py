@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -394,6 +395,71 @@ def _describe(event: dict[str, Any]) -> str:
     fraction = event.get("fraction") or 0.0
     payload = json.dumps(event.get("payload") or {}, separators=(",", ":"))
     return f"#{event['sequence']:<5} {event['type']:<24} {stage:<12} {fraction * 100:5.1f}%  {payload}"
+
+
+@app.command()
+def compare(job_id: str, a: int = typer.Argument(..., min=1, help="The version compared from."),
+            b: int = typer.Argument(..., min=1, help="The version compared to."),
+            url: str = UrlOption, token: str = TokenOption) -> None:
+    """Show which clips differ between two versions of a job, the changes between them and their cost."""
+    async def run() -> None:
+        async with _client(url, token) as client:
+            data = _check(await client.get(f"/api/v1/jobs/{job_id}/versions/{a}/compare/{b}"), 200)
+            print("\n".join(compare_lines(data)))
+
+    asyncio.run(run())
+
+
+@app.command()
+def usage(job_id: str = typer.Argument(None, help="One job; all your jobs when left out."),
+          url: str = UrlOption, token: str = TokenOption) -> None:
+    """Show spend by step, changes by outcome and median time per stage (of one job or all yours)."""
+    async def run() -> None:
+        async with _client(url, token) as client:
+            path = f"/api/v1/jobs/{job_id}/usage" if job_id else "/api/v1/usage"
+            print("\n".join(usage_lines(_check(await client.get(path), 200))))
+
+    asyncio.run(run())
+
+
+def compare_lines(data: dict[str, Any]) -> list[str]:
+    """``GET …/compare`` as a readable table: the differing clips' prompts, then the changes."""
+    clips, changes = data["clips"], data["changes"]
+    lines = [f"version {data['from_version']} -> {data['to_version']}: {len(clips)} clip(s) differ, "
+             f"{len(changes)} change(s), cost ${data['cost']}"]
+    if clips:
+        lines += ["", f"{'clip':<5} {'revision':<9} prompt"]
+        for clip in clips:
+            revision = f"{clip['revision_before']} -> {clip['revision_after']}"
+            lines.append(f"{clip['index']:<5} {revision:<9} before: {clip['prompt_before']}")
+            lines.append(f"{'':<5} {'':<9} after:  {clip['prompt_after']}")
+    if changes:
+        lines += ["", f"{'change':<36}  {'clip':<4}  {'status':<9}  {'cost':>9}  {'version':<7}  instruction"]
+        for change in changes:
+            version = f"v{change['version']}" if change.get("version") else "-"
+            lines.append(f"{change['id']:<36}  {change['clip_index']:<4}  {change['status']:<9}  "
+                         f"{'$' + change['cost']:>9}  {version:<7}  {change['instruction']}")
+    return lines
+
+
+def usage_lines(data: dict[str, Any]) -> list[str]:
+    """``GET /usage`` or ``GET /jobs/{id}/usage`` as a readable table."""
+    what = f"job {data['job_id']}" if data.get("job_id") else f"your {data['jobs']} job(s)"
+    steps, changes = data["spend_by_step"], data["changes"]
+    lines = [f"usage of {what}: total ${data['total_cost']}"
+             + (f" (+ ${data['running_cost']} by changes still running)"
+                if Decimal(data["running_cost"]) else ""),
+             "", f"{'step':<10} {'spend':>10}"]
+    lines += [f"{step:<10} {'$' + steps[step]:>10}" for step in ("rewrite", "generate", "compose")]
+    lines += ["", f"changes: {changes['completed']} completed, {changes['failed']} failed, "
+                  f"{changes['cancelled']} cancelled, {changes['running']} running"]
+    if data["median_seconds_by_stage"]:
+        lines += ["", f"{'stage':<12} {'median':>9} {'samples':>8}"]
+        lines += [f"{s['stage']:<12} {s['median_seconds']:>8.1f}s {s['samples']:>8}"
+                  for s in data["median_seconds_by_stage"]]
+    if data.get("median_change_seconds") is not None:
+        lines.append(f"median time from request to new version: {data['median_change_seconds']:.1f}s")
+    return lines
 
 
 if __name__ == "__main__":  # pragma: no cover
