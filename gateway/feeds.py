@@ -5,8 +5,9 @@ A ``FeedHub`` keeps a ``JobFeed`` per (owner, job). The first subscriber opens t
 subscriber to leave cancels it. A subscriber whose queue is full is dropped (its stream ends and
 EventSource resumes with ``Last-Event-ID``) so one slow reader never holds the others back.
 
-A subscriber first replays the events after its resume point with a ``replay_only`` call of its own,
-then reads the shared feed. Event sequences of a job are contiguous (1, 2, 3, …), so it skips what
+A subscriber first replays the events after its resume point: from the feed's history of recent
+events when the job's feed is open and reaches back that far, else with a ``replay_only`` call of its
+own. Then it reads the shared feed. Event sequences of a job are contiguous (1, 2, 3, …), so it skips what
 it already sent and fills any gap (an event it joined too late to get from the feed, or a feed that
 started ahead of it) with another replay: every watcher gets every event once, in order.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,8 @@ WatchMethod = Callable[..., Any]
 Encoder = Callable[[common_pb2.JobEvent], bytes]
 """Makes the bytes a watcher is sent for one event."""
 
+# The events a feed keeps for watchers who join it late.
+_HISTORY_KEPT = 256
 # Encoded events a feed keeps for the watchers still behind it; each is made afresh after a minute,
 # since the encoding may carry signed media URLs that expire.
 _ENCODED_KEPT = 64
@@ -76,7 +80,24 @@ class JobFeed:
     after: int
     subscribers: set[_Subscriber] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    # The job's latest events, contiguous and ending at ``after``: a watcher who joins replays its
+    # missed events from here instead of asking the status service.
+    history: deque[common_pb2.JobEvent] = field(default_factory=lambda: deque(maxlen=_HISTORY_KEPT))
     _encoded: dict[int, tuple[bytes, float]] = field(default_factory=dict)
+
+    def remember(self, events: list[common_pb2.JobEvent]) -> None:
+        """Seed the history with events read before the feed started (they end at ``after``)."""
+        if not self.history and events and events[-1].sequence == self.after:
+            self.history.extend(events[-(self.history.maxlen or 0):])
+
+    def replay_after(self, after: int) -> list[common_pb2.JobEvent] | None:
+        """The events after ``after`` up to ``after`` of the feed, from the history; None when
+        the history does not reach back that far."""
+        if after >= self.after:
+            return []
+        if not self.history or self.history[0].sequence > after + 1:
+            return None
+        return [event for event in self.history if event.sequence > after]
 
     def encoded(self, event: common_pb2.JobEvent, encode: Encoder) -> bytes:
         """``encode(event)``, made once for all the feed's watchers (events never change)."""
@@ -98,7 +119,10 @@ class JobFeed:
                                                    after_sequence=self.after)
                 try:
                     async for event in stream(watch, request, timeout=stream_seconds):
+                        if event.sequence != self.after + 1:
+                            self.history.clear()  # not contiguous with what it holds (never expected)
                         self.after = event.sequence
+                        self.history.append(event)
                         self._publish(event)
                 except ClipChatError as exc:
                     if exc.status is not grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -145,21 +169,32 @@ class FeedHub:
         """How many ``WatchJob`` follow streams are open (one per watched job)."""
         return len(self._feeds)
 
+    def is_watched(self, owner: str, job_id: str) -> bool:
+        """Whether a feed of ``owner``'s ``job_id`` is open: the job exists and is theirs (its
+        ``WatchJob`` checked), so a new watcher need not ask the status service again."""
+        feed = self._feeds.get((owner, job_id))
+        return feed is not None and feed.task is not None and not feed.task.done()
+
     def watchers(self, owner: str, job_id: str) -> int:
         """How many subscribers read the shared feed of ``job_id`` now."""
         feed = self._feeds.get((owner, job_id))
         return len(feed.subscribers) if feed else 0
 
-    def _subscribe(self, method: WatchMethod, owner: str, job_id: str, after: int) -> tuple[JobFeed, _Subscriber]:
+    def _subscribe(self, method: WatchMethod, owner: str, job_id: str, after: int,
+                   replayed: list[common_pb2.JobEvent]) -> tuple[JobFeed, _Subscriber]:
         key = (owner, job_id)
         feed = self._feeds.get(key)
         if feed is None:
             feed = self._feeds[key] = JobFeed(owner, job_id, after)
+            feed.remember(replayed)
             feed.task = asyncio.create_task(feed.run(method, self._stream_seconds, self._forget),
                                             name=f"job-feed-{job_id}")
+        return feed, self._join(feed)
+
+    def _join(self, feed: JobFeed) -> _Subscriber:
         subscriber = _Subscriber(asyncio.Queue(maxsize=self._queue_size))
         feed.subscribers.add(subscriber)
-        return feed, subscriber
+        return subscriber
 
     def _forget(self, feed: JobFeed) -> None:
         if self._feeds.get((feed.owner, feed.job_id)) is feed:
@@ -198,11 +233,22 @@ class FeedHub:
         or the feed's ``ClipChatError`` when the status service failed.
         """
         last = after
-        async for event in self._replay(method, owner, job_id, last):
-            yield event
-            last = event.sequence
-        feed, subscriber = self._subscribe(method, owner, job_id, last)
+        live = self._feeds.get((owner, job_id))
+        remembered = live.replay_after(after) if live is not None and self.is_watched(owner, job_id) else None
+        if remembered is not None and live is not None:
+            # Joined in the same step as the history was read: nothing can fall in between.
+            feed, subscriber = live, self._join(live)
+        else:
+            replayed: list[common_pb2.JobEvent] = []
+            async for event in self._replay(method, owner, job_id, last):
+                yield event
+                last = event.sequence
+                replayed.append(event)
+            feed, subscriber = self._subscribe(method, owner, job_id, last, replayed)
         try:
+            for event in remembered or ():
+                yield event
+                last = event.sequence
             while True:
                 item = await subscriber.queue.get()
                 if isinstance(item, BaseException):

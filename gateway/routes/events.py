@@ -138,9 +138,11 @@ async def job_events(
                        f"and try again.", retryable=True,
                        headers={"Retry-After": str(STREAM_CAP_RETRY_AFTER_SECONDS)})
     try:
-        # Ask once before streaming so an unknown job is a 404 JSON answer, not an empty stream.
-        await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
-                   timeout=settings.grpc_deadline_seconds)
+        # Ask once before streaming so an unknown job is a 404 JSON answer, not an empty stream;
+        # an open feed of the owner's job has asked already.
+        if not feeds.is_watched(owner, job_id):
+            await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
+                       timeout=settings.grpc_deadline_seconds)
         return _SlotHeldResponse(
             _events(feeds, downstream.status.WatchJob, owner, job_id, after_sequence, signer),
             slots=slots, owner=owner, ping=settings.sse_heartbeat_seconds, send_timeout=SEND_TIMEOUT_SECONDS,

@@ -62,7 +62,8 @@ async def test_watchers_of_one_job_share_one_upstream_stream(make_settings: Sett
     follows = [r for r in backend.status.watch_requests if not r.replay_only]
     replays = [r for r in backend.status.watch_requests if r.replay_only]
     assert len(follows) == 1 and follows[0].owner == "alice"
-    assert len(replays) == WATCHERS
+    # Watchers who join the open feed replay from its history of recent events, not with a call.
+    assert 1 <= len(replays) < WATCHERS
 
 
 @pytest.fixture
@@ -129,3 +130,26 @@ async def test_streams_per_owner_are_capped(make_settings: SettingsFactory, stor
         # Refused streams and unknown jobs hold no slot.
         missing = await client.get("/api/v1/jobs/00000000-0000-4000-8000-000000000000/events")
         assert missing.status_code == 404 and slots.held("alice") == 0
+
+
+async def test_a_watcher_joining_an_open_feed_replays_from_its_history(backend: Backend,
+                                                                        status_watch: object) -> None:
+    job_id = backend.status.add_job(make_job("alice")).job_id
+    for _ in range(5):
+        backend.status.add_event(job_id, "progress")
+    hub = FeedHub(queue_size=16, stream_seconds=30)
+    first = hub.events(status_watch, "alice", job_id, 0)
+    assert [(await anext(first)).sequence for _ in range(5)] == [1, 2, 3, 4, 5]
+    second_read = asyncio.create_task(anext(first))  # subscribes to the feed once the replay ends
+    await _until(lambda: hub.is_watched("alice", job_id))
+    replays_before = sum(r.replay_only for r in backend.status.watch_requests)
+
+    late = hub.events(status_watch, "alice", job_id, 2)
+    assert [(await anext(late)).sequence for _ in range(3)] == [3, 4, 5]
+    assert sum(r.replay_only for r in backend.status.watch_requests) == replays_before
+    backend.status.add_event(job_id, "progress")
+    assert (await anext(late)).sequence == 6
+    assert (await second_read).sequence == 6
+    await late.aclose()
+    await first.aclose()
+    await _until(lambda: hub.upstream_streams == 0)
