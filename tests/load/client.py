@@ -1,7 +1,8 @@
 """The load client: runs in its own process, so its CPU is not the gateway's.
 
     python -m tests.load.client sse   '{"url": …, "token": …, "job_id": …, "watchers": 1000}'
-    python -m tests.load.client get   '{"url": …, "token": …, "path": …, "connections": 16, "requests": 20000}'
+    python -m tests.load.client get   '{"url": …, "token": …, "path": …, "connections": 16, "requests": 20000,
+                                        "seconds": 20}'
     python -m tests.load.client burst '{"url": …, "token": …, "job_id": …, "size": 20, "rounds": 5}'
 
 Each prints one JSON line with what it saw. ``sse`` first prints ``{"connected": …}`` once every
@@ -108,16 +109,20 @@ async def _connect(url: str) -> _Exchange:
 # ---- GET: keep-alive connections, each one request after another -------------------------------
 
 
-async def run_get(url: str, token: str, path: str, connections: int, requests: int) -> dict[str, Any]:
+async def run_get(url: str, token: str, path: str, connections: int, requests: int,
+                  seconds: float = 600) -> dict[str, Any]:
+    """``requests`` GETs of ``path`` on ``connections`` keep-alive connections, fewer if ``seconds``
+    run out first."""
     host = urlparse(url).netloc
     raw = _request("GET", path, host, token)
     conns = [await _connect(url) for _ in range(connections)]
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     left = [requests]
+    deadline = time.perf_counter() + seconds
 
     async def loop(conn: _Exchange) -> None:
-        while left[0] > 0:
+        while left[0] > 0 and time.perf_counter() < deadline:
             left[0] -= 1
             sent = time.perf_counter()
             status, _ = await conn.send(raw)
@@ -150,14 +155,17 @@ async def run_burst(url: str, token: str, job_id: str, size: int, rounds: int) -
         for status, _ in answers:
             statuses[str(status)] = statuses.get(str(status), 0) + 1
         accepted = [json.loads(body)["regeneration_id"] for status, body in answers if status == 202]
-        for regeneration_id in accepted:
-            status, _ = await conns[0].send(_request(
-                "POST", f"/api/v1/jobs/{job_id}/regenerations/{regeneration_id}/cancel", host, token))
-            if status != 200:
-                statuses[f"cancel {status}"] = statuses.get(f"cancel {status}", 0) + 1
         for conn in conns:
             assert conn.transport is not None
             conn.transport.close()
+        for regeneration_id in accepted:  # on a new connection: the burst's may have idled out
+            canceller = await _connect(url)
+            status, _ = await canceller.send(_request(
+                "POST", f"/api/v1/jobs/{job_id}/regenerations/{regeneration_id}/cancel", host, token))
+            assert canceller.transport is not None
+            canceller.transport.close()
+            if status != 200:
+                statuses[f"cancel {status}"] = statuses.get(f"cancel {status}", 0) + 1
         results.append(statuses)
     return {"rounds": results}
 
