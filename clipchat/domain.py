@@ -37,6 +37,32 @@ class WorkPhase(StrEnum):
     COMPOSE = "compose"
 
 
+class Stage(StrEnum):
+    """Where a job's work is, as progress reports it."""
+
+    QUEUED = "queued"
+    REWRITING = "rewriting"
+    GENERATING = "generating"
+    DOWNLOADING = "downloading"
+    NORMALIZING = "normalizing"
+    TRANSITIONS = "transitions"
+    ENCODING = "encoding"
+    MUXING = "muxing"
+    UPLOADING = "uploading"
+    PUBLISHING = "publishing"
+    DONE = "done"
+
+
+class Step(StrEnum):
+    """A step of a regeneration a worker records: its cost, and a checkpoint a retry may reuse."""
+
+    REWRITE = "rewrite"
+    GENERATE = "generate"
+    COMPOSE = "compose"
+    # A remote prediction was created, before it is paid: a worker that takes over resumes it.
+    GENERATION_STARTED = "generation_started"
+
+
 # A regeneration's one progress bar, 0 to 1, shared by the two workers: rewriting the prompt, then
 # generating the clip (the regenerator), then composing the video (the composer, after the hand-off).
 REWRITE_SHARE = (0.0, 0.1)

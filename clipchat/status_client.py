@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
+from clipchat.domain import Step
+from clipchat.proto_enums import stage_to_proto, step_from_proto, step_to_proto
 from clipchat.rpc import call, open_channel
 from clipchat.settings import Settings
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -25,11 +24,17 @@ class StatusClient:
                               timeout=self.deadline)
         return response.job
 
-    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[common_pb2.Regeneration,
-                                                                                 dict[str, Any]]:
+    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[
+            common_pb2.Regeneration, dict[Step, common_pb2.Checkpoint]]:
+        """The regeneration and the checkpoints recorded so far, by step."""
         response = await call(self.stub.GetRegeneration, jobs_pb2.GetRegenerationRequest(
             job_id=job_id, regeneration_id=regeneration_id), timeout=self.deadline)
-        return response.regeneration, json.loads(response.checkpoints_json or "{}")
+        checkpoints = {}
+        for recorded in response.checkpoints:
+            step = step_from_proto(recorded.step)
+            if step is not None:
+                checkpoints[step] = recorded.checkpoint
+        return response.regeneration, checkpoints
 
     async def renew(self, job_id: str, token: str, claim_id: str = "") -> None:
         await call(self.stub.RenewLease, jobs_pb2.RenewLeaseRequest(job_id=job_id, lease_token=token,
@@ -53,19 +58,18 @@ class StatusClient:
     async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
                        eta_seconds: float = 0.0, claim_id: str = "") -> None:
         await call(self.stub.RecordProgress, jobs_pb2.RecordProgressRequest(
-            job_id=job_id, lease_token=token, stage=common_pb2.Stage.Value(f"STAGE_{stage.upper()}"),
+            job_id=job_id, lease_token=token, stage=stage_to_proto(stage),
             fraction=fraction, message=message, eta_seconds=eta_seconds, claim_id=claim_id),
             timeout=self.deadline)
 
-    async def record_step(self, job_id: str, token: str, step: str, *, cost: str = "",
+    async def record_step(self, job_id: str, token: str, step: Step, *, cost: str = "",
                           modified_prompt: str = "", change_summary: str = "", rewriter: str = "",
-                          checkpoint: dict[str, Any] | None = None, claim_id: str = "",
+                          checkpoint: common_pb2.Checkpoint | None = None, claim_id: str = "",
                           charge_key: str = "") -> common_pb2.Regeneration:
         response = await call(self.stub.RecordStep, jobs_pb2.RecordStepRequest(
-            job_id=job_id, lease_token=token, step=step, cost=cost, modified_prompt=modified_prompt,
-            change_summary=change_summary, rewriter=rewriter,
-            checkpoint_json=json.dumps(checkpoint) if checkpoint is not None else "", claim_id=claim_id,
-            charge_key=charge_key), timeout=self.deadline)
+            job_id=job_id, lease_token=token, step=step_to_proto(step), cost=cost,
+            modified_prompt=modified_prompt, change_summary=change_summary, rewriter=rewriter,
+            checkpoint=checkpoint, claim_id=claim_id, charge_key=charge_key), timeout=self.deadline)
         return response.regeneration
 
     async def succeed(self, request: jobs_pb2.SucceedRegenerationRequest) -> common_pb2.Job:

@@ -7,7 +7,6 @@ signed media URL. Technical detail (stack traces, lease tokens) is never copied 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema, field_validator, model_validator
 
+from clipchat.proto_enums import stage_from_proto, step_from_proto
 from clipchat.v1 import common_pb2, jobs_pb2
 from gateway.errors import ErrorBody
 from gateway.signing import MediaSigner
@@ -274,8 +274,8 @@ class Liveness(BaseModel):
 
 _FAILED_MESSAGE = "This did not work. Please try again."
 # Payload fields that are for operators or other services, never for the browser.
-_HIDDEN_PAYLOAD_KEYS = frozenset({"lease_token", "technical_detail", "traceback", "trace", "stack",
-                                  "exception", "owner"})
+# Payloads whose unset optional fields are null in the event's JSON (the others leave them out).
+_NULL_WHEN_UNSET = frozenset({"step_recorded"})
 
 
 def _money(value: str) -> Decimal:
@@ -302,9 +302,11 @@ def _enum_name(value: int, enum: Any, prefix: str) -> str:
 
 def stage_name(stage: int) -> str | None:
     """``STAGE_GENERATING`` → ``"generating"``; unspecified → ``None``."""
-    if stage == common_pb2.STAGE_UNSPECIFIED:
-        return None
-    return _enum_name(stage, common_pb2.Stage, "STAGE_")
+    try:
+        known = stage_from_proto(stage)
+    except ValueError:
+        return "unknown"
+    return known.value if known is not None else None
 
 
 def regeneration_status(state: int) -> Any:
@@ -374,22 +376,32 @@ def regeneration_out(regen: common_pb2.Regeneration) -> RegenerationOut:
         created_at=_time(regen.created_at), finished_at=_time(regen.finished_at))
 
 
-def event_out(event: common_pb2.JobEvent, signer: MediaSigner) -> EventOut:
-    """One job event for SSE. Storage keys in the payload become signed ``*_url`` fields."""
-    try:
-        raw = json.loads(event.payload_json) if event.payload_json else {}
-    except ValueError:
-        raw = {}
+def event_payload(event: common_pb2.JobEvent) -> dict[str, Any]:
+    """The event's payload message as a JSON object: its fields by name, the step by its name.
+
+    An unset ``optional`` field is left out, except in ``StepRecorded`` where it is null."""
+    kind = event.WhichOneof("payload")
+    if kind is None:
+        return {}
+    message = getattr(event, kind)
     payload: dict[str, Any] = {}
-    for key, value in (raw.items() if isinstance(raw, dict) else ()):
-        if key in _HIDDEN_PAYLOAD_KEYS:
+    for field in message.DESCRIPTOR.fields:
+        if field.has_presence and not message.HasField(field.name):
+            if kind in _NULL_WHEN_UNSET:
+                payload[field.name] = None
             continue
-        if key.endswith("_key") and isinstance(value, str):
-            payload[key.removesuffix("_key") + "_url"] = signer.optional_url(value)
-        else:
-            payload[key] = value
+        value = getattr(message, field.name)
+        if field.name == "step":
+            step = step_from_proto(value)
+            value = step.value if step is not None else ""
+        payload[field.name] = value
+    return payload
+
+
+def event_out(event: common_pb2.JobEvent, signer: MediaSigner) -> EventOut:
+    """One job event for SSE."""
     return EventOut(sequence=event.sequence, type=event.type, stage=stage_name(event.stage),
-                    fraction=event.fraction, payload=payload, created_at=_time(event.created_at))
+                    fraction=event.fraction, payload=event_payload(event), created_at=_time(event.created_at))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated
 
@@ -54,11 +53,11 @@ async def regenerate_clip(job_id: JobId, clip_index: ClipIndex, body: Regenerate
     if not 1 <= len(instruction) <= settings.max_instruction_chars:
         raise invalid_input(f"Write an instruction of 1 to {settings.max_instruction_chars} characters, "
                             "e.g. 'make it nighttime'.")
-    history = json.dumps([turn.model_dump() for turn in body.conversation_history])
+    history = [common_pb2.Turn(role=turn.role, content=turn.content) for turn in body.conversation_history]
     reply = await call(downstream.regenerator.StartRegeneration,
                        regenerator_pb2.StartRegenerationRequest(
                            job_id=job_id, owner=owner, clip_index=clip_index, instruction=instruction,
-                           conversation_history_json=history),
+                           conversation_history=history),
                        timeout=settings.grpc_deadline_seconds)
     status = regeneration_status(reply.state)
     return RegenerationAccepted(regeneration_id=reply.regeneration_id,

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from clipchat.errors import InvalidInput
+from clipchat.proto_enums import stage_to_proto
 from clipchat.rpc import rpc_method
 from clipchat.storage import check_key
 from clipchat.v1 import common_pb2, composer_pb2, composer_pb2_grpc
@@ -46,7 +47,7 @@ class ComposerServicer(composer_pb2_grpc.ComposerServiceServicer):
 
         async def on_progress(stage: str, fraction: float, eta: float | None) -> None:
             updates.put_nowait(composer_pb2.ComposeProgress(
-                stage=common_pb2.Stage.Value(f"STAGE_{stage.upper()}"), fraction=fraction,
+                stage=stage_to_proto(stage), fraction=fraction,
                 eta_seconds=eta or 0.0))
 
         task: asyncio.Task[CompositionResult] = asyncio.create_task(

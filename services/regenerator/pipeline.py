@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clipchat import metrics
-from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, overall_progress
+from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, Step, overall_progress
 from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -165,17 +165,17 @@ class RegenerationPipeline:
                 await self._record_failure(task, failed, format(span.get_span_context().trace_id, "032x"))
 
     async def _steps(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
-                     checkpoints: dict[str, Any], keeper: LeaseKeeper) -> None:
+                     checkpoints: dict[Step, common_pb2.Checkpoint], keeper: LeaseKeeper) -> None:
         job = await self.status.get_job(task.job_id)
         index = regeneration.clip_index
         clips = list(job.clips)
         clip = clips[index]
         await keeper.progress("rewriting", overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt")
 
-        if "rewrite" in checkpoints:
-            prompt = checkpoints["rewrite"]["prompt"]
+        if Step.REWRITE in checkpoints:
+            prompt = checkpoints[Step.REWRITE].prompt
         else:
-            history = json.loads(regeneration.conversation_history_json or "[]")
+            history = [{"role": turn.role, "content": turn.content} for turn in regeneration.conversation_history]
             request = RewriteRequest(
                 original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
                 history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
@@ -188,21 +188,22 @@ class RegenerationPipeline:
                 await self._record_billed_refusal(task, failed, task.charge_key("rewrite", tries.count))
                 raise
             prompt = result.prompt
-            await self._record_step(task, "rewrite", cost=str(result.cost), modified_prompt=result.prompt,
+            await self._record_step(task, Step.REWRITE, cost=str(result.cost), modified_prompt=result.prompt,
                                     change_summary=result.summary, rewriter=result.rewriter,
-                                    checkpoint={"prompt": result.prompt},
+                                    checkpoint=common_pb2.Checkpoint(prompt=result.prompt),
                                     charge_key=task.charge_key("rewrite", tries.count))
 
         await keeper.progress("generating", overall_progress(GENERATE_SHARE, 0), "Generating the new clip")
-        if "generate" in checkpoints:
-            generated = checkpoints["generate"]
+        if Step.GENERATE in checkpoints:
+            generated = checkpoints[Step.GENERATE]
         else:
-            resume = _Resume(str(checkpoints.get("generation_started", {}).get("provider_id", "")))
+            started = checkpoints.get(Step.GENERATION_STARTED)
+            resume = _Resume(started.provider_id if started is not None else "")
             tries = _Tries()
-            generated = await self._step("generate", lambda: self._generate(
+            generated, cost = await self._step("generate", lambda: self._generate(
                 task, prompt, clip.duration, keeper, resume, task.charge_key("generate", tries.next())))
             try:
-                await self._record_step(task, "generate", cost=generated.pop("cost"), checkpoint=generated,
+                await self._record_step(task, Step.GENERATE, cost=cost, checkpoint=generated,
                                         charge_key=task.charge_key("generate", tries.count))
             except BaseException:
                 # Not checkpointed (cancelled, taken over, status down): nothing will ever use it.
@@ -214,15 +215,15 @@ class RegenerationPipeline:
         await self.status_policy.run(lambda: self._hand_to_composer(task, index, prompt, generated),
                                      what="queue_composition")
 
-    async def _discard(self, generated: dict[str, Any]) -> None:
-        for key in (generated.get("video_key"), generated.get("thumbnail_key")):
+    async def _discard(self, generated: common_pb2.Checkpoint) -> None:
+        for key in (generated.video_key, generated.thumbnail_key):
             if key:
                 try:
-                    await self.storage.delete(str(key))
+                    await self.storage.delete(key)
                 except ClipChatError:
                     log.warning("regeneration.discard_failed", extra={"key": key})
 
-    async def _record_step(self, task: RegenerationTask, step: str, **fields: Any) -> None:
+    async def _record_step(self, task: RegenerationTask, step: Step, **fields: Any) -> None:
         """Checkpoint a step under the claim, retried while the status service is unavailable."""
         await self.status_policy.run(lambda: self.status.record_step(
             task.job_id, task.lease_token, step, claim_id=task.claim_id, **fields), what=f"record_{step}")
@@ -235,7 +236,8 @@ class RegenerationPipeline:
         return result
 
     async def _generate(self, task: RegenerationTask, prompt: str, duration: float, keeper: LeaseKeeper,
-                        resume: _Resume, idempotency_key: str) -> dict[str, Any]:
+                        resume: _Resume, idempotency_key: str) -> tuple[common_pb2.Checkpoint, str]:
+        """Generate the clip and store it with its thumbnail: its checkpoint, and what it cost."""
         started = time.monotonic()
 
         async def on_progress(fraction: float) -> None:
@@ -247,7 +249,8 @@ class RegenerationPipeline:
         async def on_started(provider_id: str) -> None:
             # Durable before any wait: a delivery that takes over resumes this prediction.
             resume.provider_id = provider_id
-            await self._record_step(task, "generation_started", checkpoint={"provider_id": provider_id})
+            await self._record_step(task, Step.GENERATION_STARTED,
+                                    checkpoint=common_pb2.Checkpoint(provider_id=provider_id))
 
         with tempfile.TemporaryDirectory(prefix="clipchat-gen-") as tmp:
             video = Path(tmp) / "clip.mp4"
@@ -268,16 +271,16 @@ class RegenerationPipeline:
             thumb_key = new_key(prefix, ".jpg")
             await self.storage.put_file(video_key, clip.path, content_type="video/mp4")
             await self.storage.put_file(thumb_key, thumb, content_type="image/jpeg")
-        return {"video_key": video_key, "thumbnail_key": thumb_key, "duration": duration,
-                "probed_duration": info.duration, "prompt": prompt, "cost": str(Decimal(clip.cost)),
-                "provider": self.generator.name, "provider_id": clip.provider_id}
+        return common_pb2.Checkpoint(
+            video_key=video_key, thumbnail_key=thumb_key, duration=duration, probed_duration=info.duration,
+            prompt=prompt, provider=self.generator.name, provider_id=clip.provider_id), str(Decimal(clip.cost))
 
     async def _hand_to_composer(self, task: RegenerationTask, index: int, prompt: str,
-                                generated: dict[str, Any]) -> None:
+                                generated: common_pb2.Checkpoint) -> None:
         """The status service queues the composition (its outbox) and moves the work on."""
         await self.status.queue_composition(task.job_id, task.lease_token, task.claim_id, index, jobs_pb2.ClipInput(
-            prompt=prompt, duration=float(generated["duration"]), video_key=str(generated["video_key"]),
-            thumbnail_key=str(generated.get("thumbnail_key", ""))))
+            prompt=prompt, duration=generated.duration, video_key=generated.video_key,
+            thumbnail_key=generated.thumbnail_key))
 
     async def _step(self, name: str, fn: Any) -> Any:
         """Run one step under the retry policy; ``StepFailed`` when it fails for good."""
@@ -301,7 +304,7 @@ class RegenerationPipeline:
         """An LLM answer that was refused (unusable prompt, model refusal) was still billed."""
         cost = getattr(failed.cause, "cost", None)
         if isinstance(cost, Decimal) and cost > 0:
-            await self._record_step(task, "rewrite", cost=str(cost), rewriter="llm", charge_key=charge_key)
+            await self._record_step(task, Step.REWRITE, cost=str(cost), rewriter="llm", charge_key=charge_key)
 
     async def _record_failure(self, task: RegenerationTask, failed: StepFailed, trace_id: str) -> None:
         code, message, retryable = failure_outcome(failed)

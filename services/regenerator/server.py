@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -24,24 +24,14 @@ MAX_HISTORY_TURNS = 50
 MAX_TURN_CHARS = 4000
 
 
-def parse_history(text: str) -> list[dict[str, str]]:
-    """Validate a conversation history: a list of ``{"role": "user"|"assistant", "content": str}``."""
-    if not text:
-        return []
-    try:
-        turns = json.loads(text)
-    except ValueError as exc:
-        raise InvalidInput("Conversation history is not valid JSON.") from exc
-    if not isinstance(turns, list) or len(turns) > MAX_HISTORY_TURNS:
+def check_history(turns: Sequence[common_pb2.Turn]) -> None:
+    """Validate a conversation history: at most ``MAX_HISTORY_TURNS`` turns of a user or an assistant."""
+    if len(turns) > MAX_HISTORY_TURNS:
         raise InvalidInput(f"Conversation history must be a list of at most {MAX_HISTORY_TURNS} turns.")
-    clean = []
     for turn in turns:
-        if (not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant")
-                or not isinstance(turn.get("content"), str) or len(turn["content"]) > MAX_TURN_CHARS):
+        if turn.role not in ("user", "assistant") or len(turn.content) > MAX_TURN_CHARS:
             raise InvalidInput("Each conversation turn needs a role (user or assistant) and its text "
                                f"(at most {MAX_TURN_CHARS} characters).")
-        clean.append({"role": turn["role"], "content": turn["content"]})
-    return clean
 
 
 class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
@@ -64,7 +54,7 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
                                 context: Any) -> regenerator_pb2.StartRegenerationResponse:
         require_owner(request.owner, "Regenerating a clip")
         instruction = sanitize_instruction(request.instruction, self.settings.max_instruction_chars)
-        history = parse_history(request.conversation_history_json)
+        check_history(request.conversation_history)
         if request.clip_index < 0:
             raise InvalidInput("Clip index must be 0 or more.", code="clip_index_out_of_range")
         job = await self.status.get_job(request.job_id, request.owner)
@@ -75,7 +65,7 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
         # The status service quotes a retry for the steps it will still pay for.
         began = await call(self.status.stub.BeginRegeneration, jobs_pb2.BeginRegenerationRequest(
             job_id=request.job_id, owner=request.owner, clip_index=request.clip_index,
-            user_instruction=instruction, conversation_history_json=json.dumps(history),
+            user_instruction=instruction, conversation_history=request.conversation_history,
             estimated_cost=str(sum(steps.values(), Decimal(0))),
             estimated_step_costs={step: str(cost) for step, cost in steps.items()}), timeout=self.status.deadline)
         # The regenerate task was written with the lease (the status service's outbox).

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipchat import proto_enums
 from clipchat.db.models import ClipRegeneration, JobEvent
-from clipchat.domain import JobStatus
+from clipchat.domain import JobStatus, Stage
 from clipchat.errors import InvalidInput
 from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -55,17 +56,44 @@ _REGEN_STATES = {
 }
 
 
-def stage_to_proto(stage: str) -> common_pb2.Stage.ValueType:
+def stage_to_proto(stage: str | None) -> common_pb2.Stage.ValueType:
+    """A stored stage as the proto enum; one this version does not know is unspecified."""
     try:
-        return common_pb2.Stage.Value(f"STAGE_{stage.upper()}") if stage else common_pb2.STAGE_UNSPECIFIED
+        return proto_enums.stage_to_proto(stage)
     except ValueError:
         return common_pb2.STAGE_UNSPECIFIED
 
 
-def stage_from_proto(stage: common_pb2.Stage.ValueType) -> str:
-    if stage == common_pb2.STAGE_UNSPECIFIED:
+def stage_from_proto(stage: common_pb2.Stage.ValueType) -> Stage:
+    try:
+        known = proto_enums.stage_from_proto(stage)
+    except ValueError:
+        known = None
+    if known is None:
         raise InvalidInput("A progress report needs a stage.")
-    return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
+    return known
+
+
+def checkpoint_from_proto(checkpoint: common_pb2.Checkpoint) -> dict[str, Any]:
+    """A step's checkpoint as stored (a JSON object of its set fields)."""
+    return json_format.MessageToDict(checkpoint, preserving_proto_field_name=True)
+
+
+def checkpoints_to_proto(stored: dict[str, Any] | None) -> list[common_pb2.StepCheckpoint]:
+    """The stored checkpoints, by step; a step or field this version does not know is left out."""
+    checkpoints = []
+    for name, fields in (stored or {}).items():
+        try:
+            step = proto_enums.step_to_proto(name)
+        except ValueError:
+            continue
+        checkpoint = common_pb2.Checkpoint()
+        try:
+            json_format.ParseDict(fields if isinstance(fields, dict) else {}, checkpoint, ignore_unknown_fields=True)
+        except json_format.ParseError:
+            log.warning("checkpoint.unreadable", extra={"step": name})
+        checkpoints.append(common_pb2.StepCheckpoint(step=step, checkpoint=checkpoint))
+    return checkpoints
 
 
 def _ts(value: datetime | None) -> Timestamp | None:
@@ -104,7 +132,8 @@ def regeneration_to_proto(row: ClipRegeneration) -> common_pb2.Regeneration:
         regeneration_id=str(row.id), job_id=str(row.job_id), clip_index=row.clip_index,
         original_prompt=row.original_prompt, modified_prompt=row.modified_prompt or "",
         user_instruction=row.user_instruction,
-        conversation_history_json=json.dumps(row.conversation_history or []),
+        conversation_history=[common_pb2.Turn(role=str(turn.get("role", "")), content=str(turn.get("content", "")))
+                              for turn in row.conversation_history or [] if isinstance(turn, dict)],
         cost=str(row.cost), estimated_cost=str(row.estimated_cost),
         step_costs=common_pb2.StepCosts(llm=str(row.llm_cost), generation=str(row.generation_cost),
                                         composition=str(row.composition_cost)),
@@ -114,19 +143,38 @@ def regeneration_to_proto(row: ClipRegeneration) -> common_pb2.Regeneration:
         change_summary=row.change_summary or "", rewriter=row.rewriter or "")
 
 
+# The payload message (JobEvent's oneof field) of each kind of event; the log stores it as a JSON object.
+EVENT_PAYLOADS = {
+    "job.created": "job_created",
+    "regeneration.queued": "regeneration_queued",
+    "budget.warning": "budget_warning",
+    "progress": "progress",
+    "regeneration.step": "step_recorded",
+    "regeneration.completed": "version_published",
+    "job.composed": "version_published",
+    "regeneration.cancelled": "regeneration_cancelled",
+    "version.restored": "version_restored",
+    "regeneration.failed": "work_failed",
+    "job.failed": "work_failed",
+}
+
+
 def event_to_proto(row: JobEvent) -> common_pb2.JobEvent:
-    return common_pb2.JobEvent(job_id=str(row.job_id), sequence=row.sequence, type=row.type,
-                               stage=stage_to_proto(row.stage), fraction=row.fraction,
-                               payload_json=json.dumps(row.payload or {}), created_at=_ts(row.created_at))
-
-
-def _json(text: str, default: Any, what: str) -> Any:
-    if not text:
-        return default
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise InvalidInput(f"{what} is not valid JSON.") from exc
+    event = common_pb2.JobEvent(job_id=str(row.job_id), sequence=row.sequence, type=row.type,
+                                stage=stage_to_proto(row.stage), fraction=row.fraction,
+                                created_at=_ts(row.created_at))
+    field = EVENT_PAYLOADS.get(row.type)
+    if field is not None:
+        payload = getattr(event, field)
+        payload.SetInParent()
+        stored = dict(row.payload) if isinstance(row.payload, dict) else {}
+        if "step" in stored:
+            stored["step"] = f"STEP_{str(stored['step']).upper()}"
+        try:
+            json_format.ParseDict(stored, payload, ignore_unknown_fields=True)
+        except json_format.ParseError:
+            log.warning("event.payload_unreadable", extra={"job_id": str(row.job_id), "sequence": row.sequence})
+    return event
 
 
 class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
@@ -167,9 +215,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
     async def BeginRegeneration(self, request: jobs_pb2.BeginRegenerationRequest,
                                 context: Any) -> jobs_pb2.BeginRegenerationResponse:
         require_owner(request.owner, "Regenerating a clip")
-        history = _json(request.conversation_history_json, [], "Conversation history")
-        if not isinstance(history, list):
-            raise InvalidInput("Conversation history must be a list of turns.")
+        history = [{"role": turn.role, "content": turn.content} for turn in request.conversation_history]
         result = await self.machine.begin(job_id=request.job_id, owner=request.owner,
                                           clip_index=request.clip_index,
                                           instruction=request.user_instruction, history=history,
@@ -219,9 +265,13 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def RecordStep(self, request: jobs_pb2.RecordStepRequest, context: Any) -> jobs_pb2.RecordStepResponse:
-        checkpoint = _json(request.checkpoint_json, None, "Checkpoint")
+        checkpoint = checkpoint_from_proto(request.checkpoint) if request.HasField("checkpoint") else None
+        try:
+            step = proto_enums.step_from_proto(request.step)
+        except ValueError:
+            step = None
         row = await self.machine.record_step(
-            request.job_id, request.lease_token, step=request.step, cost=request.cost,
+            request.job_id, request.lease_token, step=step or "", cost=request.cost,
             modified_prompt=request.modified_prompt, change_summary=request.change_summary,
             rewriter=request.rewriter, checkpoint=checkpoint, claim_id=request.claim_id,
             charge_key=request.charge_key)
@@ -262,7 +312,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
                               context: Any) -> jobs_pb2.GetRegenerationResponse:
         row = await self.machine.get_regeneration(request.job_id, request.regeneration_id)
         return jobs_pb2.GetRegenerationResponse(regeneration=regeneration_to_proto(row),
-                                                checkpoints_json=json.dumps(row.checkpoints or {}))
+                                                checkpoints=checkpoints_to_proto(row.checkpoints))
 
     @rpc_method
     async def ListRegenerations(self, request: jobs_pb2.ListRegenerationsRequest,

@@ -126,6 +126,54 @@ async def test_watch_resumes_without_gap_or_duplicate(stub: jobs_pb2_grpc.JobSta
     assert seen == list(range(n, n + 7))
 
 
+async def test_history_checkpoints_and_event_payloads_are_typed(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
+    """What the log stores as JSON objects crosses the gRPC boundary as the protos' messages."""
+    job_id = await composed(stub)
+    history = [common_pb2.Turn(role="user", content="darker"), common_pb2.Turn(role="assistant", content="ok")]
+    began = await stub.BeginRegeneration(jobs_pb2.BeginRegenerationRequest(
+        job_id=job_id, owner="alice", clip_index=2, user_instruction="rain", conversation_history=history,
+        estimated_cost="0.3"), timeout=10)
+    assert list(began.regeneration.conversation_history) == history
+    token, regeneration_id = began.lease_token, began.regeneration.regeneration_id
+    await stub.RecordProgress(jobs_pb2.RecordProgressRequest(
+        job_id=job_id, lease_token=token, stage=common_pb2.STAGE_REWRITING, fraction=0.05, message="Rewriting",
+        eta_seconds=4.04), timeout=10)
+    await stub.RecordStep(jobs_pb2.RecordStepRequest(
+        job_id=job_id, lease_token=token, step=common_pb2.STEP_REWRITE, cost="0.0100", modified_prompt="p2, rain",
+        rewriter="template", checkpoint=common_pb2.Checkpoint(prompt="p2, rain")), timeout=10)
+    generated = common_pb2.Checkpoint(video_key="jobs/a/new.mp4", thumbnail_key="jobs/a/new.jpg", duration=2,
+                                      probed_duration=2.04, prompt="p2, rain", provider="http", provider_id="pred-1")
+    await stub.RecordStep(jobs_pb2.RecordStepRequest(
+        job_id=job_id, lease_token=token, step=common_pb2.STEP_GENERATE, cost="0.2500", checkpoint=generated),
+        timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as no_step:
+        await stub.RecordStep(jobs_pb2.RecordStepRequest(job_id=job_id, lease_token=token, cost="1"), timeout=10)
+    assert no_step.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    got = await stub.GetRegeneration(jobs_pb2.GetRegenerationRequest(
+        job_id=job_id, regeneration_id=regeneration_id), timeout=10)
+    assert {c.step: c.checkpoint for c in got.checkpoints} == {
+        common_pb2.STEP_REWRITE: common_pb2.Checkpoint(prompt="p2, rain"), common_pb2.STEP_GENERATE: generated}
+    assert list(got.regeneration.conversation_history) == history
+
+    replay = [e async for e in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, owner="alice", replay_only=True),
+                                             timeout=10)]
+    by_type = {e.type: e for e in replay}
+    assert by_type["job.created"].job_created.clips == 3
+    assert by_type["job.composed"].version_published == common_pb2.VersionPublished(
+        version=1, cost="0", total_cost="0.0000")
+    assert by_type["regeneration.queued"].regeneration_queued == common_pb2.RegenerationQueued(
+        regeneration_id=regeneration_id, clip_index=2, estimated_cost="0.3000")
+    assert by_type["progress"].progress == common_pb2.Progress(message="Rewriting", eta_seconds=4.0,
+                                                               regeneration_id=regeneration_id)
+    rewrite, generate = [e.step_recorded for e in replay if e.type == "regeneration.step"]
+    assert rewrite == common_pb2.StepRecorded(regeneration_id=regeneration_id, step=common_pb2.STEP_REWRITE,
+                                              cost="0.0100", modified_prompt="p2, rain", rewriter="template")
+    assert generate.step == common_pb2.STEP_GENERATE and generate.cost == "0.2500"
+    assert not generate.HasField("change_summary")  # null in the log: never set
+    assert all(e.WhichOneof("payload") for e in replay)
+
+
 async def test_health_and_reflection(service: StatusService) -> None:
     assert service.grpc is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:

@@ -97,10 +97,11 @@ class FakeStatus(jobs_pb2_grpc.JobStatusServiceServicer):
 
     def add_event(self, job_id: str, type_: str, *,
                   stage: common_pb2.Stage.ValueType = common_pb2.STAGE_UNSPECIFIED,
-                  fraction: float = 0.0, payload: str = "{}") -> common_pb2.JobEvent:
+                  fraction: float = 0.0, **payload: Any) -> common_pb2.JobEvent:
+        """``payload``: the event's payload message by its field name, e.g. ``progress=Progress(...)``."""
         log = self.events[job_id]
         event = common_pb2.JobEvent(job_id=job_id, sequence=len(log) + 1, type=type_, stage=stage,
-                                    fraction=fraction, payload_json=payload, created_at=now_ts())
+                                    fraction=fraction, created_at=now_ts(), **payload)
         log.append(event)
         return event
 
@@ -269,7 +270,7 @@ class FakeRegenerator(regenerator_pb2_grpc.RegeneratorServiceServicer):
         regen = common_pb2.Regeneration(
             regeneration_id=str(uuid.uuid4()), job_id=job.job_id, clip_index=request.clip_index,
             original_prompt=job.clips[request.clip_index].prompt, user_instruction=request.instruction,
-            conversation_history_json=request.conversation_history_json,
+            conversation_history=request.conversation_history,
             state=common_pb2.REGENERATION_STATE_QUEUED, stage=common_pb2.STAGE_QUEUED,
             estimated_cost=str(self.estimated_cost), cost="0", created_at=now_ts())
         self.status.regenerations[job.job_id].append(regen)

@@ -12,6 +12,7 @@ import pytest
 from clipchat.storage.local import LocalStorage
 from clipchat.v1 import common_pb2
 from gateway.app import create_app
+from gateway.schemas import event_payload
 from tests.unit.gateway.gateway_rig import (
     ALICE,
     Backend,
@@ -21,6 +22,8 @@ from tests.unit.gateway.gateway_rig import (
     running,
     served,
 )
+
+REGENERATION_ID = "0a4c2b8e-5a3f-4a8e-8c47-1b6a2e9d3c55"
 
 
 @pytest.fixture
@@ -35,11 +38,11 @@ def _job_with_events(backend: Backend) -> str:
     backend.status.add_event(job.job_id, "regeneration.queued", stage=common_pb2.STAGE_QUEUED)
     backend.status.add_event(job.job_id, "progress", stage=common_pb2.STAGE_REWRITING, fraction=0.1)
     backend.status.add_event(job.job_id, "progress", stage=common_pb2.STAGE_GENERATING, fraction=0.4,
-                             payload=json.dumps({"eta_seconds": 12.5, "lease_token": "secret",
-                                                 "technical_detail": "Traceback ..."}))
+                             progress=common_pb2.Progress(message="Generating the new clip", eta_seconds=12.5))
     backend.status.add_event(job.job_id, "regeneration.completed", stage=common_pb2.STAGE_DONE, fraction=1.0,
-                             payload=json.dumps({"video_key": f"jobs/{job.job_id.replace('-', '')}/v3.mp4",
-                                                 "version": 3}))
+                             version_published=common_pb2.VersionPublished(
+                                 regeneration_id=REGENERATION_ID, version=3, cost="0.3100", total_cost="1.2000",
+                                 encoder="libx264"))
     return job.job_id
 
 
@@ -90,11 +93,13 @@ async def test_replays_after_last_event_id_then_follows(base_url: str, backend: 
         assert [f["event"] for f in frames] == ["progress", "progress", "regeneration.completed"]
         data = json.loads(frames[1]["data"])
         assert data == {"sequence": 4, "type": "progress", "stage": "generating", "fraction": 0.4,
-                        "payload": {"eta_seconds": 12.5}, "created_at": data["created_at"]}
+                        "payload": {"message": "Generating the new clip", "eta_seconds": 12.5},
+                        "created_at": data["created_at"]}
+        assert json.loads(frames[0]["data"])["payload"] == {}  # no payload message: an empty object
         done = json.loads(frames[2]["data"])
-        assert done["stage"] == "done" and done["payload"]["version"] == 3
-        assert done["payload"]["video_url"].startswith("/api/v1/media/jobs/")
-        assert "video_key" not in done["payload"]
+        assert done["stage"] == "done"
+        assert done["payload"] == {"regeneration_id": REGENERATION_ID, "version": 3, "cost": "0.3100",
+                                   "total_cost": "1.2000", "encoder": "libx264"}
 
         backend.status.add_event(job_id, "progress", stage=common_pb2.STAGE_ENCODING, fraction=0.7)
         live, comments = await _read_stream(lines, events=1, want_comment=True)
@@ -163,3 +168,22 @@ async def test_query_secrets_are_kept_out_of_the_url_seen_by_the_app(make_settin
                          params={"ticket": "1.YWxpY2U.abc", "after": 4})
     assert len(seen) == 2 and ALICE not in seen[0] and "after=3" in seen[0]
     assert "ticket" not in seen[1] and "after=4" in seen[1]
+
+
+def test_typed_payloads_read_as_the_json_objects_the_status_service_stores() -> None:
+    """Field names and values as stored; the step by its name; unset optional fields left out, or
+    null where the stored object has null (a step recorded before any rewrite)."""
+    step = common_pb2.JobEvent(type="regeneration.step", step_recorded=common_pb2.StepRecorded(
+        regeneration_id=REGENERATION_ID, step=common_pb2.STEP_GENERATION_STARTED, cost="0"))
+    assert event_payload(step) == {"regeneration_id": REGENERATION_ID, "step": "generation_started", "cost": "0",
+                                   "modified_prompt": None, "rewriter": None, "change_summary": None}
+    progress = common_pb2.JobEvent(type="progress", progress=common_pb2.Progress(message="Encoding"))
+    assert event_payload(progress) == {"message": "Encoding"}
+    failed = common_pb2.JobEvent(type="job.failed", work_failed=common_pb2.WorkFailed(
+        error_code="lease_expired", message="Composition failed. Please try again.", retryable=True,
+        total_cost="0"))
+    assert event_payload(failed) == {"regeneration_id": "", "error_code": "lease_expired",
+                                     "message": "Composition failed. Please try again.", "retryable": True,
+                                     "total_cost": "0"}
+    assert event_payload(common_pb2.JobEvent(type="job.created", job_created=common_pb2.JobCreated(clips=3))) \
+        == {"clips": 3}

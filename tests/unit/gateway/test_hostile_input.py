@@ -189,7 +189,7 @@ async def test_hostile_instructions_and_history_are_stored_as_sent(client: httpx
     assert response.status_code == 202, response.text
     [regen] = backend.status.regenerations[job.job_id]
     assert regen.user_instruction == text.strip()
-    assert json.loads(regen.conversation_history_json) == history
+    assert [{"role": turn.role, "content": turn.content} for turn in regen.conversation_history] == history
     [listed] = (await client.get(f"/api/v1/jobs/{job.job_id}/regenerations")).json()["regenerations"]
     assert listed["instruction"] == text.strip()
 

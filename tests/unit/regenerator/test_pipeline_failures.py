@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
+from clipchat.domain import Step
 from clipchat.errors import DependencyUnavailable, StaleLease
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.settings import Settings
@@ -48,7 +50,9 @@ class FakeStatus:
     """The calls a worker makes on the status service; ``cancel()`` makes every later write stale."""
 
     def __init__(self, checkpoints: dict[str, Any] | None = None) -> None:
-        self.checkpoints = checkpoints or {}
+        # Given as JSON objects by step name, answered as the status client answers them.
+        self.checkpoints = {Step(step): json_format.ParseDict(fields, common_pb2.Checkpoint())
+                            for step, fields in (checkpoints or {}).items()}
         self.cancelled = False
         self.unavailable_writes = 0  # this many writes fail as if the status service were down
         self.refuse_step = ""  # this step's checkpoint is refused, as after a cancel
@@ -68,11 +72,11 @@ class FakeStatus:
             raise DependencyUnavailable()
         self.calls.append((name, kwargs))
 
-    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[common_pb2.Regeneration,
-                                                                                 dict[str, Any]]:
+    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[
+            common_pb2.Regeneration, dict[Step, common_pb2.Checkpoint]]:
         regeneration = common_pb2.Regeneration(
             regeneration_id=regeneration_id, job_id=job_id, clip_index=1, original_prompt=PROMPTS[1],
-            user_instruction="anime style", conversation_history_json="[]",
+            user_instruction="anime style",
             state=common_pb2.REGENERATION_STATE_QUEUED)
         return regeneration, self.checkpoints
 
@@ -88,9 +92,11 @@ class FakeStatus:
                        eta_seconds: float = 0.0, claim_id: str = "") -> None:
         self._write("progress", stage=stage, fraction=fraction)
 
-    async def record_step(self, job_id: str, token: str, step: str, *, claim_id: str = "", **kwargs: Any) -> None:
+    async def record_step(self, job_id: str, token: str, step: Step, *, claim_id: str = "", **kwargs: Any) -> None:
         if step == self.refuse_step:
             raise StaleLease()
+        if kwargs.get("checkpoint") is not None:  # recorded as the JSON object the status service stores
+            kwargs["checkpoint"] = json_format.MessageToDict(kwargs["checkpoint"], preserving_proto_field_name=True)
         self._write("record_step", step=step, **kwargs)
 
     async def queue_composition(self, job_id: str, token: str, claim_id: str, clip_index: int,
