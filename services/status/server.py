@@ -169,7 +169,10 @@ def event_to_proto(row: JobEvent) -> common_pb2.JobEvent:
         payload.SetInParent()
         stored = dict(row.payload) if isinstance(row.payload, dict) else {}
         if "step" in stored:
-            stored["step"] = f"STEP_{str(stored['step']).upper()}"
+            try:
+                stored["step"] = proto_enums.step_to_proto(str(stored["step"]))
+            except ValueError:
+                del stored["step"]
         try:
             json_format.ParseDict(stored, payload, ignore_unknown_fields=True)
         except json_format.ParseError:

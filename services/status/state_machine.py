@@ -50,7 +50,7 @@ from clipchat.db.models import (
     VideoVersion,
     utcnow,
 )
-from clipchat.domain import FINISHED_REGENERATION, JobStatus, RegenerationStatus, WorkPhase
+from clipchat.domain import FINISHED_REGENERATION, JobStatus, RegenerationStatus, Step, WorkPhase
 from clipchat.errors import (
     BudgetExceeded,
     ConcurrentRegeneration,
@@ -74,10 +74,10 @@ Notifier = Callable[[str, int, JobEvent], Awaitable[None]]
 # Paid steps whose result a retry of the same change reuses (their checkpoints).
 # A started prediction is reused too: when it succeeded at the provider, its output is fetched
 # instead of paying again; when it failed, the generator creates a new one.
-REUSABLE_STEPS = ("rewrite", "generate", "generation_started")
+REUSABLE_STEPS = (Step.REWRITE, Step.GENERATE, Step.GENERATION_STARTED)
 # Steps a worker records; "generation_started" checkpoints a remote prediction before it is paid,
 # so a worker that takes over resumes it instead of paying for another.
-STEPS = ("rewrite", "generate", "compose", "generation_started")
+STEPS = tuple(Step)
 # The two phases of a regeneration's work, each the work of one queue.
 PHASE_REGENERATE = WorkPhase.REGENERATE
 PHASE_COMPOSE = WorkPhase.COMPOSE
@@ -327,7 +327,7 @@ class JobStateMachine:
             original_prompt=current_clips(job)[clip_index].prompt, user_instruction=instruction,
             conversation_history=history, status=RegenerationStatus.QUEUED, stage="queued",
             estimated_cost=estimate, base_version=job.current_version, created_at=now, checkpoints=reused)
-        if source is not None and "rewrite" in reused:
+        if source is not None and Step.REWRITE in reused:
             regeneration.modified_prompt = source.modified_prompt
             regeneration.change_summary = source.change_summary
             regeneration.rewriter = source.rewriter
@@ -484,14 +484,14 @@ class JobStateMachine:
                                                                     amount):
                 log.info("charge.duplicate", extra={"job_id": job_id, "charge_key": charge_key})
                 amount = Decimal("0")
-            if step == "rewrite":
+            if step == Step.REWRITE:
                 regeneration.llm_cost += amount
                 regeneration.modified_prompt = modified_prompt or regeneration.modified_prompt
                 regeneration.change_summary = change_summary or regeneration.change_summary
                 regeneration.rewriter = rewriter or regeneration.rewriter
-            elif step == "generate":
+            elif step == Step.GENERATE:
                 regeneration.generation_cost += amount
-            elif step == "compose":
+            elif step == Step.COMPOSE:
                 regeneration.composition_cost += amount
             regeneration.cost = (regeneration.llm_cost + regeneration.generation_cost
                                  + regeneration.composition_cost)
@@ -549,7 +549,7 @@ class JobStateMachine:
                             "version": number, "cost": str(spent), "total_cost": str(job.total_cost),
                             "encoder": encoder})
         await self._flush(pending)
-        metrics.cost_recorded("compose", cost)
+        metrics.cost_recorded(Step.COMPOSE, cost)
         log.info("job.version_published", extra={"job_id": job_id, "regeneration_id": regeneration_id,
                                                  "version": number})
         return await self.get_job(job_id)
