@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clipchat import metrics
-from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, Step, overall_progress
+from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, Stage, Step, overall_progress
 from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
@@ -50,7 +50,7 @@ log = logging.getLogger("clipchat.regenerator")
 FAILED_MESSAGE = "Regeneration failed. Please try again."
 TIMED_OUT_MESSAGE = "Video generation timed out. Please retry."
 # The error code a step's failure is recorded under (the provider's own code goes in the detail).
-FAILED_CODES = {"rewrite": "rewrite_failed", "generate": "generation_failed"}
+FAILED_CODES: dict[str, str] = {Step.REWRITE: "rewrite_failed", Step.GENERATE: "generation_failed"}
 ACTIVE = (common_pb2.REGENERATION_STATE_QUEUED, common_pb2.REGENERATION_STATE_RUNNING)
 
 
@@ -170,7 +170,7 @@ class RegenerationPipeline:
         index = regeneration.clip_index
         clips = list(job.clips)
         clip = clips[index]
-        await keeper.progress("rewriting", overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt")
+        await keeper.progress(Stage.REWRITING, overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt")
 
         if Step.REWRITE in checkpoints:
             prompt = checkpoints[Step.REWRITE].prompt
@@ -193,7 +193,7 @@ class RegenerationPipeline:
                                     checkpoint=common_pb2.Checkpoint(prompt=result.prompt),
                                     charge_key=task.charge_key("rewrite", tries.count))
 
-        await keeper.progress("generating", overall_progress(GENERATE_SHARE, 0), "Generating the new clip")
+        await keeper.progress(Stage.GENERATING, overall_progress(GENERATE_SHARE, 0), "Generating the new clip")
         if Step.GENERATE in checkpoints:
             generated = checkpoints[Step.GENERATE]
         else:
@@ -210,7 +210,7 @@ class RegenerationPipeline:
                 await asyncio.shield(self._discard(generated))
                 raise
 
-        await keeper.progress("queued", overall_progress(COMPOSE_SHARE, 0), "Waiting for the composer")
+        await keeper.progress(Stage.QUEUED, overall_progress(COMPOSE_SHARE, 0), "Waiting for the composer")
         await keeper.flush()
         await self.status_policy.run(lambda: self._hand_to_composer(task, index, prompt, generated),
                                      what="queue_composition")
@@ -243,8 +243,8 @@ class RegenerationPipeline:
         async def on_progress(fraction: float) -> None:
             elapsed = time.monotonic() - started
             eta = elapsed / fraction - elapsed if fraction > 0.05 else 0.0
-            await keeper.progress("generating", overall_progress(GENERATE_SHARE, fraction), "Generating the new clip",
-                                  eta)
+            await keeper.progress(Stage.GENERATING, overall_progress(GENERATE_SHARE, fraction),
+                                  "Generating the new clip", eta)
 
         async def on_started(provider_id: str) -> None:
             # Durable before any wait: a delivery that takes over resumes this prediction.

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipchat import proto_enums
 from clipchat.db.models import ClipRegeneration, JobEvent
-from clipchat.domain import JobStatus, Stage
+from clipchat.domain import JobStatus, RegenerationStatus, Stage
 from clipchat.errors import InvalidInput
 from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -47,12 +47,12 @@ _CLAIM_OUTCOMES = {
     "busy": jobs_pb2.CLAIM_OUTCOME_BUSY,
     "obsolete": jobs_pb2.CLAIM_OUTCOME_OBSOLETE,
 }
-_REGEN_STATES = {
-    "queued": common_pb2.REGENERATION_STATE_QUEUED,
-    "running": common_pb2.REGENERATION_STATE_RUNNING,
-    "completed": common_pb2.REGENERATION_STATE_COMPLETED,
-    "failed": common_pb2.REGENERATION_STATE_FAILED,
-    "cancelled": common_pb2.REGENERATION_STATE_CANCELLED,
+_REGEN_STATES: dict[str, common_pb2.RegenerationState.ValueType] = {
+    RegenerationStatus.QUEUED: common_pb2.REGENERATION_STATE_QUEUED,
+    RegenerationStatus.RUNNING: common_pb2.REGENERATION_STATE_RUNNING,
+    RegenerationStatus.COMPLETED: common_pb2.REGENERATION_STATE_COMPLETED,
+    RegenerationStatus.FAILED: common_pb2.REGENERATION_STATE_FAILED,
+    RegenerationStatus.CANCELLED: common_pb2.REGENERATION_STATE_CANCELLED,
 }
 
 
