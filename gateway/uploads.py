@@ -139,6 +139,74 @@ class _Collector:
         self.ended = True
 
 
+class _FormWriter:
+    """Turns the parser's part events into a ``ReceivedForm``: file parts streamed to disk, text
+    parts collected, every limit checked as the bytes arrive."""
+
+    def __init__(self, workdir: Path, *, file_fields: frozenset[str], text_fields: frozenset[str],
+                 max_file_bytes: int, max_files: int) -> None:
+        self.workdir = workdir
+        self.file_fields, self.text_fields = file_fields, text_fields
+        self.max_file_bytes, self.max_files = max_file_bytes, max_files
+        self.form = ReceivedForm()
+        self.current: ReceivedFile | None = None
+        self.out: IO[bytes] | None = None
+        self.text_name = ""
+        self.text = bytearray()
+
+    async def handle(self, kind: str, data: bytes) -> None:
+        if kind == "begin":
+            await self._begin(data.decode("latin-1"))
+        elif kind == "data":
+            await self._data(data)
+        elif kind == "end":
+            await self._end()
+
+    async def _begin(self, name: str) -> None:
+        if name in self.file_fields:
+            if len(self.form.files) >= self.max_files:
+                raise invalid_input(f"Too many files: at most {self.max_files} in one job.")
+            self.current = ReceivedFile(name, self.workdir / f"part-{len(self.form.files)}")
+            self.form.files.append(self.current)
+            self.out = await anyio.to_thread.run_sync(self.current.path.open, "wb")
+        elif name in self.text_fields:
+            if name in self.form.fields or name == self.text_name:
+                raise invalid_input(f"The form has more than one '{name}' field. Send one.")
+            self.text_name, self.text = name, bytearray()
+        else:
+            raise invalid_input(f"Unexpected form part '{name[:40]}'. Send 'manifest', 'clips' and 'audio'.")
+
+    async def _data(self, data: bytes) -> None:
+        current, out = self.current, self.out
+        if current is not None and out is not None:
+            current.size += len(data)
+            if current.size > self.max_file_bytes:
+                raise ApiError(413, "payload_too_large", f"A file is larger than {_mib(self.max_file_bytes)} MiB.")
+            if len(current.head) < SNIFF_BYTES:
+                current.head = (current.head + data)[:SNIFF_BYTES]
+            await anyio.to_thread.run_sync(out.write, data)
+            return
+        self.text += data
+        if len(self.text) > MAX_FIELD_BYTES:
+            raise ApiError(413, "payload_too_large", f"The '{self.text_name}' field is too large.")
+
+    async def _end(self) -> None:
+        if self.out is not None:
+            await self.close()
+        elif self.text_name:
+            try:
+                self.form.fields[self.text_name] = self.text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise invalid_input(f"The '{self.text_name}' field must be UTF-8 text.") from None
+            self.text_name = ""
+
+    async def close(self) -> None:
+        """Close the file being written, if any (also when the upload stops half-way)."""
+        out, self.out, self.current = self.out, None, None
+        if out is not None:
+            await anyio.to_thread.run_sync(out.close)
+
+
 async def receive_multipart(request: Request, workdir: Path, *, file_fields: frozenset[str],
                             text_fields: frozenset[str], max_file_bytes: int, max_files: int,
                             max_request_bytes: int) -> ReceivedForm:
@@ -159,76 +227,40 @@ async def receive_multipart(request: Request, workdir: Path, *, file_fields: fro
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_request_bytes:
         raise too_large
-    received = 0
     collector = _Collector()
     try:
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
     except MultipartParseError:
         raise invalid_input("The multipart boundary is not valid.") from None
-    form = ReceivedForm()
-    current: ReceivedFile | None = None
-    out: IO[bytes] | None = None
-    text_name = ""
-    text = bytearray()
+    writer = _FormWriter(workdir, file_fields=file_fields, text_fields=text_fields,
+                         max_file_bytes=max_file_bytes, max_files=max_files)
+    received = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_request_bytes:
                 raise too_large
-            try:
-                parser.write(chunk)
-            except MultipartParseError as exc:
-                # python-multipart bounds a part's headers (8 lines of about 4 KiB each).
-                if "maximum header" in str(exc).lower():
-                    raise ApiError(413, "payload_too_large", "A form part's headers are too large.") from None
-                raise invalid_input("The upload is not valid multipart/form-data.") from None
+            _parse(parser, chunk)
             events, collector.events = collector.events, []
             for kind, data in events:
-                if kind == "begin":
-                    name = data.decode("latin-1")
-                    if name in file_fields:
-                        if len(form.files) >= max_files:
-                            raise invalid_input(f"Too many files: at most {max_files} in one job.")
-                        current = ReceivedFile(name, workdir / f"part-{len(form.files)}")
-                        form.files.append(current)
-                        out = await anyio.to_thread.run_sync(current.path.open, "wb")
-                    elif name in text_fields:
-                        if name in form.fields or name == text_name:
-                            raise invalid_input(f"The form has more than one '{name}' field. Send one.")
-                        text_name, text = name, bytearray()
-                    else:
-                        raise invalid_input(f"Unexpected form part '{name[:40]}'. Send 'manifest', "
-                                            "'clips' and 'audio'.")
-                elif kind == "data" and current is not None and out is not None:
-                    current.size += len(data)
-                    if current.size > max_file_bytes:
-                        raise ApiError(413, "payload_too_large",
-                                       f"A file is larger than {_mib(max_file_bytes)} MiB.")
-                    if len(current.head) < SNIFF_BYTES:
-                        current.head = (current.head + data)[:SNIFF_BYTES]
-                    await anyio.to_thread.run_sync(out.write, data)
-                elif kind == "data":
-                    text += data
-                    if len(text) > MAX_FIELD_BYTES:
-                        raise ApiError(413, "payload_too_large", f"The '{text_name}' field is too large.")
-                elif kind == "end":
-                    if out is not None:
-                        await anyio.to_thread.run_sync(out.close)
-                        out, current = None, None
-                    elif text_name:
-                        try:
-                            form.fields[text_name] = text.decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise invalid_input(f"The '{text_name}' field must be UTF-8 text.") from None
-                        text_name = ""
+                await writer.handle(kind, data)
     except ClientDisconnect:
         raise invalid_input("The upload was interrupted. Please send it again.") from None
     finally:
-        if out is not None:
-            await anyio.to_thread.run_sync(out.close)
+        await writer.close()
     if not collector.ended:
         raise invalid_input("The upload was cut off before its end. Please send it again.")
-    return form
+    return writer.form
+
+
+def _parse(parser: MultipartParser, chunk: bytes) -> None:
+    try:
+        parser.write(chunk)
+    except MultipartParseError as exc:
+        # python-multipart bounds a part's headers (8 lines of about 4 KiB each).
+        if "maximum header" in str(exc).lower():
+            raise ApiError(413, "payload_too_large", "A form part's headers are too large.") from None
+        raise invalid_input("The upload is not valid multipart/form-data.") from None
 
 
 def _mib(size: int) -> str:
