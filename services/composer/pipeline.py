@@ -225,9 +225,7 @@ class Composer:
         log.info("compose.started", extra={**extra, "clips": len(spec.clips), "frames": timeline.total_frames,
                                             "segments": len(timeline.segments), "encoder": encoder.name})
 
-        if self._work_root is not None:
-            self._work_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="clipchat-compose-", dir=self._work_root))
+        work = self._work_folder()
         run = _Composition(self, spec, timeline, canvas, encoder_args, work,
                            ProgressTracker(on_progress, started=started))
         stored_before = self._cache.stats.stores
@@ -252,6 +250,12 @@ class Composer:
                                              "segments_encoded": run.encoded, "segments_reused": run.reused})
         return CompositionResult(video_key=output_key, duration=duration, encoder=encoder.name,
                                  segments_encoded=run.encoded, segments_reused=run.reused, seconds=seconds)
+
+    def _work_folder(self) -> Path:
+        """A fresh folder for one composition's intermediate files (removed when it ends)."""
+        if self._work_root is not None:
+            self._work_root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="clipchat-compose-", dir=self._work_root))
 
     async def _evict_quietly(self, job_id: str) -> None:
         # The video is published by now; a cache that cannot be trimmed is for operators, not users.
