@@ -289,15 +289,9 @@ class PredictionServer:
                 prediction = self._predictions.get(prediction_id)
             if prediction is None:
                 return JSONResponse({"detail": "Not found."}, status_code=404)
-            word, argument = self._next("poll")
-            if word == "stall":
-                prediction.stalled = True
-            elif word == "failed":
-                prediction.status, prediction.error = "failed", argument or "The model failed."
-            elif word == "canceled":
-                prediction.status = "canceled"
-            elif word != "ok":
-                return _scripted_failure(word, argument)
+            failure = self._poll_script(prediction)
+            if failure is not None:
+                return _scripted_failure(*failure)
             self._advance(prediction)
             return JSONResponse(self._describe(prediction))
 
@@ -367,6 +361,20 @@ class PredictionServer:
             if key:
                 self._by_key[key] = prediction.id
         return prediction
+
+    def _poll_script(self, prediction: _Prediction) -> tuple[str, str] | None:
+        """Apply the next scripted poll word to ``prediction``: stall it, fail it or cancel it; a
+        word that is an HTTP status comes back as (status, argument) for the protocol's error answer."""
+        word, argument = self._next("poll")
+        if word == "stall":
+            prediction.stalled = True
+        elif word == "failed":
+            prediction.status, prediction.error = "failed", argument or "The model failed."
+        elif word == "canceled":
+            prediction.status = "canceled"
+        elif word != "ok":
+            return word, argument
+        return None
 
     def _advance(self, prediction: _Prediction) -> None:
         if prediction.status not in ("starting", "processing"):

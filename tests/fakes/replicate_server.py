@@ -102,15 +102,9 @@ class ReplicateServer(PredictionServer):
             prediction = self._predictions.get(prediction_id)
             if prediction is None:
                 return problem(404, "Not found", "The requested resource could not be found.")
-            word, argument = self._next("poll")
-            if word == "stall":
-                prediction.stalled = True
-            elif word == "failed":
-                prediction.status, prediction.error = "failed", argument or "The model failed."
-            elif word == "canceled":
-                prediction.status = "canceled"
-            elif word != "ok":
-                return _scripted(word, argument)
+            failure = self._poll_script(prediction)
+            if failure is not None:
+                return _scripted(*failure)
             self._advance(prediction)
             return JSONResponse(self._describe(prediction))
 
