@@ -25,6 +25,7 @@ from tests.chaos.rig import CHAOS_SETTINGS, ChaosRig
 from tests.chaos.trace import BrokerTrace
 from tests.conftest import missing
 from tests.e2e.rig import Rig, start_rig
+from tests.report import SuiteRecord, SuiteReport
 
 HERE = Path(__file__).parent
 
@@ -33,11 +34,9 @@ HERE = Path(__file__).parent
 
 
 @dataclass
-class ChaosRecord:
+class ChaosRecord(SuiteRecord):
     """One scenario's line in the report (None: not measured, e.g. the test failed before)."""
 
-    test: str
-    result: str = "not run"
     recovery_s: float | None = None
     lost: int | None = None
     paid_twice: int | None = None
@@ -47,36 +46,25 @@ class ChaosRecord:
         self.recovery_s = time.monotonic() - since
 
 
-_RECORDS = pytest.StashKey[dict[str, ChaosRecord]]()
+REPORT = SuiteReport(HERE, lambda name: ChaosRecord(test=name))
 _BACKENDS_UP = pytest.StashKey[str]()
 _LOGS = pytest.StashKey[Path]()
 _CALL_FAILED = pytest.StashKey[bool]()
 
 
-def _records(config: pytest.Config) -> dict[str, ChaosRecord]:
-    return config.stash.setdefault(_RECORDS, {})
-
-
-def _in_suite(item: pytest.Item) -> bool:
-    return HERE in Path(item.path).parents
-
-
 @pytest.fixture
 def chaos(request: pytest.FixtureRequest) -> ChaosRecord:
     """This scenario's line in the report."""
-    return _records(request.config).setdefault(request.node.nodeid,
-                                               ChaosRecord(test=request.node.name))
+    return REPORT.record(request.config, request.node.nodeid, request.node.name)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
-    if not _in_suite(item):
+    record = REPORT.on_report(item, report)
+    if record is None:
         return
-    record = _records(item.config).setdefault(item.nodeid, ChaosRecord(test=item.name))
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        record.result = "error" if report.when == "setup" and report.failed else report.outcome
     if report.failed:
         item.stash[_CALL_FAILED] = True
         if report.when == "teardown" and record.result == "passed":
@@ -85,7 +73,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
-    records = [r for r in _records(config).values() if r.result != "not run"]
+    records = REPORT.finished(config)
     if not records:
         return
     write = terminalreporter.write_line

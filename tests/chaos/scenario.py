@@ -89,8 +89,10 @@ def finish(rig: ChaosRig, client: httpx.Client, job_id: str, regeneration_id: st
     problems: list[str] = []
     deadline = time.monotonic() + limit
     while True:
-        row = _regeneration_or_none(client, job_id, regeneration_id)
+        # The job first: once it shows a new version, the commit that made it is visible, so the
+        # regeneration read after it must show completed (the other order races that commit).
         job = _job_or_none(client, job_id)
+        row = _regeneration_or_none(client, job_id, regeneration_id)
         if job is not None and row is not None and row["status"] != "completed" and job["current_version"] != 1:
             problems.append(f"version {job['current_version']} became current before the regeneration completed")
         if not original.intact():

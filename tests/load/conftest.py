@@ -21,16 +21,15 @@ import pytest
 from tests.e2e.conftest import ROOT
 from tests.load.rig import LoadRig, start_load_rig
 from tests.processes import spawn, stop_process
+from tests.report import SuiteRecord, SuiteReport
 
 HERE = Path(__file__).parent
 
 
 @dataclass
-class LoadRecord:
+class LoadRecord(SuiteRecord):
     """One scenario's line in the report."""
 
-    test: str
-    result: str = "not run"
     figures: dict[str, str] = field(default_factory=dict)
 
     def add(self, **figures: object) -> None:
@@ -38,37 +37,24 @@ class LoadRecord:
             self.figures[name] = f"{value:.{1 if abs(value) >= 10 else 2}f}" if isinstance(value, float) else str(value)
 
 
-_RECORDS = pytest.StashKey[dict[str, LoadRecord]]()
-
-
-def _records(config: pytest.Config) -> dict[str, LoadRecord]:
-    return config.stash.setdefault(_RECORDS, {})
-
-
-def _in_suite(item: pytest.Item) -> bool:
-    return HERE in Path(item.path).parents
+REPORT = SuiteReport(HERE, lambda name: LoadRecord(test=name))
 
 
 @pytest.fixture
 def load(request: pytest.FixtureRequest) -> LoadRecord:
     """This scenario's line in the report."""
-    return _records(request.config).setdefault(request.node.nodeid, LoadRecord(test=request.node.name))
+    return REPORT.record(request.config, request.node.nodeid, request.node.name)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
     outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if not _in_suite(item):
-        return
-    record = _records(item.config).setdefault(item.nodeid, LoadRecord(test=item.name))
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        record.result = "error" if report.when == "setup" and report.failed else report.outcome
+    REPORT.on_report(item, outcome.get_result())
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
-    records = [r for r in _records(config).values() if r.result != "not run"]
+    records = REPORT.finished(config)
     if not records:
         return
     write = terminalreporter.write_line
