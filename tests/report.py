@@ -51,6 +51,19 @@ class SuiteReport(Generic[R]):
             record.result = "error" if report.when == "setup" and report.failed else report.outcome
         return record
 
+    def print_table(self, reporter: pytest.TerminalReporter, config: pytest.Config, title: str,
+                    heading: str, cells: Callable[[R], str]) -> list[R]:
+        """Print the finished scenarios as a table under ``title``: test, result, then ``heading``
+        over ``cells(record)``. Returns the records printed (none: nothing is printed)."""
+        records = self.finished(config)
+        if records:
+            reporter.section(title)
+            width = max(len("test"), *(len(r.test) for r in records))
+            reporter.write_line(f"{'test':<{width}}  {'result':<7}  {heading}")
+            for r in records:
+                reporter.write_line(f"{r.test:<{width}}  {r.result:<7}  {cells(r)}")
+        return records
+
     def finished(self, config: pytest.Config) -> list[R]:
         """The records of the scenarios that ran, in the order they ran."""
         return [r for r in self._records(config).values() if r.result != "not run"]

@@ -71,20 +71,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             record.result = "error"
 
 
+def _figures(r: ChaosRecord) -> str:
+    recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.1f}"
+    lost = "-" if r.lost is None else str(r.lost)
+    paid = "-" if r.paid_twice is None else str(r.paid_twice)
+    return f"{recovery:>10}  {lost:>4}  {paid:>10}"
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
-    records = REPORT.finished(config)
-    if not records:
+    if not REPORT.print_table(terminalreporter, config, "fault suite",
+                              f"{'recovery s':>10}  {'lost':>4}  {'paid twice':>10}", _figures):
         return
     write = terminalreporter.write_line
-    terminalreporter.section("fault suite")
-    width = max(len("test"), *(len(r.test) for r in records))
-    write(f"{'test':<{width}}  {'result':<7}  {'recovery s':>10}  {'lost':>4}  {'paid twice':>10}")
-    for r in records:
-        recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.1f}"
-        lost = "-" if r.lost is None else str(r.lost)
-        paid = "-" if r.paid_twice is None else str(r.paid_twice)
-        write(f"{r.test:<{width}}  {r.result:<7}  {recovery:>10}  {lost:>4}  {paid:>10}")
     if _BACKENDS_UP in config.stash:
         write(config.stash[_BACKENDS_UP])
     if _LOGS in config.stash:

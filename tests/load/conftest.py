@@ -54,16 +54,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
-    records = REPORT.finished(config)
-    if not records:
-        return
-    write = terminalreporter.write_line
-    terminalreporter.section("load suite")
-    width = max(len("test"), *(len(r.test) for r in records))
-    write(f"{'test':<{width}}  {'result':<7}  figures")
-    for r in records:
-        figures = ", ".join(f"{name} {value}" for name, value in r.figures.items()) or "-"
-        write(f"{r.test:<{width}}  {r.result:<7}  {figures}")
+    REPORT.print_table(terminalreporter, config, "load suite", "figures",
+                       lambda r: ", ".join(f"{name} {value}" for name, value in r.figures.items()) or "-")
 
 
 @pytest.fixture(scope="session")

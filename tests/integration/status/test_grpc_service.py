@@ -34,13 +34,6 @@ async def service(database_url: str, tmp_path: Path) -> AsyncIterator[StatusServ
     await db.dispose()
 
 
-@pytest.fixture
-async def stub(service: StatusService) -> AsyncIterator[jobs_pb2_grpc.JobStatusServiceStub]:
-    assert service.grpc is not None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:
-        yield jobs_pb2_grpc.JobStatusServiceStub(channel)
-
-
 async def composed(stub: jobs_pb2_grpc.JobStatusServiceStub) -> str:
     created = await stub.CreateJob(jobs_pb2.CreateJobRequest(
         owner="alice", audio_key="jobs/a/music.m4a",

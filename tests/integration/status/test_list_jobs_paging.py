@@ -46,13 +46,6 @@ async def service(database_url: str, tmp_path: Path, clock: Clock) -> AsyncItera
     await db.dispose()
 
 
-@pytest.fixture
-async def stub(service: StatusService) -> AsyncIterator[jobs_pb2_grpc.JobStatusServiceStub]:
-    assert service.grpc is not None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:
-        yield jobs_pb2_grpc.JobStatusServiceStub(channel)
-
-
 async def _create(service: StatusService, clock: Clock, count: int, owner: str = "alice", *,
                   same_time: int = 1) -> list[str]:
     """``count`` jobs, ``same_time`` of them at each instant; their ids in creation order."""
