@@ -149,6 +149,13 @@ class Watched:
     allowed_failure: str | None = None  # a network error this flow causes on purpose
     problems: list[str] = field(default_factory=list)
     held: list[Any] = field(default_factory=list)  # event-stream requests held back
+    documents: int = 0  # how many times the test reloaded the page
+    document_of: dict[int, int] = field(default_factory=dict)  # request → the document that sent it
+
+    def reload(self) -> None:
+        """Reload the page; what the old document still had in flight is aborted by the browser."""
+        self.documents += 1
+        self.page.reload()
 
     def shot(self, state: str) -> None:
         self.page.screenshot(path=str(self.shots / f"{self.flow}-{state}-{self.width}.png"), full_page=True)
@@ -197,8 +204,11 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
         watched.problems.append(f"console: {message.text}")
 
     def failed(request: Any) -> None:
-        # A video element aborts its range requests as it seeks, and a closing page its event stream.
-        if request.failure == "net::ERR_ABORTED" and request.resource_type in {"media", "eventsource"}:
+        # A video element aborts its range requests as it seeks, a closing page its event stream,
+        # and a reload whatever the old document had in flight.
+        if request.failure == "net::ERR_ABORTED" and (
+                request.resource_type in {"media", "eventsource"}
+                or watched.document_of.get(id(request), watched.documents) < watched.documents):
             return
         if watched.allowed_failure and request.failure == watched.allowed_failure:
             return
@@ -210,6 +220,7 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
 
     page.on("console", console)
     page.on("pageerror", lambda exc: watched.problems.append(f"page error: {exc}"))
+    page.on("request", lambda request: watched.document_of.__setitem__(id(request), watched.documents))
     page.on("requestfailed", failed)
     page.on("response", response)
     page.goto(f"{system.url}/#job={job_id or system.job()['id']}")
@@ -381,7 +392,7 @@ def test_reload_keeps_progress_and_cancel_keeps_the_video(system: PageSystem, br
                            timeout=SLOW)
     fraction = page.evaluate("document.getElementById('run-progress').value")
     watched.shot("running")
-    page.reload()
+    watched.reload()
     page.wait_for_function("document.getElementById('run-stage')?.textContent === 'Generating the new clip'",
                            timeout=SLOW)
     assert page.evaluate("document.getElementById('run-progress').value") >= fraction > 0
