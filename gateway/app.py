@@ -94,7 +94,8 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> FastAPI
     app.state.limiter = TokenBucketLimiter(settings.rate_limit_per_minute)
     app.state.auth_failures = TokenBucketLimiter(settings.auth_failures_per_minute)
     app.state.tickets = TicketSigner(settings.media_signing_key, settings.sse_ticket_ttl_seconds)
-    app.state.feeds = FeedHub(queue_size=settings.sse_subscriber_queue, stream_seconds=WATCH_STREAM_SECONDS)
+    app.state.feeds = FeedHub(queue_size=settings.sse_subscriber_queue, stream_seconds=WATCH_STREAM_SECONDS,
+                               heartbeat_seconds=settings.sse_heartbeat_seconds)
     app.state.stream_slots = StreamSlots(settings.sse_max_streams_per_owner)
     install_error_handlers(app)
     app.include_router(api_router())

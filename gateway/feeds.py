@@ -1,9 +1,16 @@
 """One upstream ``WatchJob`` per job per gateway process, fanned out to every watcher of the job.
 
 A ``FeedHub`` keeps a ``JobFeed`` per (owner, job). The first subscriber opens the feed's
-``WatchJob`` stream; every event it reads goes into each subscriber's bounded queue; the last
-subscriber to leave cancels it. A subscriber whose queue is full is dropped (its stream ends and
-EventSource resumes with ``Last-Event-ID``) so one slow reader never holds the others back.
+``WatchJob`` stream; the last to leave cancels it. The feed appends what it reads to one ring of
+recent entries (events, and a heartbeat every ``heartbeat_seconds``) that all its subscribers
+share: each subscriber only holds its place in the ring, and one wake-up per new entry tells every
+waiting subscriber to read on from there. A subscriber takes everything it has not read yet in one
+go, so one that was busy catches up with one write.
+
+Slow watchers never hold the others back and never grow memory: a subscriber the ring has moved
+past (more than ``queue_size`` entries behind) ends with ``SubscriberOverflow``, and one whose reader
+has held a chunk for ``stalled_after`` seconds (a send the client does not take) has that reader's
+task cancelled. Either way EventSource resumes with ``Last-Event-ID``.
 
 A subscriber first replays the events after its resume point: from the feed's history of recent
 events when the job's feed is open and reaches back that far, else with a ``replay_only`` call of its
@@ -11,8 +18,8 @@ own. Then it reads the shared feed. Event sequences of a job are contiguous (1, 
 it already sent and fills any gap (an event it joined too late to get from the feed, or a feed that
 started ahead of it) with another replay: every watcher gets every event once, in order.
 
-Each event is encoded for the wire once per feed (``FeedHub.stream``), not once per watcher: with a
-thousand watchers that is most of the gateway's work per event.
+Each event is encoded for the wire once per feed, not once per watcher: with a thousand watchers
+that is most of the gateway's work per event.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import grpc
@@ -40,10 +49,12 @@ Encoder = Callable[[common_pb2.JobEvent], bytes]
 
 # The events a feed keeps for watchers who join it late.
 _HISTORY_KEPT = 256
-# Encoded events a feed keeps for the watchers still behind it; each is made afresh after a minute,
-# since the encoding may carry signed media URLs that expire.
+# Encoded events a feed keeps; each is made afresh after a minute, since the encoding may carry
+# signed media URLs that expire.
 _ENCODED_KEPT = 64
 _ENCODED_SECONDS = 60.0
+# A ring entry that is a heartbeat, not an event.
+_HEARTBEAT = None
 
 
 class SubscriberOverflow(Exception):
@@ -52,7 +63,12 @@ class SubscriberOverflow(Exception):
 
 @dataclass(eq=False)
 class _Subscriber:
-    queue: asyncio.Queue[common_pb2.JobEvent | BaseException]
+    # How many of the feed's entries it has read (an index into every entry the feed published).
+    read: int
+    # The task reading the stream: cancelled when it stalls.
+    task: asyncio.Task[Any] | None
+    # When its reader took the chunk it still holds (loop time), None while it waits for the feed.
+    holding_since: float | None = None
 
 
 class _CallCanceller:
@@ -78,12 +94,23 @@ class JobFeed:
     owner: str
     job_id: str
     after: int
+    queue_size: int
     subscribers: set[_Subscriber] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
     # The job's latest events, contiguous and ending at ``after``: a watcher who joins replays its
     # missed events from here instead of asking the status service.
     history: deque[common_pb2.JobEvent] = field(default_factory=lambda: deque(maxlen=_HISTORY_KEPT))
+    # What the feed published last (events and heartbeats), shared by its subscribers; ``published``
+    # counts every entry so far, so a subscriber's unread entries are the last ``published - read``.
+    ring: deque[common_pb2.JobEvent | None] = field(init=False)
+    published: int = 0
+    # Why the feed ended; its subscribers raise it once they have read what it published before.
+    ended: BaseException | None = None
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _encoded: dict[int, tuple[bytes, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ring = deque(maxlen=self.queue_size)
 
     def remember(self, events: list[common_pb2.JobEvent]) -> None:
         """Seed the history with events read before the feed started (they end at ``after``)."""
@@ -111,6 +138,31 @@ class JobFeed:
         self._encoded[event.sequence] = (data, now)
         return data
 
+    def join(self) -> _Subscriber:
+        """A subscriber that reads what the feed publishes from now on."""
+        subscriber = _Subscriber(read=self.published, task=asyncio.current_task())
+        self.subscribers.add(subscriber)
+        return subscriber
+
+    async def unread(self, subscriber: _Subscriber) -> list[common_pb2.JobEvent | None]:
+        """The entries ``subscriber`` has not read yet (waits for one); a ``None`` is a heartbeat.
+
+        Raises ``SubscriberOverflow`` when the ring has moved past its place, or why the feed
+        ended once it has read everything the feed published."""
+        while subscriber.read == self.published:
+            if self.ended is not None:
+                raise self.ended
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        behind = self.published - subscriber.read
+        if behind > len(self.ring):
+            raise SubscriberOverflow("fell behind")
+        subscriber.read = self.published
+        if behind == 1:
+            return [self.ring[-1]]
+        return list(islice(self.ring, len(self.ring) - behind, None))
+
     async def run(self, method: WatchMethod, stream_seconds: float, on_end: Callable[[JobFeed], None]) -> None:
         watch = _CallCanceller(method)
         try:
@@ -123,45 +175,61 @@ class JobFeed:
                             self.history.clear()  # not contiguous with what it holds (never expected)
                         self.after = event.sequence
                         self.history.append(event)
-                        self._publish(event)
+                        self.publish(event)
                 except ClipChatError as exc:
                     if exc.status is not grpc.StatusCode.DEADLINE_EXCEEDED:
                         raise
                     continue  # the planned end of a bounded call: reopen where it stopped
                 return  # the service ended the stream (it is shutting down): subscribers resume
         except ClipChatError as exc:
-            self._publish_end(exc)
+            self._end(exc)
         finally:
             watch.cancel()
             on_end(self)
             # Subscribers still reading learn the feed is gone and end their streams.
-            self._publish_end(SubscriberOverflow("feed ended"))
+            self._end(SubscriberOverflow("feed ended"))
 
-    def _publish(self, event: common_pb2.JobEvent) -> None:
-        for subscriber in list(self.subscribers):
-            try:
-                subscriber.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                self._drop(subscriber, SubscriberOverflow("queue full"))
-                log.info("gateway.watcher_dropped", extra={"job_id": self.job_id, "reason": "slow"})
+    async def beat(self, heartbeat_seconds: float, stalled_after: float) -> None:
+        """Publish a heartbeat every ``heartbeat_seconds``, and cut off subscribers whose reader
+        has held one chunk for longer than ``stalled_after`` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(heartbeat_seconds)
+            self.publish(_HEARTBEAT)
+            now = loop.time()
+            for subscriber in list(self.subscribers):
+                if subscriber.holding_since is not None and now - subscriber.holding_since > stalled_after:
+                    self.subscribers.discard(subscriber)
+                    if subscriber.task is not None:
+                        subscriber.task.cancel()
+                    log.info("gateway.watcher_dropped", extra={"job_id": self.job_id, "reason": "stalled"})
 
-    def _publish_end(self, reason: BaseException) -> None:
-        for subscriber in list(self.subscribers):
-            self._drop(subscriber, reason)
+    def publish(self, entry: common_pb2.JobEvent | None) -> None:
+        self.ring.append(entry)
+        self.published += 1
+        self._wake()
 
-    def _drop(self, subscriber: _Subscriber, reason: BaseException) -> None:
-        self.subscribers.discard(subscriber)
-        while not subscriber.queue.empty():
-            subscriber.queue.get_nowait()
-        subscriber.queue.put_nowait(reason)
+    def _end(self, reason: BaseException) -> None:
+        if self.ended is None:
+            self.ended = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class FeedHub:
     """The job feeds of one gateway process."""
 
-    def __init__(self, *, queue_size: int, stream_seconds: float) -> None:
+    def __init__(self, *, queue_size: int, stream_seconds: float, heartbeat_seconds: float = 10.0,
+                 stalled_after: float = 30.0) -> None:
         self._queue_size = queue_size
         self._stream_seconds = stream_seconds
+        self._heartbeat_seconds = heartbeat_seconds
+        self._stalled_after = stalled_after
         self._feeds: dict[tuple[str, str], JobFeed] = {}
 
     @property
@@ -180,21 +248,82 @@ class FeedHub:
         feed = self._feeds.get((owner, job_id))
         return len(feed.subscribers) if feed else 0
 
-    def _subscribe(self, method: WatchMethod, owner: str, job_id: str, after: int,
-                   replayed: list[common_pb2.JobEvent]) -> tuple[JobFeed, _Subscriber]:
+    async def stream(self, method: WatchMethod, owner: str, job_id: str, after: int, encode: Encoder,
+                     heartbeat: bytes) -> AsyncGenerator[bytes, None]:
+        """The job's events after ``after``, then new ones, each once and in order, as ``encode``
+        makes them (``heartbeat`` for a heartbeat). One chunk holds what arrived together.
+
+        Ends by raising ``SubscriberOverflow`` when this subscriber fell behind or the feed ended,
+        or the feed's ``ClipChatError`` when the status service failed.
+        """
+        last = after
+        live = self._feeds.get((owner, job_id))
+        remembered = live.replay_after(after) if live is not None and self.is_watched(owner, job_id) else None
+        if remembered is not None and live is not None:
+            # Joined in the same step as the history was read: nothing can fall in between.
+            feed, subscriber = live, live.join()
+        else:
+            replayed: list[common_pb2.JobEvent] = []
+            async for event in self._replay(method, owner, job_id, last):
+                yield encode(event)
+                last = event.sequence
+                replayed.append(event)
+            feed = self._open(method, owner, job_id, last, replayed)
+            subscriber = feed.join()
+        loop = asyncio.get_running_loop()
+        try:
+            if remembered:
+                yield b"".join(feed.encoded(event, encode) for event in remembered)
+                last = remembered[-1].sequence
+            while True:
+                chunk, last = await self._unread_chunk(method, feed, subscriber, last, encode, heartbeat)
+                if chunk:
+                    subscriber.holding_since = loop.time()
+                    yield chunk
+                    subscriber.holding_since = None
+        finally:
+            self._leave(feed, subscriber)
+
+    async def _unread_chunk(self, method: WatchMethod, feed: JobFeed, subscriber: _Subscriber, last: int,
+                            encode: Encoder, heartbeat: bytes) -> tuple[bytes, int]:
+        """What ``subscriber`` has not been sent yet after event ``last``, as one chunk, and the
+        last event in it (waits for the feed to publish)."""
+        parts: list[bytes] = []
+        for entry in await feed.unread(subscriber):
+            if entry is None:
+                parts.append(heartbeat)
+                continue
+            if entry.sequence <= last:
+                continue  # already sent from the replay
+            if entry.sequence > last + 1:
+                # Events between what was sent and the feed: they are in the log already.
+                async with aclosing(self._replay(method, feed.owner, feed.job_id, last)) as missed:
+                    async for event in missed:
+                        if event.sequence >= entry.sequence:
+                            break
+                        parts.append(encode(event))
+                        last = event.sequence
+            parts.append(feed.encoded(entry, encode))
+            last = entry.sequence
+        return parts[0] if len(parts) == 1 else b"".join(parts), last
+
+    def _open(self, method: WatchMethod, owner: str, job_id: str, after: int,
+              replayed: list[common_pb2.JobEvent]) -> JobFeed:
         key = (owner, job_id)
         feed = self._feeds.get(key)
         if feed is None:
-            feed = self._feeds[key] = JobFeed(owner, job_id, after)
+            feed = self._feeds[key] = JobFeed(owner, job_id, after, self._queue_size)
             feed.remember(replayed)
-            feed.task = asyncio.create_task(feed.run(method, self._stream_seconds, self._forget),
-                                            name=f"job-feed-{job_id}")
-        return feed, self._join(feed)
+            feed.task = asyncio.create_task(self._run(feed, method), name=f"job-feed-{job_id}")
+        return feed
 
-    def _join(self, feed: JobFeed) -> _Subscriber:
-        subscriber = _Subscriber(asyncio.Queue(maxsize=self._queue_size))
-        feed.subscribers.add(subscriber)
-        return subscriber
+    async def _run(self, feed: JobFeed, method: WatchMethod) -> None:
+        beat = asyncio.create_task(feed.beat(self._heartbeat_seconds, self._stalled_after),
+                                   name=f"job-feed-beat-{feed.job_id}")
+        try:
+            await feed.run(method, self._stream_seconds, self._forget)
+        finally:
+            beat.cancel()
 
     def _forget(self, feed: JobFeed) -> None:
         if self._feeds.get((feed.owner, feed.job_id)) is feed:
@@ -207,7 +336,7 @@ class FeedHub:
             feed.task.cancel()
 
     async def _replay(self, method: WatchMethod, owner: str, job_id: str, after: int,
-                      ) -> AsyncIterator[common_pb2.JobEvent]:
+                      ) -> AsyncGenerator[common_pb2.JobEvent, None]:
         watch = _CallCanceller(method)
         request = jobs_pb2.WatchJobRequest(job_id=job_id, owner=owner, after_sequence=after, replay_only=True)
         try:
@@ -215,57 +344,6 @@ class FeedHub:
                 yield event
         finally:
             watch.cancel()
-
-    async def stream(self, method: WatchMethod, owner: str, job_id: str, after: int, encode: Encoder,
-                     ) -> AsyncIterator[bytes]:
-        """``events``, each as ``encode`` makes it, encoded once for every watcher of the job's feed.
-
-        Ends as ``events`` does."""
-        async for event in self.events(method, owner, job_id, after):
-            feed = self._feeds.get((owner, job_id))
-            yield encode(event) if feed is None else feed.encoded(event, encode)
-
-    async def events(self, method: WatchMethod, owner: str, job_id: str, after: int,
-                     ) -> AsyncIterator[common_pb2.JobEvent]:
-        """The job's events after ``after``, then new ones, each once and in order.
-
-        Ends by raising ``SubscriberOverflow`` when this subscriber fell behind or the feed ended,
-        or the feed's ``ClipChatError`` when the status service failed.
-        """
-        last = after
-        live = self._feeds.get((owner, job_id))
-        remembered = live.replay_after(after) if live is not None and self.is_watched(owner, job_id) else None
-        if remembered is not None and live is not None:
-            # Joined in the same step as the history was read: nothing can fall in between.
-            feed, subscriber = live, self._join(live)
-        else:
-            replayed: list[common_pb2.JobEvent] = []
-            async for event in self._replay(method, owner, job_id, last):
-                yield event
-                last = event.sequence
-                replayed.append(event)
-            feed, subscriber = self._subscribe(method, owner, job_id, last, replayed)
-        try:
-            for event in remembered or ():
-                yield event
-                last = event.sequence
-            while True:
-                item = await subscriber.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.sequence <= last:
-                    continue  # already sent from the replay
-                if item.sequence > last + 1:
-                    # Events between what was sent and the feed: they are in the log already.
-                    async for event in self._replay(method, owner, job_id, last):
-                        if event.sequence >= item.sequence:
-                            break
-                        yield event
-                        last = event.sequence
-                yield item
-                last = item.sequence
-        finally:
-            self._leave(feed, subscriber)
 
 
 class StreamSlots:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
-from starlette.types import Message, Receive, Scope, Send
+from sse_starlette import ServerSentEvent
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from clipchat.errors import ClipChatError
 from clipchat.rpc import call
@@ -33,7 +35,7 @@ from gateway.deps import (
     TicketsDep,
 )
 from gateway.errors import RATE_LIMITED_CODE, ApiError, documented, from_domain_error
-from gateway.feeds import FeedHub, StreamSlots, SubscriberOverflow, WatchMethod
+from gateway.feeds import FeedHub, SubscriberOverflow, WatchMethod
 from gateway.schemas import event_out
 from gateway.signing import MediaSigner
 
@@ -44,8 +46,8 @@ router = APIRouter(prefix="/api/v1", tags=["events"])
 # The deadline of each upstream WatchJob call; a job's shared feed reopens where it stopped, so no
 # gRPC call ever runs without a deadline and no watcher notices.
 WATCH_STREAM_SECONDS = 15 * 60
-# A client that stops reading for this long is dropped instead of holding the stream open.
-SEND_TIMEOUT_SECONDS = 30
+# The comment sent every CLIPCHAT_SSE_HEARTBEAT_SECONDS, so proxies do not close a quiet stream.
+HEARTBEAT = b": ping\r\n\r\n"
 # How long the browser waits before reconnecting after the stream ends.
 RECONNECT_MILLISECONDS = 2000
 # What a client over its stream cap is asked to wait before trying again.
@@ -76,39 +78,57 @@ async def create_ticket(job_id: JobId, owner: Owner, settings: SettingsDep, down
     return TicketOut(ticket=tickets.issue(owner, job_id), expires_in=tickets.ttl_seconds)
 
 
-class _SlotHeldResponse(EventSourceResponse):
-    """An event stream that gives its owner's stream slot back however the stream ends, and ends
-    when one send waits more than ``send_timeout`` seconds (a client that stopped reading)."""
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` answer written straight to the ASGI ``send``, one send per chunk.
 
-    def __init__(self, *args: object, slots: StreamSlots, owner: str, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._slots = slots
-        self._owner: str | None = owner
+    Ends when the chunks end, when the client disconnects, or when the task writing it is cancelled:
+    the job feed cuts off a client that stopped reading that way, and the server then closes the
+    connection (uvicorn logs that the response was not completed). Gives its owner's stream slot
+    back however it ends. Nothing runs per chunk but the send: the job feed makes the bytes, once
+    for every watcher, and publishes the heartbeats. No anyio task group or timeout per send, as
+    sse-starlette has: at a thousand watchers those cost more than the send itself.
+    """
 
-    def release(self) -> None:
-        if self._owner is not None:
-            self._slots.give_back(self._owner)
-            self._owner = None
+    def __init__(self, chunks: AsyncGenerator[bytes, None], *, release: Callable[[], None],
+                 headers: dict[str, str], status_code: int = 200) -> None:
+        # The media type is set here, not on the class: FastAPI would document the route's error
+        # answers (JSON) as event streams.
+        super().__init__(chunks, status_code=status_code, headers=headers, media_type="text/event-stream")
+        self._chunks = chunks
+        self._release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            writer = asyncio.create_task(self._write(send), name="event-stream")
+            disconnect = asyncio.create_task(_disconnected(receive), name="event-stream-disconnect")
+            try:
+                done, _ = await asyncio.wait((writer, disconnect), return_when=asyncio.FIRST_COMPLETED)
+                if writer in done and not writer.cancelled():
+                    writer.result()  # the stream's own failure, if it had one
+            finally:
+                writer.cancel()
+                disconnect.cancel()
+                await asyncio.wait((writer, disconnect))
         finally:
-            self.release()
+            self._release()
 
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        # The same limit as sse-starlette's, with asyncio's timeout: its anyio cancel scope, made
-        # for every event of every watcher, cost more than the send itself.
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await send(message)
-        except TimeoutError:
-            raise SendTimeoutError() from None
+    async def _write(self, send: Send) -> None:
+        async with aclosing(self._chunks) as chunks:
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get(
     "/jobs/{job_id}/events", summary="Live job events (Server-Sent Events)",
-    response_class=EventSourceResponse,
+    response_class=EventStream,
     responses={200: {"content": {"text/event-stream": {}},
                      "description": "id: sequence, event: type, data: JSON {sequence, type, stage, "
                                     "fraction, payload, created_at}; ': ping' comments as heartbeats."},
@@ -122,14 +142,14 @@ async def job_events(
         pattern=LAST_EVENT_ID_PATTERN,
         description="Set by EventSource on reconnect: the id of the last event it received (a sequence "
                     "number, 1 to 18 digits). Takes precedence over ?after=.")] = None,
-) -> EventSourceResponse:
+) -> EventStream:
     """Replay the job's events after ``Last-Event-ID`` (or ``?after=``), then follow new ones.
 
     Authenticate with ``Authorization: Bearer`` or, from EventSource (which cannot send headers),
     ``?ticket=`` from ``POST /jobs/{id}/tickets``; the API token is not accepted in the URL. One
     owner holds at most ``CLIPCHAT_SSE_MAX_STREAMS_PER_OWNER`` streams per gateway process (429 with
-    ``Retry-After`` past it). A client that falls far behind is disconnected and resumes with
-    ``Last-Event-ID``. Heartbeat comments keep proxies from closing an idle stream.
+    ``Retry-After`` past it). A client that falls far behind, or stops reading for 30 seconds, is
+    disconnected and resumes with ``Last-Event-ID``. Heartbeat comments keep proxies from closing an idle stream.
     """
     after_sequence = _resume_point(last_event_id, after)
     if not slots.take(owner):
@@ -143,10 +163,9 @@ async def job_events(
         if not feeds.is_watched(owner, job_id):
             await call(downstream.status.GetJob, jobs_pb2.GetJobRequest(job_id=job_id, owner=owner),
                        timeout=settings.grpc_deadline_seconds)
-        return _SlotHeldResponse(
-            _events(feeds, downstream.status.WatchJob, owner, job_id, after_sequence, signer),
-            slots=slots, owner=owner, ping=settings.sse_heartbeat_seconds, send_timeout=SEND_TIMEOUT_SECONDS,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(_events(feeds, downstream.status.WatchJob, owner, job_id, after_sequence, signer),
+                           release=partial(slots.give_back, owner),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     except BaseException:
         slots.give_back(owner)
         raise
@@ -158,18 +177,19 @@ def _resume_point(last_event_id: str | None, after: int | None) -> int:
 
 
 async def _events(feeds: FeedHub, watch: WatchMethod, owner: str, job_id: str, after: int,
-                  signer: MediaSigner) -> AsyncIterator[ServerSentEvent | bytes]:
+                  signer: MediaSigner) -> AsyncGenerator[bytes, None]:
     def encode(event: common_pb2.JobEvent) -> bytes:
         return ServerSentEvent(data=event_out(event, signer).model_dump_json(), event=event.type,
                                id=str(event.sequence), retry=RECONNECT_MILLISECONDS).encode()
 
     try:
-        async for data in feeds.stream(watch, owner, job_id, after, encode):
-            yield data
+        async with aclosing(feeds.stream(watch, owner, job_id, after, encode, HEARTBEAT)) as chunks:
+            async for chunk in chunks:
+                yield chunk
     except SubscriberOverflow:
         return  # fell behind (or the feed ended): EventSource reconnects and resumes from its last id
     except ClipChatError as exc:
         # Headers are already sent: tell the page in-band, then end the stream.
         status, body = from_domain_error(exc)
         log.warning("gateway.watch_failed", extra={"job_id": job_id, "code": exc.code, "http_status": status})
-        yield ServerSentEvent(data=body.model_dump_json(), event="watch.error", retry=RECONNECT_MILLISECONDS)
+        yield ServerSentEvent(data=body.model_dump_json(), event="watch.error", retry=RECONNECT_MILLISECONDS).encode()

@@ -1,18 +1,20 @@
-"""Job feeds: many watchers of one job share one upstream WatchJob; slow ones are dropped; a cap per owner."""
+"""Job feeds: many watchers of one job share one upstream WatchJob; slow and stalled ones are dropped;
+a cap per owner."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
 import grpc
 import httpx
 import pytest
 
 from clipchat.storage.local import LocalStorage
-from clipchat.v1 import jobs_pb2_grpc
+from clipchat.v1 import common_pb2, jobs_pb2_grpc
 from gateway.app import create_app
-from gateway.feeds import FeedHub, SubscriberOverflow
+from gateway.feeds import FeedHub, SubscriberOverflow, WatchMethod
 from tests.unit.gateway.gateway_rig import ALICE, BOB, Backend, SettingsFactory, error_of, make_job, served
 
 WATCHERS = 40
@@ -67,37 +69,82 @@ async def test_watchers_of_one_job_share_one_upstream_stream(make_settings: Sett
 
 
 @pytest.fixture
-async def status_watch(backend: Backend) -> AsyncIterator[object]:
+async def status_watch(backend: Backend) -> AsyncIterator[WatchMethod]:
     async with grpc.aio.insecure_channel(backend.status_addr) as channel:
         yield jobs_pb2_grpc.JobStatusServiceStub(channel).WatchJob
 
 
+def _encode(event: common_pb2.JobEvent) -> bytes:
+    return b"%d," % event.sequence
+
+
+def _stream(hub: FeedHub, watch: WatchMethod, job_id: str, after: int) -> AsyncGenerator[bytes, None]:
+    return hub.stream(watch, "alice", job_id, after, _encode, heartbeat=b"~,")
+
+
+def _ids(chunk: bytes) -> list[int]:
+    """The event sequences in one chunk of ``_stream`` (heartbeats left out)."""
+    return [int(part) for part in chunk.split(b",") if part and part != b"~"]
+
+
 async def test_a_slow_watcher_is_dropped_without_holding_back_the_others(backend: Backend,
-                                                                          status_watch: object) -> None:
+                                                                          status_watch: WatchMethod) -> None:
     job_id = backend.status.add_job(make_job("alice")).job_id
     hub = FeedHub(queue_size=2, stream_seconds=30)
-    slow = hub.events(status_watch, "alice", job_id, 0)
-    fast = hub.events(status_watch, "alice", job_id, 0)
-    first_slow = asyncio.create_task(anext(slow))
-    fast_ids: list[int] = []
+    slow = _stream(hub, status_watch, job_id, 0)
+    fast = _stream(hub, status_watch, job_id, 0)
+    first_slow, first_fast = asyncio.create_task(anext(slow)), asyncio.create_task(anext(fast))
+    await _until(lambda: hub.watchers("alice", job_id) == 2)
+    backend.status.add_event(job_id, "progress")
+    assert _ids(await first_slow) == _ids(await first_fast) == [1]
+    fast_ids = [1]
 
     async def read_fast() -> None:
-        async for event in fast:
-            fast_ids.append(event.sequence)
-            if event.sequence == 8:
+        async for chunk in fast:
+            fast_ids.extend(_ids(chunk))
+            if fast_ids[-1] == 8:
                 return
 
     reader = asyncio.create_task(read_fast())
-    await _until(lambda: hub.watchers("alice", job_id) == 2)
-    for _ in range(8):
+    for _ in range(7):
         backend.status.add_event(job_id, "progress")
     await asyncio.wait_for(reader, 10)
     assert fast_ids == list(range(1, 9))
-    assert (await first_slow).sequence == 1
-    # It stopped reading and its queue overflowed: its stream ends, to be resumed by the client.
+    # It stopped reading and the feed's ring moved past it: its stream ends, to be resumed by the client.
     with pytest.raises(SubscriberOverflow):
         await anext(slow)
+    assert hub.watchers("alice", job_id) == 1
     await fast.aclose()
+    await _until(lambda: hub.upstream_streams == 0)
+
+
+async def test_a_watcher_that_holds_a_chunk_too_long_is_cut_off(backend: Backend, status_watch: WatchMethod) -> None:
+    """A reader stuck in one send (a client that stopped reading) has its task cancelled; the
+    others read on and get heartbeats."""
+    job_id = backend.status.add_job(make_job("alice")).job_id
+    hub = FeedHub(queue_size=64, stream_seconds=30, heartbeat_seconds=0.05, stalled_after=0.2)
+    got: list[bytes] = []
+
+    async def stuck() -> None:
+        async with aclosing(_stream(hub, status_watch, job_id, 0)) as chunks:
+            async for _ in chunks:
+                await asyncio.Event().wait()  # the send that never completes
+
+    async def reading() -> None:
+        async with aclosing(_stream(hub, status_watch, job_id, 0)) as chunks:
+            async for chunk in chunks:
+                got.append(chunk)
+
+    stuck_task, reader = asyncio.create_task(stuck()), asyncio.create_task(reading())
+    await _until(lambda: hub.watchers("alice", job_id) == 2)
+    backend.status.add_event(job_id, "progress")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stuck_task, 10)
+    assert hub.watchers("alice", job_id) == 1
+    backend.status.add_event(job_id, "progress")
+    await _until(lambda: [i for chunk in got for i in _ids(chunk)] == [1, 2])
+    assert any(b"~" in chunk for chunk in got), "heartbeats reach the watchers that read"
+    reader.cancel()
     await _until(lambda: hub.upstream_streams == 0)
 
 
@@ -133,23 +180,23 @@ async def test_streams_per_owner_are_capped(make_settings: SettingsFactory, stor
 
 
 async def test_a_watcher_joining_an_open_feed_replays_from_its_history(backend: Backend,
-                                                                        status_watch: object) -> None:
+                                                                        status_watch: WatchMethod) -> None:
     job_id = backend.status.add_job(make_job("alice")).job_id
     for _ in range(5):
         backend.status.add_event(job_id, "progress")
     hub = FeedHub(queue_size=16, stream_seconds=30)
-    first = hub.events(status_watch, "alice", job_id, 0)
-    assert [(await anext(first)).sequence for _ in range(5)] == [1, 2, 3, 4, 5]
+    first = _stream(hub, status_watch, job_id, 0)
+    assert [_ids(await anext(first)) for _ in range(5)] == [[1], [2], [3], [4], [5]]
     second_read = asyncio.create_task(anext(first))  # subscribes to the feed once the replay ends
     await _until(lambda: hub.is_watched("alice", job_id))
     replays_before = sum(r.replay_only for r in backend.status.watch_requests)
 
-    late = hub.events(status_watch, "alice", job_id, 2)
-    assert [(await anext(late)).sequence for _ in range(3)] == [3, 4, 5]
+    late = _stream(hub, status_watch, job_id, 2)
+    assert _ids(await anext(late)) == [3, 4, 5]  # the history, in one chunk
     assert sum(r.replay_only for r in backend.status.watch_requests) == replays_before
     backend.status.add_event(job_id, "progress")
-    assert (await anext(late)).sequence == 6
-    assert (await second_read).sequence == 6
+    assert _ids(await anext(late)) == [6]
+    assert _ids(await second_read) == [6]
     await late.aclose()
     await first.aclose()
     await _until(lambda: hub.upstream_streams == 0)
