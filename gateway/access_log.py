@@ -10,7 +10,10 @@ except the few that only say which page or event a client asked for.
 from __future__ import annotations
 
 import logging
+import sys
 from urllib.parse import parse_qsl, urlencode
+
+from clipchat.telemetry import JsonFormatter
 
 ACCESS_LOGGER = "uvicorn.access"
 REDACTED = "[redacted]"
@@ -44,15 +47,22 @@ class RedactQuery(logging.Filter):
         return True
 
 
-def configure_access_log(enabled: bool) -> None:
+def configure_access_log(enabled: bool, *, json_lines: bool = False) -> None:
     """Redact uvicorn's access records, and log them at INFO when ``enabled``.
 
     Call after building the ``uvicorn.Config``: it sets the access logger's level from its own
     ``log_level``. The filter goes on even when the log is off, so turning it on by other means
-    (a logging config) never logs an unredacted line.
+    (a logging config) never logs an unredacted line. With ``json_lines`` (uvicorn started with
+    ``log_config=None``, as ``python -m gateway`` does, so the access logger has no handler of its
+    own) the records go to stderr as JSON lines, like the process's other logs.
     """
     logger = logging.getLogger(ACCESS_LOGGER)
     if not any(isinstance(existing, RedactQuery) for existing in logger.filters):
         logger.addFilter(RedactQuery())
     if enabled:
         logger.setLevel(logging.INFO)
+        if json_lines and not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(JsonFormatter())
+            logger.addHandler(handler)
+            logger.propagate = False

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from clipchat import telemetry
 from clipchat.settings import Settings
 from clipchat.storage import Storage, create_storage
+from gateway.access_log import configure_access_log
 from gateway.deps import QUERY_TICKET_SCOPE_KEY, QUERY_TOKEN_SCOPE_KEY, Downstream
 from gateway.errors import install_error_handlers
 from gateway.feeds import FeedHub, StreamSlots
@@ -109,12 +110,13 @@ async def serve(settings: Settings, *, storage: Storage | None = None) -> None:
     """Run the gateway with uvicorn until the process is asked to stop (SIGINT/SIGTERM)."""
     config = uvicorn.Config(
         create_app(settings, storage=storage), host=settings.gateway_host, port=settings.gateway_port,
-        # Logging is configured by clipchat.telemetry; uvicorn's access log would print the query
-        # strings that carry EventSource tokens, and request spans already record each request.
-        log_config=None, access_log=False,
+        # Logging is configured by clipchat.telemetry. No access log unless asked for (request spans
+        # record each request); when it is on, its lines are redacted as `clipchat serve gateway`'s are.
+        log_config=None, access_log=settings.gateway_access_log,
         # The client address (failed-authentication limits) comes from X-Forwarded-For only when
         # the peer is a trusted proxy (an ingress controller).
         proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
         # Open SSE streams must not hold a rolling restart for long; EventSource reconnects.
         timeout_graceful_shutdown=5)
+    configure_access_log(settings.gateway_access_log, json_lines=True)
     await uvicorn.Server(config).serve()

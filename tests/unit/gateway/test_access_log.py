@@ -1,17 +1,24 @@
-"""The access log of ``clipchat serve gateway`` never holds a credential.
+"""The access log of ``clipchat serve gateway`` and of ``python -m gateway`` never holds a credential.
 
 The gateway runs as ``serve gateway`` runs it (``launcher.system.start_gateway``: uvicorn's own
 logging config, access log on through CLIPCHAT_GATEWAY_ACCESS_LOG) in front of the fake services.
 What uvicorn prints, and the same records through ClipChat's JSON formatter, are captured while a
-client uses its API token, an event-stream ticket, a signed media URL and a token in a URL.
+client uses its API token, an event-stream ticket, a signed media URL and a token in a URL. Then
+``python -m gateway`` runs as a process of its own with the same setting, and what it prints is read.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +28,10 @@ from clipchat.storage.local import LocalStorage
 from clipchat.telemetry import JsonFormatter
 from gateway.access_log import ACCESS_LOGGER, REDACTED, redact_query
 from launcher.system import start_gateway
-from tests.unit.gateway.gateway_rig import ALICE, Backend, SettingsFactory, make_job
+from tests.conftest import free_port
+from tests.e2e.conftest import ROOT
+from tests.processes import spawn, stop_process
+from tests.unit.gateway.gateway_rig import ALICE, BOB, Backend, SettingsFactory, make_job
 
 
 class _Lines(logging.Handler):
@@ -89,6 +99,62 @@ async def test_no_credential_reaches_the_access_log(make_settings: SettingsFacto
     assert any("/api/v1/jobs?limit=1" in line for line in lines)
     assert any(f"sig={REDACTED}" in line for line in lines)
     for secret in secrets:
+        assert not [line for line in lines if secret in line]
+
+
+def _module_env(backend: Backend, data_dir: Path, port: int) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CLIPCHAT_")}
+    env.update({"CLIPCHAT_DATA_DIR": str(data_dir), "CLIPCHAT_GATEWAY_HOST": "127.0.0.1",
+                "CLIPCHAT_GATEWAY_PORT": str(port), "CLIPCHAT_GATEWAY_ACCESS_LOG": "true",
+                "CLIPCHAT_STATUS_ADDR": backend.status_addr, "CLIPCHAT_REGENERATOR_ADDR": backend.regenerator_addr,
+                "CLIPCHAT_COMPOSER_ADDR": backend.composer_addr, "CLIPCHAT_AUTH_TOKENS": f"{ALICE}=alice,{BOB}=bob",
+                "CLIPCHAT_MEDIA_SIGNING_KEY": "test-signing-key", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+async def _until_serving(base: str, proc: subprocess.Popen[str]) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=2) as client:
+        for _ in range(600):
+            assert proc.poll() is None, "python -m gateway exited"
+            try:
+                if (await client.get("/api/v1/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("python -m gateway did not start")
+
+
+async def test_python_m_gateway_logs_requests_without_credentials(backend: Backend, tmp_path: Path) -> None:
+    job = backend.status.add_job(make_job("alice"))
+    backend.status.add_event(job.job_id, "job.created")
+    port, output = free_port(), tmp_path / "gateway.log"
+    base = f"http://127.0.0.1:{port}"
+    with output.open("w") as sink:
+        proc = spawn([sys.executable, "-m", "gateway"], env=_module_env(backend, tmp_path, port), cwd=ROOT,
+                     stdout=sink, stderr=subprocess.STDOUT, text=True)
+    try:
+        await _until_serving(base, proc)
+        async with httpx.AsyncClient(base_url=base, timeout=10,
+                                     headers={"Authorization": f"Bearer {ALICE}"}) as client:
+            ticket = (await client.post(f"/api/v1/jobs/{job.job_id}/tickets")).json()["ticket"]
+        async with httpx.AsyncClient(base_url=base, timeout=10) as browser:
+            async with browser.stream("GET", f"/api/v1/jobs/{job.job_id}/events",
+                                      params={"ticket": ticket, "after": 0}) as stream:
+                assert stream.status_code == 200
+                async for _ in stream.aiter_lines():
+                    break
+            refused = await browser.get(f"/api/v1/jobs/{job.job_id}/events", params={"access_token": ALICE})
+            assert refused.status_code == 401
+    finally:
+        stop_process(proc)
+    lines = output.read_text().splitlines()
+    access = [json.loads(line) for line in lines if '"logger": "uvicorn.access"' in line]
+    logged = [entry["event"] for entry in access]
+    assert any("/events?" in line and f"ticket={REDACTED}" in line and "after=0" in line for line in logged), lines
+    assert any(f"access_token={REDACTED}" in line and line.endswith(" 401") for line in logged), lines
+    assert any(f"/jobs/{job.job_id}/tickets" in line for line in logged), lines
+    for secret in (ALICE, ticket):
         assert not [line for line in lines if secret in line]
 
 
