@@ -2,23 +2,31 @@
 
 Error contract: a database that cannot be reached, refuses new connections or drops the
 connection mid-transaction raises ``DependencyUnavailable`` (retryable, gRPC ``UNAVAILABLE``) from
-``transaction()`` and ``read()``; see ``is_unavailable`` for what counts. Errors in the SQL or the
-data (constraint violations, ``lock_not_available``, …) are raised unchanged for the caller to map.
+``transaction()``, ``read()`` and ``read_connection()``; see ``is_unavailable`` for what counts.
+Errors in the SQL or the data (constraint violations, ``lock_not_available``, …) are raised
+unchanged for the caller to map.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from asyncpg.exceptions import InterfaceError as AsyncpgInterfaceError
 from sqlalchemy import event, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from clipchat import telemetry
 from clipchat.errors import ClipChatError, DependencyUnavailable
@@ -30,6 +38,13 @@ UNAVAILABLE_MESSAGE = "The database is unavailable. Please try again shortly."
 # (besides all of class 08, connection exception): too_many_connections, admin_shutdown,
 # crash_shutdown, cannot_connect_now.
 _UNAVAILABLE_SQLSTATES = frozenset({"53300", "57P01", "57P02", "57P03"})
+# A pooled PostgreSQL connection left idle this long is pinged before it is used again: the server
+# may have restarted or dropped it meanwhile. One used moments ago is not: on asyncpg a ping is
+# three round trips (BEGIN, an empty statement, ROLLBACK), and pinging at every checkout cost a
+# busy service more than its reads. A connection that dies while in use fails that use
+# (``DependencyUnavailable``) and SQLAlchemy then replaces every connection the pool held.
+PING_AFTER_IDLE_SECONDS = 1.0
+_IDLE_SINCE = "clipchat_idle_since"
 
 
 class Database:
@@ -49,10 +64,12 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800,
+            kwargs.update(pool_size=10, max_overflow=20, pool_recycle=1800,
                           connect_args={"timeout": connect_timeout})
         self.write_engine = create_async_engine(url, **kwargs)
         self.read_engine = create_async_engine(url, **kwargs) if self.is_sqlite else self.write_engine
+        if not self.is_sqlite:
+            _ping_when_idle(self.write_engine, PING_AFTER_IDLE_SECONDS)
         telemetry.instrument_engine(self.write_engine)
         if self.read_engine is not self.write_engine:
             telemetry.instrument_engine(self.read_engine)
@@ -62,9 +79,9 @@ class Database:
         self._writes = async_sessionmaker(self.write_engine, expire_on_commit=False)
         # PostgreSQL reads send no BEGIN and COMMIT: under READ COMMITTED each statement of a
         # transaction sees its own snapshot anyway, so for reads the two are just round trips.
-        reads = (self.read_engine if self.is_sqlite
-                 else self.write_engine.execution_options(isolation_level="AUTOCOMMIT"))
-        self._reads = async_sessionmaker(reads, expire_on_commit=False)
+        self._read_bind = (self.read_engine if self.is_sqlite
+                           else self.write_engine.execution_options(isolation_level="AUTOCOMMIT"))
+        self._reads = async_sessionmaker(self._read_bind, expire_on_commit=False)
 
     def transaction(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A write transaction, committed on success, rolled back on error."""
@@ -73,6 +90,11 @@ class Database:
     def read(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A session for reads (on PostgreSQL outside a transaction: each statement commits)."""
         return _session(self._reads)
+
+    def read_connection(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for Core reads, as ``read()`` but without a session: for a hot path whose
+        statement needs no ORM objects (a session costs more than a small statement)."""
+        return _connection(self._read_bind)
 
     async def ping(self, timeout: float = 5.0) -> bool:
         """Whether the database answers ``SELECT 1`` within ``timeout`` seconds. Never raises:
@@ -141,6 +163,44 @@ async def _session(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[A
     try:
         async with factory() as session, session.begin():
             yield session
+    except ClipChatError:
+        raise
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise DependencyUnavailable(UNAVAILABLE_MESSAGE) from exc
+        raise
+
+
+def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
+    """Ping a pooled connection at checkout when it was idle ``idle_seconds`` or more; when the
+    ping fails, the pool drops it and every older connection, and connects afresh."""
+    dialect = engine.dialect
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connected(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = None  # fresh: nothing to check
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get(_IDLE_SINCE)
+        if idle_since is None or time.monotonic() - idle_since < idle_seconds:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise InvalidatePoolError() from exc
+
+
+@asynccontextmanager
+async def _connection(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in a transaction, committed on success; errors mapped as ``_session`` maps them."""
+    try:
+        async with bind.begin() as connection:
+            yield connection
     except ClipChatError:
         raise
     except Exception as exc:

@@ -20,6 +20,7 @@ from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from services.status.events import EventHub
 from services.status.paging import decode_page_token, encode_page_token, page_size
+from services.status.reads import JobReads
 from services.status.reports import Comparison, JobReports, Usage
 from services.status.state_machine import (
     PHASE_COMPOSE,
@@ -187,6 +188,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         self.hub = hub
         self.poll_seconds = poll_seconds
         self.reports = reports if reports is not None else JobReports(machine.db)
+        self.reads = JobReads(machine, job_to_proto)
 
     @rpc_method
     async def CreateJob(self, request: jobs_pb2.CreateJobRequest, context: Any) -> jobs_pb2.CreateJobResponse:
@@ -203,7 +205,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Any) -> jobs_pb2.GetJobResponse:
-        return jobs_pb2.GetJobResponse(job=job_to_proto(await self.machine.get_job(request.job_id, request.owner)))
+        return jobs_pb2.GetJobResponse(job=await self.reads.get_job(request.job_id, request.owner))
 
     @rpc_method
     async def ListJobs(self, request: jobs_pb2.ListJobsRequest, context: Any) -> jobs_pb2.ListJobsResponse:
