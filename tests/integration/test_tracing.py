@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -61,20 +62,19 @@ def spans(exporter: InMemorySpanExporter) -> InMemorySpanExporter:
 @pytest.mark.ffmpeg
 async def test_one_regeneration_is_one_trace_from_the_request_to_ffmpeg(
         spans: InMemorySpanExporter, tmp_path: Path, ffmpeg_exe: str) -> None:
-    from clipchat.media.ffmpeg import FfmpegRunner
     from clipchat.settings import Settings
-    from launcher.demo import create_demo_job
     from launcher.system import start_embedded
 
+    # The fastest preset the composer takes: the spans are the point, not the video's size.
     settings = Settings(_env_file=None, data_dir=tmp_path, gateway_port=0, llm_base_url="",  # type: ignore[call-arg]
                         generator="local", broker_url="memory://", database_url="", storage_url="",
-                        ffmpeg_path=ffmpeg_exe)
+                        ffmpeg_path=ffmpeg_exe, x264_preset="superfast")
     system = await start_embedded(settings)
     try:
         token = next(iter(system.settings.token_owners()))
         async with httpx.AsyncClient(base_url=system.url, headers={"Authorization": f"Bearer {token}"},
                                      timeout=60) as client:
-            job = await create_demo_job(client, FfmpegRunner(ffmpeg_exe))
+            job = await _create_small_job(client, tmp_path / "media", ffmpeg_exe)
             await _wait_idle(client, job["id"])
             spans.clear()
             response = await client.post(f"/api/v1/jobs/{job['id']}/clips/2/regenerate",
@@ -338,3 +338,31 @@ async def _wait_idle(client: httpx.AsyncClient, job_id: str, limit: float = 240)
         if time.monotonic() > deadline:
             raise AssertionError(f"the job is still {job['status']} after {limit:g} s")
         await asyncio.sleep(0.1)
+
+
+async def _create_small_job(client: httpx.AsyncClient, folder: Path, ffmpeg_exe: str) -> dict:
+    """Upload a job of three 1-second clips and a music track (``POST /jobs``); returns its JSON
+    (202). The demo's six 4-second clips would make the composition eight times longer."""
+    manifest = {"title": "traced", "aspect_ratio": "16:9", "beat_timestamps": [0.5 * beat for beat in range(6)],
+                "clips": [{"prompt": f"a dancer on a rooftop, shot {n}", "duration": 1.0} for n in (1, 2, 3)],
+                "transitions": [{"kind": "cut", "duration": 0}] * 2}
+    files = await asyncio.to_thread(_small_job_files, folder, ffmpeg_exe)
+    response = await client.post("/api/v1/jobs", data={"manifest": json.dumps(manifest)}, files=files)
+    assert response.status_code == 202, response.text[:300]
+    created: dict = response.json()
+    return created
+
+
+def _small_job_files(folder: Path, ffmpeg_exe: str) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Three 1-second test-pattern clips and 3 s of music, as ``POST /jobs`` form files."""
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    folder.mkdir()
+    clips = [render_sample_mp4(folder / f"clip{index}.mp4", ffmpeg=ffmpeg_exe) for index in range(3)]
+    music = folder / "music.m4a"
+    subprocess.run([ffmpeg_exe, "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi",
+                    "-i", "sine=frequency=220:sample_rate=48000:duration=3", "-c:a", "aac", str(music)],
+                   check=True, capture_output=True, timeout=60)
+    files = [("clips", (clip.name, clip.read_bytes(), "video/mp4")) for clip in clips]
+    files.append(("audio", (music.name, music.read_bytes(), "audio/mp4")))
+    return files
