@@ -163,6 +163,9 @@ async def serve_one(service: str, settings: Settings, stop: asyncio.Event) -> No
     if service not in SERVICES:
         raise ValueError(f"unknown service {service!r}")
     if service == "gateway":
+        from gateway.collector import tune_garbage_collector
+
+        tune_garbage_collector()
         sock = gateway_socket(settings, search=False)
         storage = create_storage(settings)
         server, task = await start_gateway(settings, storage, sock)
