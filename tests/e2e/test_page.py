@@ -1,8 +1,10 @@
 """The web page in real Chromium, at a desktop and a phone width, against ``clipchat up``.
 
-One embedded system for the module, its video generator the fake prediction API (scripted per
-test: a refused prompt, a prediction that never finishes); one browser for the module, a fresh
-context per test. Every flow asserts no console errors, no failed requests and, on the phone, no
+One embedded system for the module (``clipchat up --no-demo``) with one six-clip job of 1-second
+clips uploaded through the API (the demo's six 4-second clips would make every composition four
+times longer, and the demo itself is checked in test_embedded), its video generator the fake
+prediction API (scripted per test: a refused prompt, a prediction that never finishes); one browser
+for the module, a fresh context per test. Every flow asserts no console errors, no failed requests and, on the phone, no
 horizontal scrolling; each state is saved as a screenshot (the folder is printed at the end).
 """
 
@@ -40,6 +42,11 @@ VIEWPORTS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, 
 # Which clip each width changes, so the two runs of a flow do not share a thread.
 CLIP = {"desktop": 1, "phone": 2}
 SLOW = 180_000  # ms: a readiness wait for a regeneration (not a speed check)
+# The page's job: six 1-second clips of bright colours (plainly not the dark generated one in a
+# before/after), with a test pattern in a corner so that each looks like a picture.
+JOB_CLIPS = {"gold": "0xffd54f", "sky": "0x81d4fa", "coral": "0xff8a65", "mint": "0xa5d6a7",
+             "lilac": "0xce93d8", "sand": "0xffe0b2"}
+CLIP_SECONDS = 1
 
 # Records what the page showed between two checks: the stages, the badge, a typing indicator,
 # the skeletons before the clips arrived.
@@ -77,7 +84,7 @@ class PageSystem:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 
     def job(self) -> dict[str, Any]:
-        """The demo job."""
+        """The six-clip job (the oldest)."""
         with self.client() as client:
             job_id = client.get("/api/v1/jobs").json()["jobs"][-1]["id"]
             job: dict[str, Any] = client.get(f"/api/v1/jobs/{job_id}").json()
@@ -86,14 +93,12 @@ class PageSystem:
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str) -> Iterator[PageSystem]:
-    """``clipchat up`` with the demo job, generating through the fake prediction API."""
+    """``clipchat up`` with a six-clip job, generating through the fake prediction API."""
     data_dir = tmp_path_factory.mktemp("page")
     night = data_dir / "night.mp4"
-    # A dark frame with a light square: plainly not the demo's sunny clips in a before/after.
-    subprocess.run([ffmpeg_exe, "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi",
-                    "-i", "color=c=0x0b1030:s=640x360:r=25:d=4,drawbox=x=420:y=60:w=90:h=90:color=0xf0f0ff:t=fill",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(night)],
-                   check=True, capture_output=True, timeout=60)
+    # A dark frame with a light square: plainly not the job's bright clips in a before/after.
+    _render(ffmpeg_exe, night, f"color=c=0x0b1030:s=640x360:r=25:d={CLIP_SECONDS},"
+                               "drawbox=x=420:y=60:w=90:h=90:color=0xf0f0ff:t=fill")
     predictions = PredictionServer(video=night, token=GENERATOR_TOKEN, cost="0.20", steps=3)
     predictions.start()
     env = base_env(data_dir)
@@ -105,14 +110,51 @@ def system(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str) -> Iterato
         "CLIPCHAT_SSE_HEARTBEAT_SECONDS": "1",
     })
     output: list[str] = []
-    proc = start_process([CLIPCHAT, "up", "--port", str(free_port())], env, output)
+    proc = start_process([CLIPCHAT, "up", "--no-demo", "--port", str(free_port())], env, output)
     try:
         wait_until(lambda: any("ClipChat is running" in line for line in output), "clipchat up", [proc], output)
         url = next(line for line in output if "ClipChat is running" in line).split("running:")[1].strip().rstrip("/")
-        yield PageSystem(url, predictions, output)
+        page_system = PageSystem(url, predictions, output)
+        _create_job(page_system, data_dir / "job", ffmpeg_exe)
+        yield page_system
     finally:
         stop_process(proc)
         predictions.stop()
+
+
+def _render(ffmpeg_exe: str, dest: Path, source: str) -> None:
+    """Render the lavfi ``source`` to an H.264 MP4 at ``dest``."""
+    subprocess.run([ffmpeg_exe, "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi",
+                    "-i", source, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(dest)],
+                   check=True, capture_output=True, timeout=60)
+
+
+def _create_job(system: PageSystem, folder: Path, ffmpeg_exe: str) -> str:
+    """Upload the six-clip job (``POST /jobs``) and wait for its first version; returns its id."""
+    folder.mkdir()
+    clips = []
+    for index, colour in enumerate(JOB_CLIPS.values()):
+        clips.append(folder / f"clip{index}.mp4")
+        _render(ffmpeg_exe, clips[-1], f"color=c={colour}:s=640x360:r=25:d={CLIP_SECONDS},"
+                                       f"drawbox=x={40 + 90 * index}:y=40:w=80:h=80:color=0x202020:t=fill")
+    seconds = CLIP_SECONDS * len(JOB_CLIPS)
+    music = folder / "music.m4a"
+    subprocess.run([ffmpeg_exe, "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi",
+                    "-i", f"sine=frequency=220:sample_rate=48000:duration={seconds}", "-c:a", "aac", str(music)],
+                   check=True, capture_output=True, timeout=60)
+    manifest = {"title": "Page flows", "aspect_ratio": "16:9",
+                "clips": [{"prompt": f"a {name} sky over a city rooftop on a sunny afternoon",
+                           "duration": CLIP_SECONDS} for name in JOB_CLIPS],
+                "transitions": [{"kind": "cut", "duration": 0}] * (len(JOB_CLIPS) - 1),
+                "beat_timestamps": [0.5 * beat for beat in range(2 * seconds)]}
+    files = [("clips", (clip.name, clip.read_bytes(), "video/mp4")) for clip in clips]
+    files.append(("audio", (music.name, music.read_bytes(), "audio/mp4")))
+    with system.client() as client:
+        created = client.post("/api/v1/jobs", data={"manifest": json.dumps(manifest)}, files=files)
+        assert created.status_code == 202, created.text
+        job = wait_for_job(client, created.json()["id"], {"completed", "failed"})
+    assert job["status"] == "completed", (job, "".join(system.output[-40:]))
+    return str(job["id"])
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +215,7 @@ class Watched:
 def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, *,
           allowed_statuses: frozenset[int] = frozenset(), hold_events: bool = False,
           drop_first_stream: bool = False, job_id: str | None = None) -> Watched:
-    """A fresh page on the demo job, its clips shown. ``hold_events`` holds its event stream back,
+    """A fresh page on the six-clip job (or ``job_id``), its clips shown. ``hold_events`` holds its event stream back,
     as when another tab's change has not reached it yet; ``drop_first_stream`` resets the first
     event-stream connection, as a network that drops."""
     context = browser.new_context(viewport=VIEWPORTS[width])
@@ -481,7 +523,7 @@ def test_a_lost_connection_reconnects_by_itself(system: PageSystem, browser: Any
 
 @pytest.fixture(scope="module")
 def small_budget_job(system: PageSystem, ffmpeg_exe: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A one-clip job whose budget cannot pay for a change (created last: the demo stays the oldest)."""
+    """A one-clip job whose budget cannot pay for a change (created last: the six-clip job stays the oldest)."""
     folder = tmp_path_factory.mktemp("small-job")
     clip, music = folder / "clip.mp4", folder / "music.m4a"
     for args, dest in ((["-i", "testsrc=size=320x180:rate=25:duration=1", "-c:v", "libx264", "-preset", "superfast",
