@@ -87,6 +87,13 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of this machine has spent busy so far (Linux ``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def start_load_rig(tmp: Path, admin_dsn: str) -> Iterator[LoadRig]:
     """Start the rig; yields it and stops everything (dropping the database) when resumed."""
     database = f"clipchat_load_{uuid.uuid4().hex[:10]}"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.load.conftest import LoadClient, LoadRecord
-from tests.load.rig import TOKEN, LoadRig, Worker
+from tests.load.rig import TOKEN, LoadRig, Worker, machine_busy_seconds, process_cpu_seconds
 
 # (watchers, events, seconds between events): two events a second is how often ffmpeg reports
 # progress while a composer encodes.
@@ -44,9 +44,14 @@ def test_every_watcher_gets_every_event_in_order(load_rig: LoadRig, load: LoadRe
     assert connected["statuses"] == {"200": watchers}, "every watcher gets its stream (no 429, no 503)"
 
     before, cpu_before, started = load_rig.transactions(), load_rig.cpu_seconds(), time.monotonic()
+    busy_before, client_before = machine_busy_seconds(), process_cpu_seconds(client.proc.pid)
     first, last = asyncio.run(_make_events(load_rig, job, events, interval))
     seconds, transactions = time.monotonic() - started, load_rig.transactions() - before
     cpu = {name: used - cpu_before[name] for name, used in load_rig.cpu_seconds().items()}
+    # What the rest of the machine kept busy meanwhile (PostgreSQL, this test making the events, other
+    # work): latencies taken while it was high are the machine's, not the gateway's.
+    client_cpu = process_cpu_seconds(client.proc.pid) - client_before
+    others = max(machine_busy_seconds() - busy_before - sum(cpu.values()) - client_cpu, 0.0) / seconds
     client.say(f"{first} {last}")
     result = client.read()
     load.add(watchers=f"{result['statuses'].get('200', 0)}/{watchers}", events=last, events_per_s=events / seconds,
@@ -54,7 +59,7 @@ def test_every_watcher_gets_every_event_in_order(load_rig: LoadRig, load: LoadRe
              max_ms=result["max_ms"], db_xact_per_s=transactions / seconds,
              db_xact_per_event=transactions / events, connect_s=result["connect_seconds"],
              gateway_cpu_ms_per_event=1000 * cpu["gateway"] / events,
-             status_cpu_ms_per_event=1000 * cpu["status"] / events)
+             status_cpu_ms_per_event=1000 * cpu["status"] / events, other_busy_cores=others)
 
     assert result["dropped"] == 0, "no watcher was dropped as too slow"
     assert result["out_of_order"] == 0
