@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.fakes.otlp_collector import OtlpCollector
 from tests.processes import spawn, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +42,8 @@ class RunningClipChat:
     output: list[str]
     # Distributed mode: each gRPC service's metrics URL (the gateway's is url + "/metrics").
     metrics_urls: dict[str, str] = field(default_factory=dict)
+    # Distributed mode: the fake collector the services export their spans to.
+    collector: OtlpCollector | None = None
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"},
@@ -104,7 +107,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str) -> Itera
 @pytest.fixture(scope="session")
 def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postgres_admin_dsn: str,
                 rabbitmq_url: str, moto_s3: str) -> Iterator[RunningClipChat]:
-    """Each service its own process, with PostgreSQL, RabbitMQ and moto S3."""
+    """Each service its own process, with PostgreSQL, RabbitMQ and moto S3, exporting its spans to a
+    fake collector in this process (processes cannot share an in-memory exporter)."""
     import asyncio
     import uuid
 
@@ -118,6 +122,7 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
     bucket = f"clipchat-e2e-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket=bucket)
+    collector = OtlpCollector()
     env = base_env(data_dir)
     pg_base = postgres_admin_dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     env.update({
@@ -127,17 +132,70 @@ def distributed(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str, postg
         "CLIPCHAT_STORAGE_URL": f"s3://{bucket}",
         "CLIPCHAT_S3_ENDPOINT_URL": moto_s3,
         "CLIPCHAT_S3_ACCESS_KEY_ID": "test", "CLIPCHAT_S3_SECRET_ACCESS_KEY": "test",
+        "CLIPCHAT_OTLP_ENDPOINT": collector.start(),
+        # The batch span processors send what ended every 200 ms rather than every 5 s.
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        # The fastest preset the composer takes: these tests check the videos play, not how small
+        # they are, and the demo's 24 s at 1080p is the longest thing they wait for.
+        "CLIPCHAT_X264_PRESET": "superfast",
     })
     output: list[str] = []
     procs: list[subprocess.Popen[str]] = []
     try:
         metrics_urls: dict[str, str] = {}
         url = serve_distributed(env, procs, output, metrics_urls)
-        yield RunningClipChat(url, TOKEN, data_dir, env, output, metrics_urls)
+        yield RunningClipChat(url, TOKEN, data_dir, env, output, metrics_urls, collector)
     finally:
         for proc in reversed(procs):
             stop_process(proc)
+        collector.stop()
         asyncio.run(_drop_database(postgres_admin_dsn, db_name))
+
+
+@dataclass(frozen=True)
+class TracedRegeneration:
+    """A regeneration on the ``distributed`` stack that a caller started inside its own trace, published
+    as a new version of the job."""
+
+    job_id: str
+    regeneration_id: str
+    trace_id: str  # 32 hex digits, sent in the request's traceparent
+    caller_span: str  # the caller's span id (16 hex digits), the gateway request span's parent
+    job: dict  # the job once the regeneration was published
+
+
+@pytest.fixture(scope="session")
+def distributed_demo(distributed: RunningClipChat) -> str:
+    """The id of the demo job on the ``distributed`` stack (``clipchat demo``), once composed. One job
+    for the session: the distributed tests regenerate its clips one after another, so a test reads
+    the versions it starts from rather than assuming version 1."""
+    created = distributed.cli("demo")
+    assert created.returncode == 0, created.stdout + created.stderr
+    job_id = created.stdout.split()[0]
+    with distributed.client() as client:
+        job = wait_for_version(distributed, client, job_id, 1)
+    assert job["status"] == "completed", job
+    return job_id
+
+
+@pytest.fixture(scope="session")
+def traced_regeneration(distributed: RunningClipChat, distributed_demo: str) -> TracedRegeneration:
+    """Clip 1 of the distributed demo job, regenerated ("make it rainy") by a caller that sent a
+    ``traceparent`` header, into the job's next version. One regeneration for the tests that read
+    what it left: its spans (the trace test) and the services' metrics (the metrics test)."""
+    import secrets
+
+    job_id = distributed_demo
+    with distributed.client() as client:
+        before = wait_for_idle(distributed, client, job_id)
+        assert before["status"] == "completed", before
+        trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+        started = client.post(f"/api/v1/jobs/{job_id}/clips/1/regenerate", json={"instruction": "make it rainy"},
+                              headers={"traceparent": f"00-{trace_id}-{caller_span}-01"})
+        assert started.status_code == 202, started.text
+        job = wait_for_version(distributed, client, job_id, before["current_version"] + 1)
+    assert (job["status"], job["current_version"]) == ("completed", before["current_version"] + 1), job
+    return TracedRegeneration(job_id, started.json()["regeneration_id"], trace_id, caller_span, job)
 
 
 def serve_distributed(env: dict[str, str], procs: list[subprocess.Popen[str]], output: list[str],
@@ -194,4 +252,33 @@ def wait_for_job(client: httpx.Client, job_id: str, statuses: set[str], limit: f
             return job
         if time.monotonic() > deadline:
             pytest.fail(f"job {job_id} stayed {job['status']}")
+        time.sleep(0.3)
+
+
+def wait_for_version(system: RunningClipChat, client: httpx.Client, job_id: str, version: int,
+                     limit: float = 600) -> dict:
+    """The job once it has ``version`` or has failed; a readiness wait, not a speed check: it fails
+    with the services' last lines when the job seems stuck."""
+    deadline = time.monotonic() + limit
+    while True:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] == "failed" or (job["status"] == "completed" and job["current_version"] >= version):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} is still {job['status']} at version {job['current_version']}\n"
+                        + "".join(system.output[-40:]))
+        time.sleep(0.3)
+
+
+def wait_for_idle(system: RunningClipChat, client: httpx.Client, job_id: str, limit: float = 600) -> dict:
+    """The job once it is completed or failed with no regeneration running on it (one a test
+    cancelled has wound down); a readiness wait, not a speed check."""
+    deadline = time.monotonic() + limit
+    while True:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("completed", "failed") and not job["active_regeneration_id"]:
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} is still {job['status']}, running {job['active_regeneration_id']}\n"
+                        + "".join(system.output[-40:]))
         time.sleep(0.3)

@@ -1,4 +1,5 @@
-"""Each service process's metrics after a regeneration through the distributed stack.
+"""Each service process's metrics after a regeneration through the distributed stack (the session's
+``traced_regeneration``, which the trace test reads too).
 
 The status, regenerator and composer processes serve Prometheus on their ``CLIPCHAT_METRICS_PORT``,
 the gateway at ``/metrics``; each shows what it did, with values above zero where work happened.
@@ -6,15 +7,13 @@ the gateway at ``/metrics``; each shows what it did, with values above zero wher
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipchat import metrics
 from clipchat.broker.topology import COMPOSE_QUEUE, REGENERATE_QUEUE
-from tests.e2e.conftest import RunningClipChat, wait_for_job
+from tests.e2e.conftest import RunningClipChat, TracedRegeneration
 
 # A composition and a recomposition on a busy two-core machine take minutes.
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.s3, pytest.mark.ffmpeg,
@@ -37,26 +36,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, series), v in samples.items() if n == name and wanted <= series)
 
 
-@pytest.fixture(scope="module")
-def regenerated(distributed: RunningClipChat) -> dict:
-    """A demo job, composed, with one clip regenerated into version 2."""
-    created = distributed.cli("demo")
-    assert created.returncode == 0, created.stdout + created.stderr
-    job_id = created.stdout.split()[0]
-    with distributed.client() as client:
-        assert wait_for_job(client, job_id, {"completed", "failed"})["status"] == "completed"
-        started = client.post(f"/api/v1/jobs/{job_id}/clips/1/regenerate", json={"instruction": "make it rainy"})
-        assert started.status_code == 202, started.text
-        deadline = time.monotonic() + 300
-        job = client.get(f"/api/v1/jobs/{job_id}").json()
-        while job["current_version"] < 2 and job["status"] != "failed" and time.monotonic() < deadline:
-            time.sleep(0.3)
-            job = client.get(f"/api/v1/jobs/{job_id}").json()
-    assert job["status"] == "completed" and job["current_version"] == 2, job
-    return job
-
-
-def test_each_service_shows_the_work_it_did(distributed: RunningClipChat, regenerated: dict) -> None:
+def test_each_service_shows_the_work_it_did(distributed: RunningClipChat,
+                                            traced_regeneration: TracedRegeneration) -> None:
     assert set(distributed.metrics_urls) == {"status", "regenerator", "composer"}
     status = scrape(distributed.metrics_urls["status"])
     regenerator = scrape(distributed.metrics_urls["regenerator"])
