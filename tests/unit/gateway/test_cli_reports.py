@@ -28,12 +28,14 @@ async def test_compare_and_usage_print_tables_and_errors_are_one_line(
     job = backend.status.add_job(make_job("alice", total_cost="8.5000"))
     backend.status.add_job(make_job("alice", total_cost="1.5000"))
     async with served(create_app(make_settings(), storage=storage)) as url:
-        compared = await _clipchat(url, "compare", job.job_id, "1", "2")
-        one = await _clipchat(url, "usage", job.job_id)
-        everything = await _clipchat(url, "usage")
-        same = await _clipchat(url, "compare", job.job_id, "2", "2")
-        missing = await _clipchat(url, "compare", job.job_id, "1", "9")
-        not_a_number = await _clipchat(url, "compare", job.job_id, "1", "two")
+        # Six reads of the same jobs: the CLI processes run at once (each spends seconds starting).
+        compared, one, everything, same, missing, not_a_number = await asyncio.gather(
+            _clipchat(url, "compare", job.job_id, "1", "2"),
+            _clipchat(url, "usage", job.job_id),
+            _clipchat(url, "usage"),
+            _clipchat(url, "compare", job.job_id, "2", "2"),
+            _clipchat(url, "compare", job.job_id, "1", "9"),
+            _clipchat(url, "compare", job.job_id, "1", "two"))
 
     code, out, err = compared
     assert code == 0, err
