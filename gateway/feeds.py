@@ -151,12 +151,13 @@ class JobFeed:
         ended once it has read everything the feed published."""
         while subscriber.read == self.published:
             if self.ended is not None:
-                raise self.ended
+                raise self.ended.with_traceback(None)  # one exception for every subscriber: no traceback piles up
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
         behind = self.published - subscriber.read
         if behind > len(self.ring):
+            log.info("gateway.watcher_dropped", extra={"job_id": self.job_id, "reason": "slow"})
             raise SubscriberOverflow("fell behind")
         subscriber.read = self.published
         if behind == 1:

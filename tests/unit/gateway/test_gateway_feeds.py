@@ -4,6 +4,7 @@ a cap per owner."""
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
@@ -11,8 +12,9 @@ import grpc
 import httpx
 import pytest
 
+from clipchat.errors import DependencyUnavailable
 from clipchat.storage.local import LocalStorage
-from clipchat.v1 import common_pb2, jobs_pb2_grpc
+from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
 from gateway.app import create_app
 from gateway.feeds import FeedHub, SubscriberOverflow, WatchMethod
 from tests.unit.gateway.gateway_rig import ALICE, BOB, Backend, SettingsFactory, error_of, make_job, served
@@ -200,3 +202,46 @@ async def test_a_watcher_joining_an_open_feed_replays_from_its_history(backend: 
     await late.aclose()
     await first.aclose()
     await _until(lambda: hub.upstream_streams == 0)
+
+
+class _FailingWatch:
+    """A ``WatchJob`` whose follow call sends the job's first event, then fails as a status service
+    that went away does; its replays find nothing."""
+
+    def __init__(self, request: jobs_pb2.WatchJobRequest, *, timeout: float | None) -> None:
+        self._request = request
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self) -> AsyncIterator[common_pb2.JobEvent]:
+        if self._request.replay_only:
+            return
+        yield common_pb2.JobEvent(sequence=1, type="progress")
+        await asyncio.sleep(0.05)
+        raise DependencyUnavailable("The job status service is unavailable.")
+
+
+async def test_a_failing_feed_ends_every_watcher_with_its_error() -> None:
+    hub = FeedHub(queue_size=16, stream_seconds=30)
+    streams = [_stream(hub, _FailingWatch, "job-1", 0) for _ in range(3)]
+
+    async def read(chunks: AsyncGenerator[bytes, None]) -> tuple[list[int], int]:
+        """The ids read, and how deep the traceback of the error that ended the stream was."""
+        ids: list[int] = []
+        try:
+            async for chunk in chunks:
+                ids.extend(_ids(chunk))
+        except DependencyUnavailable as exc:
+            return ids, len(traceback.extract_tb(exc.__traceback__))
+        raise AssertionError("the stream ended without the feed's error")
+
+    results = await asyncio.wait_for(asyncio.gather(*(read(chunks) for chunks in streams)), 10)
+    # Each got what the feed read before it failed, then the error; the one error object raised in
+    # every watcher does not gather each watcher's frames into its traceback.
+    assert [ids for ids, _ in results] == [[1]] * 3
+    assert len({depth for _, depth in results}) == 1, results
+    assert hub.upstream_streams == 0
