@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     # retry_attempts times, the waits doubling from retry_base_seconds up to retry_max_seconds.
     # A claim on work lapses after three missed heartbeats.
     worker_concurrency: int = 1
+    # A change of several clips: at most this many clips, and this many generated at once.
+    max_clips_per_change: int = Field(default=100, ge=1)
+    change_concurrency: int = Field(default=3, ge=1)
     delivery_limit: int = 5
     retry_attempts: int = 3
     retry_base_seconds: float = 0.5

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import AfterValidator, BaseModel, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, WithJsonSchema, field_validator, model_validator
 
 from clipchat.proto_enums import stage_from_proto, step_from_proto
 from clipchat.v1 import common_pb2, jobs_pb2
@@ -137,6 +137,22 @@ class RegenerateRequest(BaseModel):
     conversation_history: list[Turn] = Field(default_factory=list, max_length=MAX_TURNS)
 
 
+ClipNumber = Annotated[StrictInt, Field(ge=0, le=MAX_CLIPS - 1)]
+
+
+class ChangeRequest(RegenerateRequest):
+    clips: Annotated[list[ClipNumber], Field(min_length=1, max_length=MAX_CLIPS)] | Literal["all"] = Field(
+        description='The clips to change, by position from 0, each named once; or "all".',
+        examples=[[1, 2, 3], "all"])
+
+    @field_validator("clips")
+    @classmethod
+    def _once_each(cls, value: list[int] | str) -> list[int] | str:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("name each clip once")
+        return value
+
+
 # ---------------------------------------------------------------------------------------------
 # Responses
 
@@ -198,6 +214,17 @@ class RegenerationAccepted(BaseModel):
     budget_warning: bool
 
 
+class ChangeClipOut(BaseModel):
+    clip_index: int
+    regeneration_id: str
+
+
+class ChangeAccepted(RegenerationAccepted):
+    """A change of several clips: ``regeneration_id`` is the change's id (its first clip's)."""
+
+    clips: list[ChangeClipOut]
+
+
 class StepCostsOut(BaseModel):
     llm: str
     generation: str
@@ -206,6 +233,8 @@ class StepCostsOut(BaseModel):
 
 class RegenerationOut(BaseModel):
     id: str
+    change_id: str | None = Field(description="The change of several clips this is one clip of (null: a "
+                                              "one-clip change). Its id is its first clip's regeneration's.")
     clip_index: int
     instruction: str
     original_prompt: str
@@ -365,7 +394,8 @@ def regeneration_out(regen: common_pb2.Regeneration) -> RegenerationOut:
                           message=regen.error_message or _FAILED_MESSAGE, retryable=regen.retryable)
     steps = regen.step_costs
     return RegenerationOut(
-        id=regen.regeneration_id, clip_index=regen.clip_index, instruction=regen.user_instruction,
+        id=regen.regeneration_id, change_id=regen.change_id or None, clip_index=regen.clip_index,
+        instruction=regen.user_instruction,
         original_prompt=regen.original_prompt, modified_prompt=regen.modified_prompt or None,
         change_summary=regen.change_summary or None, rewriter=regen.rewriter or None,
         status=status, stage=stage_name(regen.stage), progress=regen.progress,
@@ -379,7 +409,8 @@ def regeneration_out(regen: common_pb2.Regeneration) -> RegenerationOut:
 def event_payload(event: common_pb2.JobEvent) -> dict[str, Any]:
     """The event's payload message as a JSON object: its fields by name, the step by its name.
 
-    An unset ``optional`` field is left out, except in ``StepRecorded`` where it is null."""
+    An unset ``optional`` field is left out, except in ``StepRecorded`` where it is null; so is an
+    empty list (a change of several clips names its clips, a one-clip change does not)."""
     kind = event.WhichOneof("payload")
     if kind is None:
         return {}
@@ -391,6 +422,10 @@ def event_payload(event: common_pb2.JobEvent) -> dict[str, Any]:
                 payload[field.name] = None
             continue
         value = getattr(message, field.name)
+        if field.is_repeated:
+            if value:
+                payload[field.name] = list(value)
+            continue
         if field.name == "step":
             step = step_from_proto(value)
             value = step.value if step is not None else ""

@@ -298,29 +298,30 @@ def watch(job_id: str, url: str = UrlOption, token: str = TokenOption,
 
 
 @app.command()
-def regenerate(job_id: str, clip: str, instruction: str, url: str = UrlOption, token: str = TokenOption,
+def regenerate(job_id: str, clip: str = typer.Argument(help='A clip index (from 0), several ("1,2,3") or "all".'),
+               instruction: str = typer.Argument(), url: str = UrlOption, token: str = TokenOption,
                watch: bool = typer.Option(False, "--watch", help="Follow progress until it finishes."),
                history: str = typer.Option("", help="Conversation history as a JSON list of turns.")) -> None:
-    """Regenerate one clip of a job from an instruction."""
-    try:
-        clip_index = int(clip)
-    except ValueError:
-        raise CliError(f"clip index must be a whole number, not {clip!r}") from None
-    if clip_index < 0:
-        raise CliError("clip index must be 0 or more")
+    """Change one clip, several ("1,2,3") or "all" of a job by one instruction: one new version."""
+    clips = _clip_selection(clip)
     body: dict[str, Any] = {"instruction": instruction}
     if history:
         try:
             body["conversation_history"] = json.loads(history)
         except ValueError:
             raise CliError("--history is not valid JSON") from None
+    if isinstance(clips, int):
+        path = f"/api/v1/jobs/{job_id}/clips/{clips}/regenerate"
+    else:
+        path, body["clips"] = f"/api/v1/jobs/{job_id}/regenerate", clips
 
     async def run() -> None:
         async with _client(url, token) as client:
-            started = _check(await client.post(f"/api/v1/jobs/{job_id}/clips/{clip_index}/regenerate",
-                                               json=body), 202)
+            started = _check(await client.post(path, json=body), 202)
             regeneration_id = started["regeneration_id"]
-            print(f"queued {regeneration_id} (estimated ${started['estimated_cost']})", flush=True)
+            changed = f" of clips {', '.join(str(c['clip_index']) for c in started['clips'])}" \
+                if "clips" in started else ""
+            print(f"queued {regeneration_id}{changed} (estimated ${started['estimated_cost']})", flush=True)
             if started.get("budget_warning"):
                 print("warning: this job is at 80 % or more of its budget", flush=True)
             if not watch:
@@ -328,6 +329,21 @@ def regenerate(job_id: str, clip: str, instruction: str, url: str = UrlOption, t
             await _follow(client, job_id, regeneration_id)
 
     asyncio.run(run())
+
+
+def _clip_selection(text: str) -> int | list[int] | str:
+    """One clip index, a comma-separated list of them, or "all"."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CliError(f'clip must be a whole number, a list such as "1,2,3" or "all", not {text!r}') from None
+    if any(index < 0 for index in indices):
+        raise CliError("clip index must be 0 or more")
+    if len(set(indices)) != len(indices):
+        raise CliError("name each clip once")
+    return indices[0] if len(indices) == 1 and "," not in text else indices
 
 
 async def _follow(client: httpx.AsyncClient, job_id: str, regeneration_id: str) -> None:

@@ -166,10 +166,14 @@ class ClipRegeneration(Base):
     technical_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     retryable: Mapped[bool] = mapped_column(Boolean, default=False)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A change of several clips: the id of its first clip's regeneration (which holds the job's
+    # lease and names the change in events), on every clip's row; NULL for a one-clip change.
+    change_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("job_id", "clip_index", "created_at"),
         Index("ix_clip_regenerations_job_clip", "job_id", "clip_index"),
+        Index("ix_clip_regenerations_change", "change_id"),
     )
 
 

@@ -14,6 +14,9 @@ from gateway.deps import DownstreamDep, JobId, LimitedOwner, Owner, SettingsDep
 from gateway.errors import documented, invalid_input
 from gateway.schemas import (
     MAX_CLIPS,
+    ChangeAccepted,
+    ChangeClipOut,
+    ChangeRequest,
     RegenerateRequest,
     RegenerationAccepted,
     RegenerationList,
@@ -49,21 +52,50 @@ async def regenerate_clip(job_id: JobId, clip_index: ClipIndex, body: Regenerate
     409 while another regeneration of this job runs; 402 when its estimated cost would pass the
     job's budget; 422 for an index past the last clip or an empty or too long instruction.
     """
-    instruction = body.instruction.strip()
-    if not 1 <= len(instruction) <= settings.max_instruction_chars:
-        raise invalid_input(f"Write an instruction of 1 to {settings.max_instruction_chars} characters, "
-                            "e.g. 'make it nighttime'.")
-    history = [common_pb2.Turn(role=turn.role, content=turn.content) for turn in body.conversation_history]
-    reply = await call(downstream.regenerator.StartRegeneration,
-                       regenerator_pb2.StartRegenerationRequest(
-                           job_id=job_id, owner=owner, clip_index=clip_index, instruction=instruction,
-                           conversation_history=history),
-                       timeout=settings.grpc_deadline_seconds)
+    request = _start_request(job_id, owner, body, settings.max_instruction_chars)
+    request.clip_index = clip_index
+    reply = await call(downstream.regenerator.StartRegeneration, request, timeout=settings.grpc_deadline_seconds)
     status = regeneration_status(reply.state)
     return RegenerationAccepted(regeneration_id=reply.regeneration_id,
                                 status="queued" if status == "unknown" else status,
                                 estimated_cost=reply.estimated_cost or "0",
                                 budget_warning=reply.budget_warning)
+
+
+@router.post("/jobs/{job_id}/regenerate", status_code=202, response_model=ChangeAccepted,
+             summary="Change several clips by one instruction", responses=documented(401, 402, 404, 409, 422, 429),
+             max_body_size=512 * 1024)
+async def change_clips(job_id: JobId, body: ChangeRequest, owner: LimitedOwner, settings: SettingsDep,
+                       downstream: DownstreamDep) -> ChangeAccepted:
+    """Queue one change of several clips (202): each rewritten and generated, then **one**
+    recomposition and **one** new version, which appears only when every clip succeeded.
+
+    ``clips`` names the clips by position (``[1, 2, 3]``) or is ``"all"``. The budget is checked for
+    the whole change before anything is spent (402); 409 while other work on the job runs; 422 for
+    an index past the last clip. Cancel it (every clip) with the returned id.
+    """
+    request = _start_request(job_id, owner, body, settings.max_instruction_chars)
+    if body.clips == "all":
+        request.all_clips = True
+    else:
+        request.clip_indices.extend(body.clips)
+    reply = await call(downstream.regenerator.StartRegeneration, request, timeout=settings.grpc_deadline_seconds)
+    members = list(reply.members)
+    return ChangeAccepted(regeneration_id=reply.regeneration_id, status="queued",
+                          estimated_cost=reply.estimated_cost or "0", budget_warning=reply.budget_warning,
+                          clips=[ChangeClipOut(clip_index=m.clip_index, regeneration_id=m.regeneration_id)
+                                 for m in members])
+
+
+def _start_request(job_id: str, owner: str, body: RegenerateRequest,
+                   max_chars: int) -> regenerator_pb2.StartRegenerationRequest:
+    """The regenerator's request for ``body``'s instruction; 422 for an empty or too long one."""
+    instruction = body.instruction.strip()
+    if not 1 <= len(instruction) <= max_chars:
+        raise invalid_input(f"Write an instruction of 1 to {max_chars} characters, e.g. 'make it nighttime'.")
+    history = [common_pb2.Turn(role=turn.role, content=turn.content) for turn in body.conversation_history]
+    return regenerator_pb2.StartRegenerationRequest(job_id=job_id, owner=owner, instruction=instruction,
+                                                    conversation_history=history)
 
 
 @router.post("/jobs/{job_id}/regenerations/{regeneration_id}/cancel", response_model=RegenerationOut,

@@ -42,11 +42,22 @@ class CompositionFailed(Exception):
         self.cause = cause
 
 
+def new_clips(task: tasks_pb2.ComposeTask) -> list[jobs_pb2.NewClipAt]:
+    """A compose task's new clips: ``new_clips``, or the one-clip form of tasks that predate changes."""
+    if task.new_clips:
+        return list(task.new_clips)
+    if task.HasField("new_clip"):
+        return [jobs_pb2.NewClipAt(clip_index=task.clip_index, clip=task.new_clip)]
+    return []
+
+
 def spec_for_job(job: common_pb2.Job, task: tasks_pb2.ComposeTask | None = None) -> CompositionSpec:
-    """The composition of a job's current clips, with one clip replaced when ``task`` carries a new one."""
+    """The composition of a job's current clips, with the clips ``task`` carries new ones of replaced."""
     clips = [ClipSpec(video_key=c.video_key, duration=c.duration) for c in job.clips]
-    if task is not None and task.HasField("new_clip"):
-        clips[task.clip_index] = ClipSpec(video_key=task.new_clip.video_key, duration=task.new_clip.duration)
+    for at in new_clips(task) if task is not None else []:
+        if not 0 <= at.clip_index < len(clips):
+            raise ValueError(f"compose message names clip {at.clip_index} of {len(clips)}")
+        clips[at.clip_index] = ClipSpec(video_key=at.clip.video_key, duration=at.clip.duration)
     return CompositionSpec(
         job_id=job.job_id, clips=clips, audio_key=job.audio_key,
         transitions=[TransitionSpec(kind=t.kind, duration=t.duration) for t in job.transitions],
@@ -121,8 +132,7 @@ class ComposeWorker:
             claim_id=claim.claim_id)
         if not regeneration_id:
             request.clip_thumbnail_keys.extend(await self._thumbnails(job))
-        if task.HasField("new_clip"):
-            request.new_clip.CopyFrom(task.new_clip)
+        request.new_clips.extend(new_clips(task))
         await keeper.flush()
         await self._publish(request)
         log.info("compose.published", extra={"job_id": job.job_id, "regeneration_id": regeneration_id,

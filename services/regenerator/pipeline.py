@@ -24,6 +24,7 @@ import logging
 import tempfile
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
@@ -38,7 +39,7 @@ from clipchat.media.probe import probe
 from clipchat.media.thumbnail import render_thumbnail
 from clipchat.retry import RetryPolicy
 from clipchat.settings import Settings
-from clipchat.status_client import StatusClient
+from clipchat.status_client import StatusClient, checkpoints_by_step
 from clipchat.storage import Storage, job_prefix, new_key
 from clipchat.telemetry import tracer
 from clipchat.v1 import common_pb2, jobs_pb2
@@ -90,6 +91,21 @@ def technical_detail(failed: StepFailed, trace_id: str) -> str:
     })
 
 
+class ChangeFailed(Exception):
+    """Clips of a change of several clips failed for good (each with its ``StepFailed``)."""
+
+    def __init__(self, failures: list[tuple[common_pb2.Regeneration, StepFailed]]) -> None:
+        super().__init__(f"{len(failures)} clip(s) failed")
+        self.failures = failures
+
+
+def change_failure_message(message: str, clip_indices: list[int]) -> str:
+    """The person's message for a change whose clips at ``clip_indices`` failed (numbered from 1)."""
+    numbers = [str(index + 1) for index in sorted(clip_indices)]
+    named = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} and {numbers[-1]}"
+    return f"Clip{'s' if len(numbers) > 1 else ''} {named} failed: {message}"
+
+
 @dataclass
 class RegenerationTask:
     job_id: str
@@ -98,9 +114,14 @@ class RegenerationTask:
     claim_id: str = ""  # the delivery's claim on the work ("" writes under the lease alone)
     attempt: int = 1
 
-    def charge_key(self, step: str, tries: int = 1) -> str:
-        """The idempotency key of one paid call, and the key its cost is recorded under."""
-        return f"{self.regeneration_id}:{step}:{self.attempt}.{tries}"
+    def charge_key(self, step: str, tries: int = 1, regeneration_id: str = "") -> str:
+        """The idempotency key of one paid call (of the change's clip ``regeneration_id``, "" its
+        first), and the key its cost is recorded under."""
+        return f"{regeneration_id or self.regeneration_id}:{step}:{self.attempt}.{tries}"
+
+
+# Where a clip's steps report progress: (stage, overall fraction, message, eta seconds).
+Report = Callable[[str, float, str, float], Awaitable[None]]
 
 
 class _Tries:
@@ -144,76 +165,127 @@ class RegenerationPipeline:
         lease taken over): redelivered messages are harmless.
         """
         try:
-            regeneration, checkpoints = await self.status.get_regeneration(task.job_id, task.regeneration_id)
+            change = await self.status.get_change(task.job_id, task.regeneration_id)
         except ClipChatError as exc:
             if exc.code in ("not_found", "job_not_found"):
                 return
             raise
-        if regeneration.state not in ACTIVE:
+        if change.regeneration.state not in ACTIVE:
             log.info("regeneration.skip_inactive", extra=self._ids(task))
             return
         with tracer("clipchat.regenerator").start_as_current_span("regenerate") as span:
             span.set_attribute("clipchat.job_id", task.job_id)
             span.set_attribute("clipchat.regeneration_id", task.regeneration_id)
+            trace_id = format(span.get_span_context().trace_id, "032x")
             try:
                 async with LeaseKeeper(self.status, task.job_id, task.lease_token, claim_id=task.claim_id,
                                        interval=self.settings.heartbeat_seconds) as keeper:
-                    await self._steps(task, regeneration, checkpoints, keeper)
+                    await self._steps(task, change, keeper)
             except (LeaseLost, StaleLease):
                 log.info("regeneration.dropped_lease_lost", extra=self._ids(task))
             except StepFailed as failed:
-                await self._record_failure(task, failed, format(span.get_span_context().trace_id, "032x"))
+                await self._record_failure(task, failed, trace_id)
+            except ChangeFailed as failed:
+                await self._record_failure(task, failed.failures[0][1], trace_id, failed.failures)
 
-    async def _steps(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
-                     checkpoints: dict[Step, common_pb2.Checkpoint], keeper: LeaseKeeper) -> None:
-        job = await self.status.get_job(task.job_id)
+    async def _steps(self, task: RegenerationTask, change: jobs_pb2.GetRegenerationResponse,
+                     keeper: LeaseKeeper) -> None:
+        """Each clip's steps (a change of several clips, a bounded number at once), then one
+        hand-off of every new clip to the composer."""
+        clips = list((await self.status.get_job(task.job_id)).clips)
+        if len(change.members) > 1:
+            generated = await self._change(task, list(change.members), clips, keeper)
+        else:
+            generated = {change.regeneration.clip_index: await self._clip(
+                task, change.regeneration, checkpoints_by_step(change), clips, keeper.progress)}
+        await keeper.progress(Stage.QUEUED, overall_progress(COMPOSE_SHARE, 0), "Waiting for the composer")
+        await keeper.flush()
+        await self.status_policy.run(lambda: self._hand_to_composer(task, generated), what="queue_composition")
+
+    async def _change(self, task: RegenerationTask, members: list[common_pb2.Regeneration],
+                      clips: list[common_pb2.Clip], keeper: LeaseKeeper) -> dict[int, common_pb2.Checkpoint]:
+        """Every clip of a change, ``change_concurrency`` at once; the progress bar is their mean.
+        Each clip's paid work is checkpointed even when another fails (a retry reuses it);
+        ``ChangeFailed`` names the clips that failed. A lost lease stops them all."""
+        slots = asyncio.Semaphore(self.settings.change_concurrency)
+        fractions = dict.fromkeys((m.regeneration_id for m in members), 0.0)
+
+        async def one(member: common_pb2.Regeneration) -> common_pb2.Checkpoint | StepFailed:
+            async def report(stage: str, fraction: float, message: str, eta: float = 0.0) -> None:
+                fractions[member.regeneration_id] = fraction
+                done = sum(1 for f in fractions.values() if f >= GENERATE_SHARE[1])
+                await keeper.progress(stage, sum(fractions.values()) / len(fractions),
+                                      f"{message} ({done} of {len(fractions)} clips ready)", eta)
+
+            async with slots:
+                checkpoints = checkpoints_by_step(await self.status.get_change(task.job_id, member.regeneration_id))
+                try:
+                    return await self._clip(task, member, checkpoints, clips, report)
+                except StepFailed as failed:
+                    return failed
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                running = [(member, group.create_task(one(member))) for member in members]
+        except BaseExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        results = [(member, done.result()) for member, done in running]
+        failures = [(member, result) for member, result in results if isinstance(result, StepFailed)]
+        if failures:
+            raise ChangeFailed(failures)
+        return {member.clip_index: result for member, result in results if not isinstance(result, StepFailed)}
+
+    async def _clip(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
+                    checkpoints: dict[Step, common_pb2.Checkpoint], clips: list[common_pb2.Clip],
+                    report: Report) -> common_pb2.Checkpoint:
+        """One clip's steps: rewrite its prompt, generate it (each reused from its checkpoint)."""
         index = regeneration.clip_index
-        clips = list(job.clips)
-        clip = clips[index]
-        await keeper.progress(Stage.REWRITING, overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt")
-
+        member = regeneration.regeneration_id if regeneration.change_id else ""
+        await report(Stage.REWRITING, overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt", 0.0)
         if Step.REWRITE in checkpoints:
             prompt = checkpoints[Step.REWRITE].prompt
         else:
-            history = [{"role": turn.role, "content": turn.content} for turn in regeneration.conversation_history]
-            request = RewriteRequest(
-                original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
-                history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
-                next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None)
-            tries = _Tries()
-            try:
-                result = await self._step("rewrite", lambda: self._rewrite(request, task.charge_key(
-                    "rewrite", tries.next())))
-            except StepFailed as failed:
-                await self._record_billed_refusal(task, failed, task.charge_key("rewrite", tries.count))
-                raise
-            prompt = result.prompt
-            await self._record_step(task, Step.REWRITE, cost=str(result.cost), modified_prompt=result.prompt,
-                                    change_summary=result.summary, rewriter=result.rewriter,
-                                    checkpoint=common_pb2.Checkpoint(prompt=result.prompt),
-                                    charge_key=task.charge_key("rewrite", tries.count))
-
-        await keeper.progress(Stage.GENERATING, overall_progress(GENERATE_SHARE, 0), "Generating the new clip")
+            prompt = await self._rewrite_clip(task, regeneration, clips, member)
+        await report(Stage.GENERATING, overall_progress(GENERATE_SHARE, 0), "Generating the new clip", 0.0)
         if Step.GENERATE in checkpoints:
-            generated = checkpoints[Step.GENERATE]
-        else:
-            started = checkpoints.get(Step.GENERATION_STARTED)
-            resume = _Resume(started.provider_id if started is not None else "")
-            tries = _Tries()
-            generated, cost = await self._step("generate", lambda: self._generate(
-                task, prompt, clip.duration, keeper, resume, task.charge_key("generate", tries.next())))
-            try:
-                await self._record_step(task, Step.GENERATE, cost=cost, checkpoint=generated,
-                                        charge_key=task.charge_key("generate", tries.count))
-            except BaseException:
-                # Not checkpointed (cancelled, taken over, status down): nothing will ever use it.
-                await asyncio.shield(self._discard(generated))
-                raise
+            return checkpoints[Step.GENERATE]
+        started = checkpoints.get(Step.GENERATION_STARTED)
+        resume = _Resume(started.provider_id if started is not None else "")
+        tries = _Tries()
+        generated, cost = await self._step("generate", lambda: self._generate(
+            task, prompt, clips[index].duration, report, resume, task.charge_key("generate", tries.next(), member),
+            member))
+        try:
+            await self._record_step(task, Step.GENERATE, cost=cost, checkpoint=generated,
+                                    charge_key=task.charge_key("generate", tries.count, member),
+                                    regeneration_id=member)
+        except BaseException:
+            # Not checkpointed (cancelled, taken over, status down): nothing will ever use it.
+            await asyncio.shield(self._discard(generated))
+            raise
+        return generated
 
-        await keeper.progress(Stage.QUEUED, overall_progress(COMPOSE_SHARE, 0), "Waiting for the composer")
-        await keeper.flush()
-        await self.status_policy.run(lambda: self._hand_to_composer(task, index, prompt, generated),
-                                     what="queue_composition")
+    async def _rewrite_clip(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
+                            clips: list[common_pb2.Clip], member: str) -> str:
+        """Rewrite one clip's prompt (its neighbours' prompts as context) and checkpoint it."""
+        index = regeneration.clip_index
+        history = [{"role": turn.role, "content": turn.content} for turn in regeneration.conversation_history]
+        request = RewriteRequest(
+            original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
+            history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
+            next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None)
+        tries = _Tries()
+        try:
+            result = await self._step("rewrite", lambda: self._rewrite(request, task.charge_key(
+                "rewrite", tries.next(), member)))
+        except StepFailed as failed:
+            await self._record_billed_refusal(task, failed, task.charge_key("rewrite", tries.count, member), member)
+            raise
+        await self._record_step(task, Step.REWRITE, cost=str(result.cost), modified_prompt=result.prompt,
+                                change_summary=result.summary, rewriter=result.rewriter,
+                                checkpoint=common_pb2.Checkpoint(prompt=result.prompt),
+                                charge_key=task.charge_key("rewrite", tries.count, member), regeneration_id=member)
+        return str(result.prompt)
 
     async def _discard(self, generated: common_pb2.Checkpoint) -> None:
         for key in (generated.video_key, generated.thumbnail_key):
@@ -235,21 +307,21 @@ class RegenerationPipeline:
             raise ClipChatError("No rewriter handled the instruction.")
         return result
 
-    async def _generate(self, task: RegenerationTask, prompt: str, duration: float, keeper: LeaseKeeper,
-                        resume: _Resume, idempotency_key: str) -> tuple[common_pb2.Checkpoint, str]:
+    async def _generate(self, task: RegenerationTask, prompt: str, duration: float, report: Report,
+                        resume: _Resume, idempotency_key: str,
+                        member: str = "") -> tuple[common_pb2.Checkpoint, str]:
         """Generate the clip and store it with its thumbnail: its checkpoint, and what it cost."""
         started = time.monotonic()
 
         async def on_progress(fraction: float) -> None:
             elapsed = time.monotonic() - started
             eta = elapsed / fraction - elapsed if fraction > 0.05 else 0.0
-            await keeper.progress(Stage.GENERATING, overall_progress(GENERATE_SHARE, fraction),
-                                  "Generating the new clip", eta)
+            await report(Stage.GENERATING, overall_progress(GENERATE_SHARE, fraction), "Generating the new clip", eta)
 
         async def on_started(provider_id: str) -> None:
             # Durable before any wait: a delivery that takes over resumes this prediction.
             resume.provider_id = provider_id
-            await self._record_step(task, Step.GENERATION_STARTED,
+            await self._record_step(task, Step.GENERATION_STARTED, regeneration_id=member,
                                     checkpoint=common_pb2.Checkpoint(provider_id=provider_id))
 
         with tempfile.TemporaryDirectory(prefix="clipchat-gen-") as tmp:
@@ -275,12 +347,12 @@ class RegenerationPipeline:
             video_key=video_key, thumbnail_key=thumb_key, duration=duration, probed_duration=info.duration,
             prompt=prompt, provider=self.generator.name, provider_id=clip.provider_id), str(Decimal(clip.cost))
 
-    async def _hand_to_composer(self, task: RegenerationTask, index: int, prompt: str,
-                                generated: common_pb2.Checkpoint) -> None:
+    async def _hand_to_composer(self, task: RegenerationTask, generated: dict[int, common_pb2.Checkpoint]) -> None:
         """The status service queues the composition (its outbox) and moves the work on."""
-        await self.status.queue_composition(task.job_id, task.lease_token, task.claim_id, index, jobs_pb2.ClipInput(
-            prompt=prompt, duration=generated.duration, video_key=generated.video_key,
-            thumbnail_key=generated.thumbnail_key))
+        await self.status.queue_composition(task.job_id, task.lease_token, task.claim_id, {
+            index: jobs_pb2.ClipInput(prompt=clip.prompt, duration=clip.duration, video_key=clip.video_key,
+                                      thumbnail_key=clip.thumbnail_key)
+            for index, clip in generated.items()})
 
     async def _step(self, name: str, fn: Any) -> Any:
         """Run one step under the retry policy; ``StepFailed`` when it fails for good."""
@@ -300,22 +372,30 @@ class RegenerationPipeline:
         except Exception as exc:
             raise StepFailed(name, exc, attempts) from exc
 
-    async def _record_billed_refusal(self, task: RegenerationTask, failed: StepFailed, charge_key: str) -> None:
+    async def _record_billed_refusal(self, task: RegenerationTask, failed: StepFailed, charge_key: str,
+                                     member: str = "") -> None:
         """An LLM answer that was refused (unusable prompt, model refusal) was still billed."""
         cost = getattr(failed.cause, "cost", None)
         if isinstance(cost, Decimal) and cost > 0:
-            await self._record_step(task, Step.REWRITE, cost=str(cost), rewriter="llm", charge_key=charge_key)
+            await self._record_step(task, Step.REWRITE, cost=str(cost), rewriter="llm", charge_key=charge_key,
+                                    regeneration_id=member)
 
-    async def _record_failure(self, task: RegenerationTask, failed: StepFailed, trace_id: str) -> None:
+    async def _record_failure(self, task: RegenerationTask, failed: StepFailed, trace_id: str,
+                              failures: list[tuple[common_pb2.Regeneration, StepFailed]] | None = None) -> None:
+        """Fail the work with the person's message (in a change, naming the clips that failed)."""
         code, message, retryable = failure_outcome(failed)
+        failed_ids: tuple[str, ...] = ()
+        if failures:
+            message = change_failure_message(message, [member.clip_index for member, _ in failures])
+            failed_ids = tuple(member.regeneration_id for member, _ in failures)
         log.warning("regeneration.step_failed", extra={
             **self._ids(task), "step": failed.step, "code": code, "attempts": failed.attempts,
             "cause": type(failed.cause).__name__, "cause_code": getattr(failed.cause, "code", "")})
         try:
             await self.status_policy.run(lambda: self.status.fail(
                 task.job_id, task.lease_token, code=code, message=message,
-                detail=technical_detail(failed, trace_id), retryable=retryable, claim_id=task.claim_id),
-                what="record_failure")
+                detail=technical_detail(failed, trace_id), retryable=retryable, claim_id=task.claim_id,
+                failed_regeneration_ids=failed_ids), what="record_failure")
         except StaleLease:
             pass
 

@@ -52,28 +52,42 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
     @rpc_method
     async def StartRegeneration(self, request: regenerator_pb2.StartRegenerationRequest,
                                 context: Any) -> regenerator_pb2.StartRegenerationResponse:
+        """One clip changed by an instruction; or, with ``clip_indices`` or ``all_clips``, a change of
+        several clips under one lease, with one composition and one new version."""
         require_owner(request.owner, "Regenerating a clip")
         instruction = sanitize_instruction(request.instruction, self.settings.max_instruction_chars)
         check_history(request.conversation_history)
-        if request.clip_index < 0:
-            raise InvalidInput("Clip index must be 0 or more.", code="clip_index_out_of_range")
         job = await self.status.get_job(request.job_id, request.owner)
-        if request.clip_index >= len(job.clips):
-            raise InvalidInput(f"Clip index {request.clip_index} is out of range: this video has clips "
-                               f"0 to {len(job.clips) - 1}.", code="clip_index_out_of_range")
-        steps = self.estimate(job.clips[request.clip_index].duration, sum(c.duration for c in job.clips))
+        several = bool(request.all_clips or request.clip_indices)
+        indices = list(range(len(job.clips))) if request.all_clips else \
+            list(request.clip_indices) if request.clip_indices else [request.clip_index]
+        if len(indices) > self.settings.max_clips_per_change:
+            raise InvalidInput(f"A change can name at most {self.settings.max_clips_per_change} clips.",
+                               code="too_many_clips")
+        for index in indices:
+            if not 0 <= index < len(job.clips):
+                raise InvalidInput(f"Clip index {index} is out of range: this video has clips "
+                                   f"0 to {len(job.clips) - 1}.", code="clip_index_out_of_range")
+        video_duration = sum(c.duration for c in job.clips)
+        quotes = [jobs_pb2.ClipQuote(clip_index=index, step_costs={
+            step: str(cost) for step, cost in self.estimate(job.clips[index].duration, video_duration).items()
+            if step != "compose" or n == 0}) for n, index in enumerate(sorted(indices))]
         # The status service quotes a retry for the steps it will still pay for.
         began = await call(self.status.stub.BeginRegeneration, jobs_pb2.BeginRegenerationRequest(
-            job_id=request.job_id, owner=request.owner, clip_index=request.clip_index,
-            user_instruction=instruction, conversation_history=request.conversation_history,
-            estimated_cost=str(sum(steps.values(), Decimal(0))),
-            estimated_step_costs={step: str(cost) for step, cost in steps.items()}), timeout=self.status.deadline)
+            job_id=request.job_id, owner=request.owner, clip_index=indices[0], user_instruction=instruction,
+            conversation_history=request.conversation_history,
+            estimated_cost=str(sum((money for q in quotes for money in map(Decimal, q.step_costs.values())),
+                                   Decimal(0))),
+            estimated_step_costs=quotes[0].step_costs if not several else {},
+            clips=quotes if several else []), timeout=self.status.deadline)
         # The regenerate task was written with the lease (the status service's outbox).
         regeneration_id = began.regeneration.regeneration_id
-        log.info("regeneration.queued", extra={"job_id": request.job_id, "regeneration_id": regeneration_id})
+        log.info("regeneration.queued", extra={"job_id": request.job_id, "regeneration_id": regeneration_id,
+                                               "clips": len(indices)})
         return regenerator_pb2.StartRegenerationResponse(
             regeneration_id=regeneration_id, state=common_pb2.REGENERATION_STATE_QUEUED,
-            estimated_cost=began.regeneration.estimated_cost, budget_warning=began.budget_warning)
+            estimated_cost=began.estimated_cost or began.regeneration.estimated_cost,
+            budget_warning=began.budget_warning, members=began.members)
 
     @rpc_method
     async def ListRegenerations(self, request: regenerator_pb2.ListJobRegenerationsRequest,

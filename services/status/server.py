@@ -26,6 +26,7 @@ from services.status.state_machine import (
     PHASE_COMPOSE,
     PHASE_REGENERATE,
     ClipInput,
+    ClipQuote,
     JobSnapshot,
     JobStateMachine,
 )
@@ -141,7 +142,18 @@ def regeneration_to_proto(row: ClipRegeneration) -> common_pb2.Regeneration:
         state=_REGEN_STATES[row.status], stage=stage_to_proto(row.stage), progress=row.progress,
         attempts=row.attempts, error_code=row.error_code or "", error_message=row.error_message or "",
         retryable=row.retryable, created_at=_ts(row.created_at), finished_at=_ts(row.finished_at),
-        change_summary=row.change_summary or "", rewriter=row.rewriter or "")
+        change_summary=row.change_summary or "", rewriter=row.rewriter or "",
+        change_id=str(row.change_id or ""))
+
+
+def clip_input(c: jobs_pb2.ClipInput) -> ClipInput:
+    return ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key)
+
+
+def new_clips_from_proto(request: jobs_pb2.QueueCompositionRequest | jobs_pb2.SucceedRegenerationRequest
+                         ) -> list[tuple[int, ClipInput]]:
+    """The new clips of a change, by clip index."""
+    return [(at.clip_index, clip_input(at.clip)) for at in request.new_clips]
 
 
 # The payload message (JobEvent's oneof field) of each kind of event; the log stores it as a JSON object.
@@ -221,14 +233,21 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
                                 context: Any) -> jobs_pb2.BeginRegenerationResponse:
         require_owner(request.owner, "Regenerating a clip")
         history = [{"role": turn.role, "content": turn.content} for turn in request.conversation_history]
-        result = await self.machine.begin(job_id=request.job_id, owner=request.owner,
-                                          clip_index=request.clip_index,
-                                          instruction=request.user_instruction, history=history,
-                                          estimated_cost=request.estimated_cost,
-                                          estimated_step_costs=dict(request.estimated_step_costs))
+        if request.clips:
+            result = await self.machine.begin_change(
+                job_id=request.job_id, owner=request.owner, instruction=request.user_instruction, history=history,
+                quotes=[ClipQuote(q.clip_index, dict(q.step_costs)) for q in request.clips])
+        else:
+            result = await self.machine.begin(job_id=request.job_id, owner=request.owner,
+                                              clip_index=request.clip_index,
+                                              instruction=request.user_instruction, history=history,
+                                              estimated_cost=request.estimated_cost,
+                                              estimated_step_costs=dict(request.estimated_step_costs))
         return jobs_pb2.BeginRegenerationResponse(
             regeneration=regeneration_to_proto(result.regeneration), lease_token=result.lease_token,
-            lease_expires_at=_ts(result.lease_expires_at), budget_warning=result.budget_warning)
+            lease_expires_at=_ts(result.lease_expires_at), budget_warning=result.budget_warning,
+            members=[regeneration_to_proto(row) for row in result.members],
+            estimated_cost=str(result.estimated_cost))
 
     @rpc_method
     async def RenewLease(self, request: jobs_pb2.RenewLeaseRequest, context: Any) -> jobs_pb2.RenewLeaseResponse:
@@ -253,10 +272,11 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
     @rpc_method
     async def QueueComposition(self, request: jobs_pb2.QueueCompositionRequest,
                                context: Any) -> jobs_pb2.QueueCompositionResponse:
-        c = request.new_clip
+        # (clip_index and new_clip: the one-clip form of workers that predate changes)
         await self.machine.queue_composition(
-            request.job_id, request.lease_token, request.claim_id, clip_index=request.clip_index,
-            new_clip=ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key))
+            request.job_id, request.lease_token, request.claim_id, new_clips_from_proto(request),
+            clip_index=request.clip_index,
+            new_clip=clip_input(request.new_clip) if request.HasField("new_clip") and not request.new_clips else None)
         return jobs_pb2.QueueCompositionResponse()
 
     @rpc_method
@@ -279,19 +299,17 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
             request.job_id, request.lease_token, step=step or "", cost=request.cost,
             modified_prompt=request.modified_prompt, change_summary=request.change_summary,
             rewriter=request.rewriter, checkpoint=checkpoint, claim_id=request.claim_id,
-            charge_key=request.charge_key)
+            charge_key=request.charge_key, regeneration_id=request.regeneration_id)
         return jobs_pb2.RecordStepResponse(regeneration=regeneration_to_proto(row))
 
     @rpc_method
     async def SucceedRegeneration(self, request: jobs_pb2.SucceedRegenerationRequest,
                                   context: Any) -> jobs_pb2.SucceedRegenerationResponse:
-        new_clip = None
-        if request.HasField("new_clip"):
-            c = request.new_clip
-            new_clip = ClipInput(c.prompt, c.duration, c.video_key, c.thumbnail_key)
         snapshot = await self.machine.succeed(
             request.job_id, request.lease_token, regeneration_id=request.regeneration_id,
-            new_clip=new_clip, video_key=request.video_key, video_duration=request.video_duration,
+            new_clips=new_clips_from_proto(request),
+            new_clip=clip_input(request.new_clip) if request.HasField("new_clip") and not request.new_clips else None,
+            video_key=request.video_key, video_duration=request.video_duration,
             composition_cost=request.composition_cost, encoder=request.encoder,
             clip_thumbnail_keys=list(request.clip_thumbnail_keys), claim_id=request.claim_id)
         return jobs_pb2.SucceedRegenerationResponse(job=job_to_proto(snapshot))
@@ -302,7 +320,8 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         snapshot = await self.machine.fail(
             request.job_id, request.lease_token, error_code=request.error_code,
             error_message=request.error_message, technical_detail=request.technical_detail,
-            retryable=request.retryable, claim_id=request.claim_id)
+            retryable=request.retryable, claim_id=request.claim_id,
+            failed_regeneration_ids=list(request.failed_regeneration_ids))
         return jobs_pb2.FailRegenerationResponse(job=job_to_proto(snapshot))
 
     @rpc_method
@@ -315,9 +334,10 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
     @rpc_method
     async def GetRegeneration(self, request: jobs_pb2.GetRegenerationRequest,
                               context: Any) -> jobs_pb2.GetRegenerationResponse:
-        row = await self.machine.get_regeneration(request.job_id, request.regeneration_id)
-        return jobs_pb2.GetRegenerationResponse(regeneration=regeneration_to_proto(row),
-                                                checkpoints=checkpoints_to_proto(row.checkpoints))
+        row, rows = await self.machine.get_change(request.job_id, request.regeneration_id)
+        return jobs_pb2.GetRegenerationResponse(
+            regeneration=regeneration_to_proto(row), checkpoints=checkpoints_to_proto(row.checkpoints),
+            members=[regeneration_to_proto(r) for r in rows] if len(rows) > 1 else [])
 
     @rpc_method
     async def ListRegenerations(self, request: jobs_pb2.ListRegenerationsRequest,

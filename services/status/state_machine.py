@@ -62,6 +62,8 @@ from clipchat.errors import (
 from clipchat.pricing import round_money
 from clipchat.telemetry import inject_headers
 from clipchat.v1 import jobs_pb2, tasks_pb2
+from services.status import changes
+from services.status.changes import ClipQuote
 from services.status.paging import PageKey
 
 log = logging.getLogger("clipchat.status")
@@ -114,10 +116,12 @@ class JobSnapshot:
 
 @dataclass
 class BeginResult:
-    regeneration: ClipRegeneration
+    regeneration: ClipRegeneration  # the change's first clip's: its id is the change's
     lease_token: str
     lease_expires_at: datetime
     budget_warning: bool
+    members: list[ClipRegeneration]  # every clip's, by clip index
+    estimated_cost: Decimal  # of the whole change
 
 
 @dataclass
@@ -256,38 +260,60 @@ class JobStateMachine:
 
         The estimate is ``estimated_cost``, or, when ``estimated_step_costs`` is given, the sum of
         the steps this regeneration will pay for: a retry reuses the paid steps of the one it
-        retries (see ``_is_retry_of``), and is quoted and budget-checked without them.
+        retries (see ``changes.retry_sources``), and is quoted and budget-checked without them.
 
         Raises ``NotFound`` (no such job for this owner), ``InvalidInput`` (clip index out of range),
         ``ConcurrentRegeneration`` (a live lease), ``Conflict`` (still composing) and
         ``BudgetExceeded`` (job total + estimate over the budget) — before anything is spent.
         """
+        quote = ClipQuote(clip_index, dict(estimated_step_costs or {}))
+        return await self._begin(job_id, owner, [quote], instruction, history, estimated_cost=estimated_cost)
+
+    async def begin_change(self, *, job_id: str, owner: str, quotes: Sequence[ClipQuote], instruction: str,
+                           history: list[dict[str, Any]]) -> BeginResult:
+        """Take the job's lease for one change of several clips: a regeneration per clip, all
+        under the change id, one task, and the budget checked for the whole change (each clip
+        quoted for the steps it will still pay for). Raises as ``begin`` does, and ``InvalidInput``
+        for a clip named twice."""
+        if not quotes:
+            raise InvalidInput("Name at least one clip to change.", code="no_clips")
+        return await self._begin(job_id, owner, quotes, instruction, history, change=True)
+
+    async def _begin(self, job_id: str, owner: str, quotes: Sequence[ClipQuote], instruction: str,
+                     history: list[dict[str, Any]], *, estimated_cost: str = "", change: bool = False) -> BeginResult:
         now = self.clock()
         pending = _Pending()
         async with self.db.transaction() as session:
             job = await self._lock(session, job_id, owner, nowait=True)
-            await self._check_can_begin(session, job, pending, clip_index, now)
-            last = (await session.execute(
-                select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
-                .order_by(ClipRegeneration.created_at.desc()).limit(1))).scalar_one_or_none()
-            source = last if self._is_retry_of(last, job, clip_index, instruction) else None
-            reused = {step: value for step, value in (source.checkpoints or {}).items()
-                      if step in REUSABLE_STEPS} if source is not None else {}
-            estimate = self._quote(job, estimated_cost, estimated_step_costs, reused)
+            await self._check_can_begin(session, job, pending, [q.clip_index for q in quotes], now)
+            last = await changes.latest(session, job)
+            sources = await changes.retry_sources(session, job, last, instruction)
             if last is not None and last.created_at >= now:
                 # Keeps (job, clip, created_at) unique and history ordered even if replicas' clocks differ.
                 now = last.created_at + timedelta(microseconds=1)
-            regeneration = self._new_regeneration(job, clip_index, instruction, history, estimate, reused,
-                                                  source, now)
-            session.add(regeneration)
-            token = self._take_lease(session, job, pending, regeneration, now)
-            warning = self._queued_events(session, job, pending, regeneration, estimate)
+            rows = []
+            for quote in sorted(quotes, key=lambda q: q.clip_index):
+                source = sources.get(quote.clip_index)
+                reused = {step: value for step, value in (source.checkpoints or {}).items()
+                          if step in REUSABLE_STEPS} if source is not None else {}
+                estimate = self._estimate(estimated_cost, quote.step_costs, reused)
+                rows.append(self._new_regeneration(job, quote.clip_index, instruction, history, estimate, reused,
+                                                   source, now))
+            total = sum((row.estimated_cost for row in rows), Decimal(0))
+            self._check_budget(job, total)
+            lead = rows[0]
+            for row in rows:
+                row.change_id = lead.id if change else None
+                session.add(row)
+            token = self._take_lease(session, job, pending, lead, now)
+            warning = self._queued_events(session, job, pending, lead, total,
+                                          [row.clip_index for row in rows] if change else [])
         await self._flush(pending)
-        log.info("regeneration.begun", extra={"job_id": job_id, "regeneration_id": str(regeneration.id)})
-        return BeginResult(regeneration, token, job.lease_expires_at or now, warning)
+        log.info("regeneration.begun", extra={"job_id": job_id, "regeneration_id": str(lead.id), "clips": len(rows)})
+        return BeginResult(lead, token, job.lease_expires_at or now, warning, rows, total)
 
-    async def _check_can_begin(self, session: AsyncSession, job: Job, pending: _Pending, clip_index: int,
-                               now: datetime) -> None:
+    async def _check_can_begin(self, session: AsyncSession, job: Job, pending: _Pending,
+                               clip_indices: Sequence[int], now: datetime) -> None:
         """Refuse while other work holds a live lease, or when there is nothing to change; fail
         work whose lease expired first (its worker died)."""
         if job.status in (JobStatus.REGENERATING, JobStatus.COMPOSING) and self._lease_live(job, now):
@@ -299,23 +325,22 @@ class JobStateMachine:
             await self._expire(session, job, pending, now)
         if job.current_version is None:
             raise Conflict("This video has no composition yet, so there is nothing to change.", code="no_video")
-        count = len(current_clips(job))
-        if not 0 <= clip_index < count:
-            raise InvalidInput(f"Clip index {clip_index} is out of range: this video has clips "
-                               f"0 to {count - 1}.", code="clip_index_out_of_range")
+        changes.check_clip_indices(clip_indices, len(current_clips(job)))
 
     @staticmethod
-    def _quote(job: Job, estimated_cost: str, estimated_step_costs: dict[str, str] | None,
-               reused: dict[str, Any]) -> Decimal:
-        """The estimate of the steps still to pay for; ``BudgetExceeded`` past the job's budget."""
-        step_estimates = {step: money(cost) for step, cost in (estimated_step_costs or {}).items()}
-        estimate = (sum((cost for step, cost in step_estimates.items() if step not in reused), Decimal(0))
-                    if step_estimates else money(estimated_cost))
+    def _estimate(estimated_cost: str, step_costs: dict[str, str], reused: dict[str, Any]) -> Decimal:
+        """The estimate of the steps still to pay for (``estimated_cost`` when no step is quoted)."""
+        step_estimates = {step: money(cost) for step, cost in step_costs.items()}
+        if not step_estimates:
+            return money(estimated_cost)
+        return sum((cost for step, cost in step_estimates.items() if step not in reused), Decimal(0))
+
+    @staticmethod
+    def _check_budget(job: Job, estimate: Decimal) -> None:
         if job.total_cost + estimate > job.budget_limit:
             raise BudgetExceeded(
                 f"This regeneration (about ${estimate:.2f}) would take the video past its budget "
                 f"of ${job.budget_limit:.2f} (${job.total_cost:.2f} spent so far).")
-        return estimate
 
     @staticmethod
     def _new_regeneration(job: Job, clip_index: int, instruction: str, history: list[dict[str, Any]],
@@ -349,11 +374,13 @@ class JobStateMachine:
         return token
 
     def _queued_events(self, session: AsyncSession, job: Job, pending: _Pending, regeneration: ClipRegeneration,
-                       estimate: Decimal) -> bool:
+                       estimate: Decimal, clip_indices: list[int]) -> bool:
         """The "queued" event, and a budget warning when the estimate nears the budget (returned)."""
-        self._event(session, job, pending, "regeneration.queued", stage="queued", payload={
-            "regeneration_id": str(regeneration.id), "clip_index": regeneration.clip_index,
-            "estimated_cost": str(estimate)})
+        payload: dict[str, Any] = {"regeneration_id": str(regeneration.id), "clip_index": regeneration.clip_index,
+                                   "estimated_cost": str(estimate)}
+        if clip_indices:
+            payload["clip_indices"] = clip_indices
+        self._event(session, job, pending, "regeneration.queued", stage="queued", payload=payload)
         warning = job.total_cost + estimate >= job.budget_limit * self.warning_fraction
         if warning:
             self._event(session, job, pending, "budget.warning", payload={
@@ -418,24 +445,35 @@ class JobStateMachine:
             job.claim_id = None
             job.claim_expires_at = None
 
-    async def queue_composition(self, job_id: str, token: str, claim_id: str, *, clip_index: int,
-                                new_clip: ClipInput) -> None:
-        """Hand a regeneration's new clip to the composer: the work moves to the compose phase,
-        the claim is given up and the compose task goes into the outbox, in one transaction.
+    async def queue_composition(self, job_id: str, token: str, claim_id: str,
+                                new_clips: Sequence[tuple[int, ClipInput]] = (), *, clip_index: int = -1,
+                                new_clip: ClipInput | None = None) -> None:
+        """Hand a change's new clips (one per clip it changes, by index) to the composer: the work
+        moves to the compose phase, the claim is given up and the compose task goes into the
+        outbox, in one transaction.
 
-        Raises ``StaleLease`` when the lease or the claim is no longer this worker's."""
+        Raises ``StaleLease`` when the lease or the claim is no longer this worker's, and
+        ``InvalidInput`` when the clips are not those the change is changing. (``clip_index`` and
+        ``new_clip``: the one new clip of a one-clip change.)"""
+        if new_clip is not None:
+            new_clips = [(clip_index, new_clip)]
         pending = _Pending()
         async with self.db.transaction() as session:
             job = await self._fenced(session, job_id, token, claim_id)
-            regeneration = await self._active(session, job)
-            if regeneration.clip_index != clip_index:
-                raise InvalidInput("The new clip is not for the clip being regenerated.")
+            lead = await self._active(session, job)
+            rows = await changes.members(session, lead)
+            if sorted(index for index, _ in new_clips) != [row.clip_index for row in rows]:
+                raise InvalidInput("The new clips are not for the clips being regenerated.")
             self._start_work(job, PHASE_COMPOSE)
-            self._outbox(session, pending, COMPOSE_QUEUE, f"compose-{regeneration.id}", tasks_pb2.ComposeTask(
-                job_id=job_id, regeneration_id=str(regeneration.id), lease_token=token, clip_index=clip_index,
-                new_clip=jobs_pb2.ClipInput(prompt=new_clip.prompt, duration=new_clip.duration,
-                                            video_key=new_clip.video_key, thumbnail_key=new_clip.thumbnail_key),
-                attempt=1))
+            task = tasks_pb2.ComposeTask(job_id=job_id, regeneration_id=str(lead.id), lease_token=token, attempt=1)
+            for index, clip in sorted(new_clips, key=lambda pair: pair[0]):
+                at = task.new_clips.add(clip_index=index)
+                at.clip.CopyFrom(jobs_pb2.ClipInput(prompt=clip.prompt, duration=clip.duration,
+                                                    video_key=clip.video_key, thumbnail_key=clip.thumbnail_key))
+            if len(new_clips) == 1:  # the one-clip form, read by composers that predate changes
+                task.clip_index = task.new_clips[0].clip_index
+                task.new_clip.CopyFrom(task.new_clips[0].clip)
+            self._outbox(session, pending, COMPOSE_QUEUE, f"compose-{lead.id}", task)
         await self._flush(pending)
 
     async def record_progress(self, job_id: str, token: str, *, stage: str, fraction: float,
@@ -468,8 +506,9 @@ class JobStateMachine:
     async def record_step(self, job_id: str, token: str, *, step: str, cost: str = "",
                           modified_prompt: str = "", change_summary: str = "", rewriter: str = "",
                           checkpoint: dict[str, Any] | None = None, claim_id: str = "",
-                          charge_key: str = "") -> ClipRegeneration:
-        """Checkpoint one step's result and what it cost (paid even if a later step fails).
+                          charge_key: str = "", regeneration_id: str = "") -> ClipRegeneration:
+        """Checkpoint one step's result and what it cost (paid even if a later step fails), on
+        the running change's clip ``regeneration_id`` ("": its first).
 
         A cost recorded with a ``charge_key`` already recorded (the same paid call, reported
         again after a lost answer) is not added twice."""
@@ -479,7 +518,9 @@ class JobStateMachine:
         pending = _Pending()
         async with self.db.transaction() as session:
             job = await self._fenced(session, job_id, token, claim_id)
-            regeneration = await self._active(session, job)
+            regeneration = await changes.member(session, await self._active(session, job), regeneration_id)
+            if regeneration.status == RegenerationStatus.QUEUED:
+                regeneration.status = RegenerationStatus.RUNNING
             if charge_key and amount and not await self._charge_once(session, regeneration, step, charge_key,
                                                                     amount):
                 log.info("charge.duplicate", extra={"job_id": job_id, "charge_key": charge_key})
@@ -505,10 +546,12 @@ class JobStateMachine:
         return regeneration
 
     async def succeed(self, job_id: str, token: str, *, regeneration_id: str = "",
-                      new_clip: ClipInput | None = None, video_key: str, video_duration: float,
-                      composition_cost: str = "", encoder: str = "",
+                      new_clips: Sequence[tuple[int, ClipInput]] = (), new_clip: ClipInput | None = None,
+                      video_key: str, video_duration: float, composition_cost: str = "", encoder: str = "",
                       clip_thumbnail_keys: Sequence[str] = (), claim_id: str = "") -> JobSnapshot:
-        """Publish a finished composition as the job's new current version (fenced by the token)."""
+        """Publish a finished composition as the job's new current version (fenced by the token):
+        the initial composition (no ``regeneration_id``), or a change's, with its new clips by
+        index (``new_clip``: the one new clip of a one-clip change)."""
         if not video_key:
             raise InvalidInput("A finished composition needs its video.")
         cost = money(composition_cost)
@@ -517,42 +560,64 @@ class JobStateMachine:
         async with self.db.transaction() as session:
             job = await self._fenced(session, job_id, token, claim_id)
             revisions = [c.revision for c in current_clips(job)]
-            regeneration: ClipRegeneration | None = None
+            lead: ClipRegeneration | None = None
+            clip_indices: list[int] = []
             if regeneration_id:
-                regeneration = await self._active(session, job)
-                if str(regeneration.id) != regeneration_id:
+                lead = await self._active(session, job)
+                if str(lead.id) != regeneration_id:
                     raise StaleLease()
-                if new_clip is None:
-                    raise InvalidInput("A regeneration's result needs its new clip.")
-                index = regeneration.clip_index
-                revisions[index] = self._complete_regeneration(session, job, regeneration, new_clip, cost, now)
-                spent = regeneration.cost
+                if new_clip is not None:
+                    new_clips = [(lead.clip_index, new_clip)]
+                rows = await self._complete_change(session, job, lead, new_clips, cost, revisions, now)
+                clip_indices = [row.clip_index for row in rows]
+                spent = sum((row.cost for row in rows), Decimal(0))
             elif job.status != JobStatus.COMPOSING:
                 raise StaleLease()
             else:
                 spent = cost
                 self._keep_thumbnails(job, clip_thumbnail_keys)
-            number = max((v.version for v in job.versions), default=0) + 1
-            session.add(VideoVersion(job_id=job.id, version=number, storage_key=video_key,
-                                     duration=video_duration, encoder=encoder, clip_revisions=revisions,
-                                     created_by_regeneration_id=regeneration.id if regeneration else None,
-                                     created_at=now))
-            job.current_version = number
-            job.total_cost += spent
-            self._release(job, JobStatus.COMPLETED)
-            job.error_code = job.error_message = None
-            job.error_retryable = False
-            self._event(session, job, pending,
-                        "regeneration.completed" if regeneration else "job.composed", stage="done",
-                        fraction=1.0, payload={
-                            "regeneration_id": str(regeneration.id) if regeneration else "",
-                            "version": number, "cost": str(spent), "total_cost": str(job.total_cost),
-                            "encoder": encoder})
+            number = self._publish(session, job, pending, lead, revisions, spent, clip_indices, now,
+                                   video_key=video_key, video_duration=video_duration, encoder=encoder)
         await self._flush(pending)
         metrics.cost_recorded(Step.COMPOSE, cost)
         log.info("job.version_published", extra={"job_id": job_id, "regeneration_id": regeneration_id,
                                                  "version": number})
         return await self.get_job(job_id)
+
+    def _publish(self, session: AsyncSession, job: Job, pending: _Pending, lead: ClipRegeneration | None,
+                 revisions: list[int], spent: Decimal, clip_indices: list[int], now: datetime, *,
+                 video_key: str, video_duration: float, encoder: str) -> int:
+        """Add the next version, make it current, release the lease and say so; its number."""
+        number = max((v.version for v in job.versions), default=0) + 1
+        session.add(VideoVersion(job_id=job.id, version=number, storage_key=video_key,
+                                 duration=video_duration, encoder=encoder, clip_revisions=revisions,
+                                 created_by_regeneration_id=lead.id if lead else None, created_at=now))
+        job.current_version = number
+        job.total_cost += spent
+        self._release(job, JobStatus.COMPLETED)
+        job.error_code = job.error_message = None
+        job.error_retryable = False
+        payload: dict[str, Any] = {"regeneration_id": str(lead.id) if lead else "", "version": number,
+                                   "cost": str(spent), "total_cost": str(job.total_cost), "encoder": encoder}
+        if len(clip_indices) > 1:
+            payload["clip_indices"] = clip_indices
+        self._event(session, job, pending, "regeneration.completed" if lead else "job.composed", stage="done",
+                    fraction=1.0, payload=payload)
+        return number
+
+    async def _complete_change(self, session: AsyncSession, job: Job, lead: ClipRegeneration,
+                               new_clips: Sequence[tuple[int, ClipInput]], composition_cost: Decimal,
+                               revisions: list[int], now: datetime) -> list[ClipRegeneration]:
+        """Every clip of the change gets its new clip, as its next revision in ``revisions``; the
+        composition is paid once, on the lead."""
+        rows = await changes.members(session, lead)
+        by_index = dict(new_clips)
+        if sorted(by_index) != [row.clip_index for row in rows] or len(by_index) != len(new_clips):
+            raise InvalidInput("A regeneration's result needs one new clip for each clip it changed.")
+        for row in rows:
+            revisions[row.clip_index] = self._complete_regeneration(
+                session, job, row, by_index[row.clip_index], composition_cost if row is lead else Decimal(0), now)
+        return rows
 
     @staticmethod
     def _complete_regeneration(session: AsyncSession, job: Job, regeneration: ClipRegeneration,
@@ -583,21 +648,25 @@ class JobStateMachine:
                 clip.thumbnail_key = clip_thumbnail_keys[clip.clip_index]
 
     async def fail(self, job_id: str, token: str, *, error_code: str, error_message: str,
-                   technical_detail: str = "", retryable: bool = True, claim_id: str = "") -> JobSnapshot:
-        """Mark the running work failed; the current version stays where it was."""
+                   technical_detail: str = "", retryable: bool = True, claim_id: str = "",
+                   failed_regeneration_ids: Sequence[str] = ()) -> JobSnapshot:
+        """Mark the running work failed; the current version stays where it was. In a change of
+        several clips, ``failed_regeneration_ids`` names the clips that failed (none: all did)."""
         now = self.clock()
         pending = _Pending()
         async with self.db.transaction() as session:
             job = await self._fenced(session, job_id, token, claim_id)
             await self._fail_locked(session, job, pending, now, code=error_code or "failed",
                                     message=error_message or LEASE_EXPIRED_MESSAGE,
-                                    detail=technical_detail, retryable=retryable)
+                                    detail=technical_detail, retryable=retryable,
+                                    failed=set(failed_regeneration_ids))
         await self._flush(pending)
         log.info("regeneration.failed", extra={"job_id": job_id, "error_code": error_code})
         return await self.get_job(job_id)
 
     async def cancel(self, job_id: str, owner: str, regeneration_id: str) -> ClipRegeneration:
-        """Stop a regeneration at the user's request; the original video is kept.
+        """Stop a regeneration at the user's request, with every clip of its change; the original
+        video is kept. Returns the regeneration named.
 
         Raises ``NotFound`` for an unknown regeneration and ``Conflict`` when it already finished.
         """
@@ -612,16 +681,20 @@ class JobStateMachine:
             if regeneration.status in FINISHED_REGENERATION:
                 raise Conflict(f"This regeneration already finished ({regeneration.status}).",
                                code="already_finished")
-            regeneration.status = RegenerationStatus.CANCELLED
-            regeneration.finished_at = now
-            regeneration.error_code = "cancelled"
-            regeneration.error_message = "Cancelled. The original video is kept."
-            if job.active_regeneration_id == regeneration.id:
-                job.total_cost += regeneration.cost
+            lead = await session.get(ClipRegeneration, regeneration.change_id) if regeneration.change_id \
+                else regeneration
+            rows = await changes.members(session, lead or regeneration)
+            for row in rows:
+                row.status = RegenerationStatus.CANCELLED
+                row.finished_at = now
+                row.error_code = "cancelled"
+                row.error_message = "Cancelled. The original video is kept."
+            cost = sum((row.cost for row in rows), Decimal(0))
+            if job.active_regeneration_id in {row.id for row in rows}:
+                job.total_cost += cost
                 self._release(job, JobStatus.COMPLETED if job.current_version else JobStatus.FAILED)
             self._event(session, job, pending, "regeneration.cancelled", payload={
-                "regeneration_id": regeneration_id, "cost": str(regeneration.cost),
-                "total_cost": str(job.total_cost)})
+                "regeneration_id": str(rows[0].id), "cost": str(cost), "total_cost": str(job.total_cost)})
         await self._flush(pending)
         log.info("regeneration.cancelled", extra={"job_id": job_id, "regeneration_id": regeneration_id})
         return regeneration
@@ -652,11 +725,16 @@ class JobStateMachine:
     # ---- history and versions ---------------------------------------------------------------
 
     async def get_regeneration(self, job_id: str, regeneration_id: str) -> ClipRegeneration:
+        return (await self.get_change(job_id, regeneration_id))[0]
+
+    async def get_change(self, job_id: str, regeneration_id: str) -> tuple[ClipRegeneration, list[ClipRegeneration]]:
+        """A regeneration, and every clip's regeneration of its change (by clip index)."""
         async with self.db.read() as session:
             regeneration = await session.get(ClipRegeneration, parse_uuid(regeneration_id, "regeneration"))
             if regeneration is None or str(regeneration.job_id) != str(parse_uuid(job_id)):
                 raise NotFound("No such regeneration for this video.")
-            return regeneration
+            lead = await session.get(ClipRegeneration, regeneration.change_id) if regeneration.change_id else None
+            return regeneration, await changes.members(session, lead or regeneration)
 
     async def list_regenerations(self, job_id: str, owner: str = "") -> list[ClipRegeneration]:
         async with self.db.read() as session:
@@ -718,15 +796,6 @@ class JobStateMachine:
         if job is None or (owner and job.owner != owner):
             raise NotFound("No such video.", code="job_not_found")
         return job
-
-    @staticmethod
-    def _is_retry_of(last: ClipRegeneration | None, job: Job, clip_index: int, instruction: str) -> bool:
-        """Whether a new regeneration retries ``last``, the job's latest one: same clip, same
-        instruction, same video version, and it failed or was cancelled. Its paid-for steps are
-        then reused, so the LLM and the generator are not paid twice."""
-        return (last is not None and last.status in (RegenerationStatus.FAILED, RegenerationStatus.CANCELLED)
-                and last.clip_index == clip_index and last.user_instruction == instruction
-                and last.base_version == job.current_version)
 
     async def _fenced(self, session: AsyncSession, job_id: str, token: str, claim_id: str = "") -> Job:
         """The locked job, if ``token`` is its live lease (and ``claim_id``, when given, holds its
@@ -791,25 +860,34 @@ class JobStateMachine:
                                 detail="The worker stopped renewing its lease.", retryable=True)
 
     async def _fail_locked(self, session: AsyncSession, job: Job, pending: _Pending, now: datetime, *,
-                           code: str, message: str, detail: str, retryable: bool) -> None:
-        regeneration = (await session.get(ClipRegeneration, job.active_regeneration_id)
-                        if job.active_regeneration_id else None)
-        if regeneration is not None:
-            regeneration.status = RegenerationStatus.FAILED
-            regeneration.finished_at = now
-            regeneration.error_code = code
-            regeneration.error_message = message
-            regeneration.technical_detail = detail[:20000] or None
-            regeneration.retryable = retryable
+                           code: str, message: str, detail: str, retryable: bool,
+                           failed: set[str] | None = None) -> None:
+        """Fail the running work: every clip of the running change, those in ``failed`` (or all,
+        when none is named) with the error, the others as stopped with it."""
+        lead = (await session.get(ClipRegeneration, job.active_regeneration_id)
+                if job.active_regeneration_id else None)
+        rows = await changes.members(session, lead) if lead is not None else []
+        failed_clips = []
+        for row in rows:
+            own = not failed or str(row.id) in failed
+            row.status = RegenerationStatus.FAILED
+            row.finished_at = now
+            row.error_code = code if own else changes.STOPPED_CODE
+            row.error_message = message if own else changes.STOPPED_MESSAGE
+            row.technical_detail = (detail[:20000] or None) if own else None
+            row.retryable = retryable
+            failed_clips += [row.clip_index] if own else []
             # Steps already paid for stay paid.
-            job.total_cost += regeneration.cost
+            job.total_cost += row.cost
         self._release(job, JobStatus.FAILED)
         job.error_code = code
         job.error_message = message
         job.error_retryable = retryable
-        self._event(session, job, pending, "regeneration.failed" if regeneration else "job.failed", payload={
-            "regeneration_id": str(regeneration.id) if regeneration else "", "error_code": code,
-            "message": message, "retryable": retryable, "total_cost": str(job.total_cost)})
+        payload: dict[str, Any] = {"regeneration_id": str(lead.id) if lead else "", "error_code": code,
+                                   "message": message, "retryable": retryable, "total_cost": str(job.total_cost)}
+        if len(rows) > 1:
+            payload["failed_clips"] = failed_clips
+        self._event(session, job, pending, "regeneration.failed" if lead else "job.failed", payload=payload)
 
     def _event(self, session: AsyncSession, job: Job, pending: _Pending, type_: str, *, stage: str = "",
                fraction: float = 0.0, payload: dict[str, Any] | None = None) -> JobEvent:

@@ -24,6 +24,7 @@ from tests.e2e.rig import (
     CLIP_PROMPTS,
     CLIP_SECONDS,
     GENERATION_COST,
+    LLM_ESTIMATE,
     LLM_KEY,
     RETRY_ATTEMPTS,
     S3_REQUESTS_PER_PUT,
@@ -606,3 +607,124 @@ def test_prompt_injection_gives_a_422_or_a_validated_prompt(rig: Rig, client: ht
     assert row["modified_prompt"] == f"{CLIP_PROMPTS[1]}, {clean}" and len(row["modified_prompt"]) <= 1000
     assert not re.search(r"[\x00-\x1f\u200b\u202e]", row["modified_prompt"])
     assert len(counts.new_llm_calls()) == 3 and len(counts.new_creates()) == 1
+
+
+
+# ---- changes of several clips -----------------------------------------------------------------
+
+
+def change(client: httpx.Client, job_id: str, clips: list[int] | str, instruction: str) -> dict[str, Any]:
+    """``POST /jobs/{id}/regenerate`` for several clips; asserts the 202 and returns its body."""
+    response = client.post(f"/api/v1/jobs/{job_id}/regenerate", json={"clips": clips, "instruction": instruction})
+    assert response.status_code == 202, response.text
+    accepted: dict[str, Any] = response.json()
+    assert accepted["status"] == "queued"
+    return accepted
+
+
+def change_rows(client: httpx.Client, job_id: str, change_id: str) -> list[dict[str, Any]]:
+    """Every clip's history row of a change, by clip index, once the change has finished."""
+    wait_regeneration(client, job_id, change_id)
+    rows = [r for r in regenerations(client, job_id) if r["change_id"] == change_id]
+    return sorted(rows, key=lambda r: r["clip_index"])
+
+
+def clip_frames(path: Path, clips: int, fps: int = 30) -> list[list[str]]:
+    """The hashes of each clip's decoded pictures, shrunk (1-second clips joined by cuts)."""
+    import av
+
+    with av.open(str(path)) as container:
+        hashes = [hashlib.sha256(bytes(frame.reformat(width=64, height=36, format="gray").planes[0])).hexdigest()
+                  for frame in container.decode(video=0)]
+    return [hashes[i * fps:(i + 1) * fps] for i in range(clips)]
+
+
+def test_a_change_of_two_clips_is_one_composition_and_one_version(rig: Rig, client: httpx.Client,
+                                                                  tmp_path: Path) -> None:
+    job = create_job(rig, client)
+    first = current_version(job)
+    before = tmp_path / "v1.mp4"
+    before.write_bytes(video_bytes(client, first["url"]))
+    counts = Counts(rig)
+
+    accepted = change(client, job["id"], [2, 1], TEMPLATE_INSTRUCTION)
+    assert [c["clip_index"] for c in accepted["clips"]] == [1, 2]
+    assert accepted["regeneration_id"] == accepted["clips"][0]["regeneration_id"]
+    generation = estimate() - LLM_ESTIMATE - composition_cost(3.0)
+    assert money(accepted["estimated_cost"]) == LLM_ESTIMATE * 2 + generation * 2 + composition_cost(3.0)
+    rows = change_rows(client, job["id"], accepted["regeneration_id"])
+
+    assert [(r["clip_index"], r["status"]) for r in rows] == [(1, "completed"), (2, "completed")], rows
+    assert len(counts.new_creates()) == 2 and not counts.new_llm_calls()
+    assert len(counts.new_version_puts()) == 1  # one composition
+    job = get_job(client, job["id"])
+    assert job["current_version"] == 2 and [v["version"] for v in job["versions"]] == [1, 2]
+    new = current_version(job)
+    assert new["created_by_regeneration_id"] == accepted["regeneration_id"]
+    assert_costs(rows[0], llm=Decimal(0), generation=GENERATION_COST, composition=composition_cost(new["duration"]))
+    assert_costs(rows[1], llm=Decimal(0), generation=GENERATION_COST, composition=Decimal(0))
+    assert job_cost(job) == composition_cost(first["duration"]) + sum(money(r["cost"]) for r in rows)
+    assert [c["revision"] for c in job["clips"]] == [0, 1, 1]
+    # The same template words for every clip of the change.
+    assert all(r["modified_prompt"].startswith(r["original_prompt"]) and "night" in r["modified_prompt"]
+               for r in rows)
+    assert {r["modified_prompt"].removeprefix(r["original_prompt"]) for r in rows} == {
+        rows[0]["modified_prompt"].removeprefix(rows[0]["original_prompt"])}
+
+    after = tmp_path / "v2.mp4"
+    after.write_bytes(video_bytes(client, new["url"]))
+    old, changed = clip_frames(before, 3), clip_frames(after, 3)
+    assert old[0] == changed[0]  # the clip left alone: the same pictures
+    assert all(set(old[i]).isdisjoint(changed[i]) for i in (1, 2))  # the two changed clips: new pictures
+    compared = client.get(f"/api/v1/jobs/{job['id']}/versions/1/compare/2").json()
+    assert [c["index"] for c in compared["clips"]] == [1, 2]
+    assert money(compared["cost"]) == sum(money(r["cost"]) for r in rows)
+
+
+def test_a_clip_of_a_change_failing_publishes_nothing_and_try_again_pays_only_for_it(
+        rig: Rig, client: httpx.Client) -> None:
+    job = create_job(rig, client)
+    rig.predictions.script(create=["content_policy"])  # whichever clip asks first is refused
+    accepted = change(client, job["id"], "all", TEMPLATE_INSTRUCTION)
+    rows = change_rows(client, job["id"], accepted["regeneration_id"])
+
+    assert [r["status"] for r in rows] == ["failed"] * 3, rows
+    [refused] = [r for r in rows if r["error"]["code"] == "content_policy"]
+    assert {r["error"]["code"] for r in rows if r is not refused} == {"change_failed"}
+    job = get_job(client, job["id"])
+    assert job["status"] == "failed" and job["current_version"] == 1
+    assert job["error"]["message"].startswith(f"Clip {refused['clip_index'] + 1} failed:")
+    paid = sum(money(r["cost"]) for r in rows)
+    assert paid == GENERATION_COST * 2 and job_cost(job) == composition_cost(3.0) + paid
+
+    counts = Counts(rig)
+    again = change(client, job["id"], "all", TEMPLATE_INSTRUCTION)
+    # Every rewrite and two generations were paid: the failed clip's generation and the composition remain.
+    generation = estimate() - LLM_ESTIMATE - composition_cost(3.0)
+    assert money(again["estimated_cost"]) == generation + composition_cost(3.0)
+    retried = change_rows(client, job["id"], again["regeneration_id"])
+    assert [r["status"] for r in retried] == ["completed"] * 3, retried
+    [create] = counts.new_creates()  # only the refused clip is generated again
+    assert create.body["input"]["prompt"] == next(r for r in retried
+                                                  if r["clip_index"] == refused["clip_index"])["modified_prompt"]
+    job = get_job(client, job["id"])
+    assert job["current_version"] == 2 and [c["revision"] for c in job["clips"]] == [1, 1, 1]
+    assert job_cost(job) == composition_cost(3.0) + paid + sum(money(r["cost"]) for r in retried)
+    assert rig.technical_detail(refused["id"]) is not None
+    assert_no_technical_detail(client, job["id"])
+
+
+def test_cancelling_a_change_stops_every_clip_and_keeps_the_original(rig: Rig, client: httpx.Client) -> None:
+    job = create_job(rig, client)
+    original = current_version(job)
+    rig.predictions.script(poll=["stall"])  # one clip's prediction never finishes
+    accepted = change(client, job["id"], [0, 1, 2], TEMPLATE_INSTRUCTION)
+    wait_for(lambda: len(rig.predictions.creates) and any(
+        r["status"] == "running" for r in regenerations(client, job["id"])), "the change to start")
+    response = client.post(f"/api/v1/jobs/{job['id']}/regenerations/{accepted['clips'][1]['regeneration_id']}/cancel")
+    assert response.status_code == 200, response.text
+    rows = change_rows(client, job["id"], accepted["regeneration_id"])
+    assert [r["status"] for r in rows] == ["cancelled"] * 3
+    job = get_job(client, job["id"])
+    assert job["status"] == "completed" and current_version(job) == original
+    assert job_cost(job) == composition_cost(3.0) + sum(money(r["cost"]) for r in rows)

@@ -187,6 +187,17 @@ async def test_regenerate_is_queued(client: httpx.AsyncClient, backend: Backend)
     assert list(regen.conversation_history) == [common_pb2.Turn(role="user", content="hi")]
 
 
+@pytest.mark.parametrize("clips", [[], [1, 1], [False], ["1"], [-1], [100], "some", None, 2])
+async def test_a_change_of_several_clips_names_each_clip_once_or_all(client: httpx.AsyncClient, backend: Backend,
+                                                                     clips: object) -> None:
+    job = backend.status.add_job(make_job("alice", clips=3))
+    response = await client.post(f"/api/v1/jobs/{job.job_id}/regenerate",
+                                 json={"instruction": "make it nighttime", "clips": clips})
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "invalid_input"
+    assert not backend.status.regenerations.get(job.job_id)
+
+
 @pytest.mark.parametrize("clip_index", ["3", "-1", "abc", "1.5", "99999999999"])
 async def test_bad_clip_index_is_422(client: httpx.AsyncClient, backend: Backend, clip_index: str) -> None:
     job = backend.status.add_job(make_job("alice", clips=3))
@@ -326,7 +337,7 @@ async def test_regeneration_history(client: httpx.AsyncClient, backend: Backend)
     response = await client.get(f"/api/v1/jobs/{job.job_id}/regenerations")
     assert response.status_code == 200
     row = response.json()["regenerations"][0]
-    assert set(row) == {"id", "clip_index", "instruction", "original_prompt", "modified_prompt",
+    assert set(row) == {"id", "change_id", "clip_index", "instruction", "original_prompt", "modified_prompt",
                         "change_summary", "rewriter", "status", "stage", "progress", "cost", "step_costs",
                         "estimated_cost", "attempts", "error", "created_at", "finished_at"}
     assert row["status"] == "failed" and row["stage"] == "generating" and row["attempts"] == 3

@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from clipchat.domain import Step
 from clipchat.errors import DependencyUnavailable, StaleLease
 from clipchat.media.ffmpeg import FfmpegRunner
+from clipchat.proto_enums import step_to_proto
 from clipchat.settings import Settings
 from clipchat.storage.local import LocalStorage
 from clipchat.v1 import common_pb2, jobs_pb2
@@ -49,10 +50,12 @@ TASK = RegenerationTask(JOB_ID, REGENERATION_ID, TOKEN)
 class FakeStatus:
     """The calls a worker makes on the status service; ``cancel()`` makes every later write stale."""
 
-    def __init__(self, checkpoints: dict[str, Any] | None = None) -> None:
+    def __init__(self, checkpoints: dict[str, Any] | None = None, change: list[int] | None = None) -> None:
         # Given as JSON objects by step name, answered as the status client answers them.
         self.checkpoints = {Step(step): json_format.ParseDict(fields, common_pb2.Checkpoint())
                             for step, fields in (checkpoints or {}).items()}
+        # A change of several clips: its clips' indices (the first is the lead, REGENERATION_ID).
+        self.change = change or []
         self.cancelled = False
         self.unavailable_writes = 0  # this many writes fail as if the status service were down
         self.refuse_step = ""  # this step's checkpoint is refused, as after a cancel
@@ -72,13 +75,20 @@ class FakeStatus:
             raise DependencyUnavailable()
         self.calls.append((name, kwargs))
 
-    async def get_regeneration(self, job_id: str, regeneration_id: str) -> tuple[
-            common_pb2.Regeneration, dict[Step, common_pb2.Checkpoint]]:
-        regeneration = common_pb2.Regeneration(
-            regeneration_id=regeneration_id, job_id=job_id, clip_index=1, original_prompt=PROMPTS[1],
-            user_instruction="anime style",
-            state=common_pb2.REGENERATION_STATE_QUEUED)
-        return regeneration, self.checkpoints
+    def member(self, index: int) -> common_pb2.Regeneration:
+        """The regeneration of clip ``index`` (of the change, when there is one)."""
+        lead = not self.change or index == self.change[0]
+        return common_pb2.Regeneration(
+            regeneration_id=REGENERATION_ID if lead else f"{REGENERATION_ID[:-2]}{index:02d}", job_id=JOB_ID,
+            clip_index=index, original_prompt=PROMPTS[index], user_instruction="anime style",
+            state=common_pb2.REGENERATION_STATE_QUEUED, change_id=REGENERATION_ID if self.change else "")
+
+    async def get_change(self, job_id: str, regeneration_id: str) -> jobs_pb2.GetRegenerationResponse:
+        members = [self.member(index) for index in self.change]
+        [regeneration] = [m for m in members if m.regeneration_id == regeneration_id] or [self.member(1)]
+        return jobs_pb2.GetRegenerationResponse(regeneration=regeneration, members=members, checkpoints=[
+            common_pb2.StepCheckpoint(step=step_to_proto(step), checkpoint=checkpoint)
+            for step, checkpoint in self.checkpoints.items()] if regeneration_id == REGENERATION_ID else [])
 
     async def get_job(self, job_id: str, owner: str = "") -> common_pb2.Job:
         return common_pb2.Job(job_id=job_id, clips=[
@@ -95,17 +105,22 @@ class FakeStatus:
     async def record_step(self, job_id: str, token: str, step: Step, *, claim_id: str = "", **kwargs: Any) -> None:
         if step == self.refuse_step:
             raise StaleLease()
+        if not kwargs.get("regeneration_id"):  # one clip: the change's first
+            kwargs.pop("regeneration_id", None)
         if kwargs.get("checkpoint") is not None:  # recorded as the JSON object the status service stores
             kwargs["checkpoint"] = json_format.MessageToDict(kwargs["checkpoint"], preserving_proto_field_name=True)
         self._write("record_step", step=step, **kwargs)
 
-    async def queue_composition(self, job_id: str, token: str, claim_id: str, clip_index: int,
-                                new_clip: jobs_pb2.ClipInput) -> None:
-        self._write("queue_composition", token=token, claim_id=claim_id, clip_index=clip_index, new_clip=new_clip)
+    async def queue_composition(self, job_id: str, token: str, claim_id: str,
+                                new_clips: dict[int, jobs_pb2.ClipInput]) -> None:
+        [(clip_index, new_clip), *_] = new_clips.items()
+        self._write("queue_composition", token=token, claim_id=claim_id, clip_index=clip_index, new_clip=new_clip,
+                    new_clips=new_clips)
 
     async def fail(self, job_id: str, token: str, *, code: str, message: str, detail: str = "",
-                   retryable: bool = True, claim_id: str = "") -> None:
-        self._write("fail", code=code, message=message, detail=json.loads(detail), retryable=retryable)
+                   retryable: bool = True, claim_id: str = "", failed_regeneration_ids: tuple[str, ...] = ()) -> None:
+        self._write("fail", code=code, message=message, detail=json.loads(detail), retryable=retryable,
+                    failed=failed_regeneration_ids)
 
 
 class ScriptedRewriter:
@@ -170,9 +185,10 @@ PipelineFactory = Callable[..., tuple[RegenerationPipeline, FakeStatus]]
 
 @pytest.fixture
 def make_pipeline(tmp_path: Path) -> PipelineFactory:
-    def make(rewriter: ScriptedRewriter, generator: ScriptedGenerator, *, checkpoints: dict[str, Any] | None = None,
-             retry_max_seconds: float = 0.01) -> tuple[RegenerationPipeline, FakeStatus]:
-        status = FakeStatus(checkpoints)
+    def make(rewriter: Any, generator: Any, *, checkpoints: dict[str, Any] | None = None,
+             retry_max_seconds: float = 0.01,
+             change: list[int] | None = None) -> tuple[RegenerationPipeline, FakeStatus]:
+        status = FakeStatus(checkpoints, change)
         settings = Settings(retry_attempts=3, retry_base_seconds=0.001, retry_max_seconds=retry_max_seconds,
                             heartbeat_seconds=0.05)
         pipeline = RegenerationPipeline(status=status, storage=LocalStorage(tmp_path / "storage"),  # type: ignore[arg-type]
@@ -397,3 +413,69 @@ async def test_a_clip_whose_checkpoint_is_refused_leaves_no_object_behind(
     assert len(generator.prompts) == 1 and not status.named("queue_composition")
     stored = [p for p in (tmp_path / "storage").rglob("*") if p.is_file()]
     assert stored == []
+
+
+class EchoRewriter:
+    """Each clip's own prompt, in anime style."""
+
+    name = "template"
+
+    async def rewrite(self, req: RewriteRequest) -> RewriteResult:
+        return RewriteResult(prompt=f"{req.original_prompt}, anime style", summary="Anime style.",
+                             cost=Decimal("0.0010"), rewriter="template")
+
+
+class PickyGenerator(ScriptedGenerator):
+    """Refuses the prompts that contain ``refused``; copies the sample for the others."""
+
+    def __init__(self, sample: Path, refused: str) -> None:
+        super().__init__(sample=sample)
+        self.refused = refused
+
+    async def generate(self, prompt: str, duration: float, dest: Path, **kwargs: Any) -> GeneratedClip:
+        if self.refused in prompt:
+            self.prompts.append(prompt)
+            raise GenerationRejected(code="content_policy", detail="flagged")
+        return await super().generate(prompt, duration, dest, **kwargs)
+
+
+async def test_a_change_generates_every_clip_and_hands_them_over_at_once(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    pipeline, status = make_pipeline(EchoRewriter(), generator, change=[0, 1, 2])
+
+    await pipeline.run(TASK)
+
+    assert sorted(generator.prompts) == sorted(f"{p}, anime style" for p in PROMPTS)
+    steps = status.named("record_step")
+    members = {status.member(i).regeneration_id: i for i in (0, 1, 2)}
+    # Each clip's steps are recorded on its own regeneration, under its own keys.
+    assert sorted((members[s["regeneration_id"]], s["step"]) for s in steps if s["step"] != "generation_started") \
+        == [(i, step) for i in (0, 1, 2) for step in ("generate", "rewrite")]
+    assert {s["charge_key"].split(":")[0] for s in steps if "charge_key" in s} == set(members)
+    [queued] = status.named("queue_composition")
+    assert sorted(queued["new_clips"]) == [0, 1, 2]
+    assert {c.prompt for c in queued["new_clips"].values()} == {f"{p}, anime style" for p in PROMPTS}
+    fractions = [p["fraction"] for p in status.named("progress")]
+    # The mean of the clips' progress, up to the composer's 60 %.
+    assert max(fractions) <= 0.6 + 1e-9 and fractions[-1] == pytest.approx(0.6)
+    assert not status.named("fail")
+
+
+async def test_one_clip_of_a_change_failing_names_it_and_keeps_the_others_paid_work(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    sample = render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe)
+    pipeline, status = make_pipeline(EchoRewriter(), PickyGenerator(sample, PROMPTS[1]), change=[0, 1, 2])
+
+    await pipeline.run(TASK)
+
+    [failed] = status.named("fail")
+    assert failed["failed"] == (status.member(1).regeneration_id,)
+    assert failed["code"] == "content_policy" and failed["message"] == f"Clip 2 failed: {REJECTED_MESSAGE}"
+    generated = {s["regeneration_id"] for s in status.named("record_step") if s["step"] == "generate"}
+    assert generated == {status.member(0).regeneration_id, status.member(2).regeneration_id}
+    assert not status.named("queue_composition")
