@@ -159,10 +159,11 @@ def _gateway_in_thread(data_dir: Path) -> Iterator[_Gateway]:
             started["error"] = exc
         finally:
             ready.set()
-            leftovers = asyncio.all_tasks(loop)  # sse-starlette's shutdown watchers
+            leftovers = asyncio.all_tasks(loop)  # tasks the stopped server left behind, if any
             for task in leftovers:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            if leftovers:  # gather() of nothing looks for this thread's (unset) current loop
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
 
     thread = threading.Thread(target=run, name="gateway-under-test", daemon=True)
     thread.start()
