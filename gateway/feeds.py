@@ -8,9 +8,9 @@ waiting subscriber to read on from there. A subscriber takes everything it has n
 go, so one that was busy catches up with one write.
 
 Slow watchers never hold the others back and never grow memory: a subscriber the ring has moved
-past (more than ``queue_size`` entries behind) ends with ``SubscriberOverflow``, and one whose reader
-has held a chunk for ``stalled_after`` seconds (a send the client does not take) has that reader's
-task cancelled. Either way EventSource resumes with ``Last-Event-ID``.
+past (more than ``queue_size`` entries behind) ends with ``SubscriberOverflow``, and EventSource
+resumes with ``Last-Event-ID``. (A client that stops reading altogether is the event stream's to
+cut off: ``gateway.routes.events.EventStream``.)
 
 A subscriber first replays the events after its resume point: from the feed's history of recent
 events when the job's feed is open and reaches back that far, else with a ``replay_only`` call of its
@@ -65,10 +65,6 @@ class SubscriberOverflow(Exception):
 class _Subscriber:
     # How many of the feed's entries it has read (an index into every entry the feed published).
     read: int
-    # The task reading the stream: cancelled when it stalls.
-    task: asyncio.Task[Any] | None
-    # When its reader took the chunk it still holds (loop time), None while it waits for the feed.
-    holding_since: float | None = None
 
 
 class _CallCanceller:
@@ -140,7 +136,7 @@ class JobFeed:
 
     def join(self) -> _Subscriber:
         """A subscriber that reads what the feed publishes from now on."""
-        subscriber = _Subscriber(read=self.published, task=asyncio.current_task())
+        subscriber = _Subscriber(read=self.published)
         self.subscribers.add(subscriber)
         return subscriber
 
@@ -190,20 +186,11 @@ class JobFeed:
             # Subscribers still reading learn the feed is gone and end their streams.
             self._end(SubscriberOverflow("feed ended"))
 
-    async def beat(self, heartbeat_seconds: float, stalled_after: float) -> None:
-        """Publish a heartbeat every ``heartbeat_seconds``, and cut off subscribers whose reader
-        has held one chunk for longer than ``stalled_after`` seconds."""
-        loop = asyncio.get_running_loop()
+    async def beat(self, heartbeat_seconds: float) -> None:
+        """Publish a heartbeat every ``heartbeat_seconds``."""
         while True:
             await asyncio.sleep(heartbeat_seconds)
             self.publish(_HEARTBEAT)
-            now = loop.time()
-            for subscriber in list(self.subscribers):
-                if subscriber.holding_since is not None and now - subscriber.holding_since > stalled_after:
-                    self.subscribers.discard(subscriber)
-                    if subscriber.task is not None:
-                        subscriber.task.cancel()
-                    log.info("gateway.watcher_dropped", extra={"job_id": self.job_id, "reason": "stalled"})
 
     def publish(self, entry: common_pb2.JobEvent | None) -> None:
         self.ring.append(entry)
@@ -225,12 +212,10 @@ class JobFeed:
 class FeedHub:
     """The job feeds of one gateway process."""
 
-    def __init__(self, *, queue_size: int, stream_seconds: float, heartbeat_seconds: float = 10.0,
-                 stalled_after: float = 30.0) -> None:
+    def __init__(self, *, queue_size: int, stream_seconds: float, heartbeat_seconds: float = 10.0) -> None:
         self._queue_size = queue_size
         self._stream_seconds = stream_seconds
         self._heartbeat_seconds = heartbeat_seconds
-        self._stalled_after = stalled_after
         self._feeds: dict[tuple[str, str], JobFeed] = {}
 
     @property
@@ -271,7 +256,6 @@ class FeedHub:
                 replayed.append(event)
             feed = self._open(method, owner, job_id, last, replayed)
             subscriber = feed.join()
-        loop = asyncio.get_running_loop()
         try:
             if remembered:
                 yield b"".join(feed.encoded(event, encode) for event in remembered)
@@ -279,9 +263,7 @@ class FeedHub:
             while True:
                 chunk, last = await self._unread_chunk(method, feed, subscriber, last, encode, heartbeat)
                 if chunk:
-                    subscriber.holding_since = loop.time()
                     yield chunk
-                    subscriber.holding_since = None
         finally:
             self._leave(feed, subscriber)
 
@@ -319,7 +301,7 @@ class FeedHub:
         return feed
 
     async def _run(self, feed: JobFeed, method: WatchMethod) -> None:
-        beat = asyncio.create_task(feed.beat(self._heartbeat_seconds, self._stalled_after),
+        beat = asyncio.create_task(feed.beat(self._heartbeat_seconds),
                                    name=f"job-feed-beat-{feed.job_id}")
         try:
             await feed.run(method, self._stream_seconds, self._forget)

@@ -46,6 +46,8 @@ router = APIRouter(prefix="/api/v1", tags=["events"])
 # The deadline of each upstream WatchJob call; a job's shared feed reopens where it stopped, so no
 # gRPC call ever runs without a deadline and no watcher notices.
 WATCH_STREAM_SECONDS = 15 * 60
+# A client whose send has waited this long (it stopped reading) is cut off.
+SEND_STALLED_SECONDS = 30.0
 # The comment sent every CLIPCHAT_SSE_HEARTBEAT_SECONDS, so proxies do not close a quiet stream.
 HEARTBEAT = b": ping\r\n\r\n"
 # How long the browser waits before reconnecting after the stream ends.
@@ -81,32 +83,39 @@ async def create_ticket(job_id: JobId, owner: Owner, settings: SettingsDep, down
 class EventStream(StreamingResponse):
     """A ``text/event-stream`` answer written straight to the ASGI ``send``, one send per chunk.
 
-    Ends when the chunks end, when the client disconnects, or when the task writing it is cancelled:
-    the job feed cuts off a client that stopped reading that way, and the server then closes the
-    connection (uvicorn logs that the response was not completed). Gives its owner's stream slot
-    back however it ends. Nothing runs per chunk but the send: the job feed makes the bytes, once
-    for every watcher, and publishes the heartbeats. No anyio task group or timeout per send, as
-    sse-starlette has: at a thousand watchers those cost more than the send itself.
+    Ends when the chunks end, when the client disconnects, or when one send has waited more than
+    ``stalled_after`` seconds (a client that stopped reading: the server then closes the connection,
+    and uvicorn logs that the response was not completed). Gives its owner's stream slot back
+    however it ends. Nothing runs per chunk but the send: the job feed makes the bytes, once for
+    every watcher, and publishes the heartbeats; a stalled send is found by a check every third of
+    ``stalled_after``, not by a timeout around each send (at a thousand watchers, sse-starlette's
+    task group and per-send timeout cost more than the send itself).
     """
 
     def __init__(self, chunks: AsyncGenerator[bytes, None], *, release: Callable[[], None],
-                 headers: dict[str, str], status_code: int = 200) -> None:
+                 headers: dict[str, str], status_code: int = 200,
+                 stalled_after: float = SEND_STALLED_SECONDS) -> None:
         # The media type is set here, not on the class: FastAPI would document the route's error
         # answers (JSON) as event streams.
         super().__init__(chunks, status_code=status_code, headers=headers, media_type="text/event-stream")
         self._chunks = chunks
         self._release = release
+        self._stalled_after = stalled_after
+        self._sending_since: float | None = None
+        self._check_handle: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             writer = asyncio.create_task(self._write(send), name="event-stream")
             disconnect = asyncio.create_task(_disconnected(receive), name="event-stream-disconnect")
+            self._check_handle = asyncio.get_running_loop().call_later(self._stalled_after / 3, self._check, writer)
             try:
                 done, _ = await asyncio.wait((writer, disconnect), return_when=asyncio.FIRST_COMPLETED)
                 if writer in done and not writer.cancelled():
                     writer.result()  # the stream's own failure, if it had one
             finally:
+                self._check_handle.cancel()
                 writer.cancel()
                 disconnect.cancel()
                 await asyncio.wait((writer, disconnect))
@@ -114,10 +123,22 @@ class EventStream(StreamingResponse):
             self._release()
 
     async def _write(self, send: Send) -> None:
+        clock = asyncio.get_running_loop().time
         async with aclosing(self._chunks) as chunks:
             async for chunk in chunks:
+                self._sending_since = clock()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self._sending_since = None
+        self._sending_since = clock()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _check(self, writer: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sending_since is not None and loop.time() - self._sending_since > self._stalled_after:
+            log.info("gateway.watcher_dropped", extra={"reason": "stalled"})
+            writer.cancel()
+            return
+        self._check_handle = loop.call_later(self._stalled_after / 3, self._check, writer)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -1,5 +1,5 @@
 """An event stream ends, closes its chunks and gives its stream slot back when the client
-disconnects, and when its job feed cuts it off (a client that stopped reading)."""
+disconnects, and when one send waits too long (a client that stopped reading)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ class _Stream:
     """Chunks that record the task writing them and whether they were closed."""
 
     def __init__(self) -> None:
-        self.writer: asyncio.Task[object] | None = None
         self.closed = False
         self.released = 0
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
-        self.writer = asyncio.current_task()
         try:
             yield b"a"
+            yield b"b"
             await asyncio.Event().wait()  # a quiet job
         finally:
             self.closed = True
@@ -31,8 +30,9 @@ class _Stream:
         self.released += 1
 
 
-def _response(stream: _Stream) -> EventStream:
-    return EventStream(stream.chunks(), release=stream.release, headers={"Cache-Control": "no-cache"})
+def _response(stream: _Stream, stalled_after: float = 30) -> EventStream:
+    return EventStream(stream.chunks(), release=stream.release, headers={"Cache-Control": "no-cache"},
+                       stalled_after=stalled_after)
 
 
 async def test_a_client_that_disconnects_ends_its_stream() -> None:
@@ -55,22 +55,36 @@ async def test_a_client_that_disconnects_ends_its_stream() -> None:
     assert stream.closed and stream.released == 1
 
 
-async def test_a_stream_cut_off_by_its_feed_ends() -> None:
+async def test_a_send_that_stalls_ends_the_stream() -> None:
     stream = _Stream()
-    stuck = asyncio.Event()
 
     async def send(message: Message) -> None:
         if message.get("body") == b"a":
-            stuck.set()
             await asyncio.Event().wait()  # the client's window is full and stays full
 
     async def receive() -> Message:
         await asyncio.Event().wait()  # the client never goes
         raise AssertionError("unreachable")
 
-    serving = asyncio.create_task(_response(stream)({"type": "http"}, receive, send))
-    await asyncio.wait_for(stuck.wait(), 5)
-    assert stream.writer is not None
-    stream.writer.cancel()  # what the feed does to a watcher that holds a chunk too long
-    await asyncio.wait_for(serving, 5)
+    await asyncio.wait_for(_response(stream, stalled_after=0.2)({"type": "http"}, receive, send), 5)
     assert stream.closed and stream.released == 1
+
+
+async def test_slow_sends_that_complete_keep_the_stream() -> None:
+    stream, bodies = _Stream(), list[bytes]()
+    both_sent = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(0.15)  # each under the limit, together over it
+            bodies.append(message["body"])
+            if len(bodies) == 2:
+                both_sent.set()
+
+    async def receive() -> Message:
+        await both_sent.wait()
+        await asyncio.sleep(0.3)  # a quiet stream, longer than the limit, then the client leaves
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(_response(stream, stalled_after=0.2)({"type": "http"}, receive, send), 5)
+    assert bodies == [b"a", b"b"] and stream.closed and stream.released == 1

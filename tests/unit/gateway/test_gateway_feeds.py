@@ -1,4 +1,4 @@
-"""Job feeds: many watchers of one job share one upstream WatchJob; slow and stalled ones are dropped;
+"""Job feeds: many watchers of one job share one upstream WatchJob; slow ones are dropped; heartbeats;
 a cap per owner."""
 
 from __future__ import annotations
@@ -120,33 +120,22 @@ async def test_a_slow_watcher_is_dropped_without_holding_back_the_others(backend
     await _until(lambda: hub.upstream_streams == 0)
 
 
-async def test_a_watcher_that_holds_a_chunk_too_long_is_cut_off(backend: Backend, status_watch: WatchMethod) -> None:
-    """A reader stuck in one send (a client that stopped reading) has its task cancelled; the
-    others read on and get heartbeats."""
+async def test_heartbeats_reach_every_watcher(backend: Backend, status_watch: WatchMethod) -> None:
     job_id = backend.status.add_job(make_job("alice")).job_id
-    hub = FeedHub(queue_size=64, stream_seconds=30, heartbeat_seconds=0.05, stalled_after=0.2)
-    got: list[bytes] = []
+    hub = FeedHub(queue_size=64, stream_seconds=30, heartbeat_seconds=0.05)
+    got: list[list[bytes]] = [[], []]
 
-    async def stuck() -> None:
-        async with aclosing(_stream(hub, status_watch, job_id, 0)) as chunks:
-            async for _ in chunks:
-                await asyncio.Event().wait()  # the send that never completes
-
-    async def reading() -> None:
+    async def read(into: list[bytes]) -> None:
         async with aclosing(_stream(hub, status_watch, job_id, 0)) as chunks:
             async for chunk in chunks:
-                got.append(chunk)
+                into.append(chunk)
 
-    stuck_task, reader = asyncio.create_task(stuck()), asyncio.create_task(reading())
+    readers = [asyncio.create_task(read(into)) for into in got]
     await _until(lambda: hub.watchers("alice", job_id) == 2)
     backend.status.add_event(job_id, "progress")
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(stuck_task, 10)
-    assert hub.watchers("alice", job_id) == 1
-    backend.status.add_event(job_id, "progress")
-    await _until(lambda: [i for chunk in got for i in _ids(chunk)] == [1, 2])
-    assert any(b"~" in chunk for chunk in got), "heartbeats reach the watchers that read"
-    reader.cancel()
+    await _until(lambda: all(b"1," in b"".join(chunks) and b"".join(chunks).count(b"~") >= 2 for chunks in got))
+    for reader in readers:
+        reader.cancel()
     await _until(lambda: hub.upstream_streams == 0)
 
 
