@@ -44,7 +44,7 @@ from clipchat.storage import Storage, job_prefix, new_key
 from clipchat.telemetry import tracer
 from clipchat.v1 import common_pb2, jobs_pb2
 from services.regenerator.generator import VideoGenerator
-from services.regenerator.rewrite import PromptRewriter, RewriteRequest
+from services.regenerator.rewrite import PromptRewriter, RewriteRequest, reference_clip
 
 log = logging.getLogger("clipchat.regenerator")
 
@@ -270,10 +270,12 @@ class RegenerationPipeline:
         """Rewrite one clip's prompt (its neighbours' prompts as context) and checkpoint it."""
         index = regeneration.clip_index
         history = [{"role": turn.role, "content": turn.content} for turn in regeneration.conversation_history]
+        reference = reference_clip(regeneration.user_instruction)
         request = RewriteRequest(
             original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
             history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
-            next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None)
+            next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None,
+            reference_prompt=clips[reference - 1].prompt if reference and reference <= len(clips) else None)
         tries = _Tries()
         try:
             result = await self._step("rewrite", lambda: self._rewrite(request, task.charge_key(

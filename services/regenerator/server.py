@@ -16,7 +16,7 @@ from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.v1 import common_pb2, jobs_pb2, regenerator_pb2, regenerator_pb2_grpc
 from services.regenerator.generator import VideoGenerator
-from services.regenerator.rewrite import sanitize_instruction
+from services.regenerator.rewrite import reference_clip, sanitize_instruction
 
 log = logging.getLogger("clipchat.regenerator")
 SERVICE_NAME = "clipchat.v1.RegeneratorService"
@@ -68,6 +68,10 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
             if not 0 <= index < len(job.clips):
                 raise InvalidInput(f"Clip index {index} is out of range: this video has clips "
                                    f"0 to {len(job.clips) - 1}.", code="clip_index_out_of_range")
+        reference = reference_clip(instruction)
+        if reference is not None and not 1 <= reference <= len(job.clips):
+            raise InvalidInput(f"There is no clip {reference} to match: this video has clips 1 to {len(job.clips)}.",
+                               code="reference_clip_out_of_range")
         video_duration = sum(c.duration for c in job.clips)
         quotes = [jobs_pb2.ClipQuote(clip_index=index, step_costs={
             step: str(cost) for step, cost in self.estimate(job.clips[index].duration, video_duration).items()

@@ -190,7 +190,7 @@ def test_happy_path_with_the_llm(rig: Rig, client: httpx.Client) -> None:
     assert call.headers["authorization"] == f"Bearer {LLM_KEY}"
     assert call.data == {"clip_prompt": CLIP_PROMPTS[0], "instruction": LLM_INSTRUCTION,
                          "conversation": history, "previous_clip_prompt": None,
-                         "next_clip_prompt": CLIP_PROMPTS[1]}
+                         "next_clip_prompt": CLIP_PROMPTS[1], "reference_clip_prompt": None}
     assert row["rewriter"] == "llm" and row["modified_prompt"] == f"{CLIP_PROMPTS[0]}, {LLM_INSTRUCTION}"
     assert row["change_summary"] == f"Applied the instruction: {LLM_INSTRUCTION}."
     [create] = counts.new_creates()
@@ -679,6 +679,15 @@ def test_a_change_of_two_clips_is_one_composition_and_one_version(rig: Rig, clie
     compared = client.get(f"/api/v1/jobs/{job['id']}/versions/1/compare/2").json()
     assert [c["index"] for c in compared["clips"]] == [1, 2]
     assert money(compared["cost"]) == sum(money(r["cost"]) for r in rows)
+
+    # "like clip 2" (the page's numbering: index 1) takes clip 2's look, in the same words.
+    missing = client.post(f"/api/v1/jobs/{job['id']}/clips/0/regenerate", json={"instruction": "like clip 9"})
+    assert missing.status_code == 422 and missing.json()["error"]["code"] == "reference_clip_out_of_range"
+    like = run_regeneration(client, job["id"], 0, "make it look like clip 2")
+    assert like["status"] == "completed" and like["rewriter"] == "template", like
+    night = rows[0]["modified_prompt"].removeprefix(CLIP_PROMPTS[1])
+    assert night.startswith(", ") and like["modified_prompt"].endswith(night), (night, like)
+    assert "sunny" not in like["modified_prompt"]
 
 
 def test_a_clip_of_a_change_failing_publishes_nothing_and_try_again_pays_only_for_it(

@@ -29,6 +29,7 @@ from services.regenerator.rewrite.base import (
     PromptRewriter,
     RewriteRequest,
     RewriteResult,
+    reference_clip,
     sanitize_instruction,
 )
 from services.regenerator.rewrite.llm import (
@@ -57,5 +58,6 @@ __all__ = [
     "RewriteRequest",
     "RewriteResult",
     "TemplateRewriter",
+    "reference_clip",
     "sanitize_instruction",
 ]

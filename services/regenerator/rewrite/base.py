@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -35,8 +36,10 @@ class RewriteRequest:
     ``original_prompt`` is the clip's current prompt (the one the instruction changes);
     ``history`` holds earlier turns about this clip, oldest first, as
     ``{"role": "user" | "assistant", "content": str}``; ``previous_prompt`` / ``next_prompt`` are
-    the neighbouring clips' prompts, for continuity. ``idempotency_key``, when set, is sent with a
-    paid request (``Idempotency-Key``) so that a provider can answer a repeat without charging again.
+    the neighbouring clips' prompts, for continuity; ``reference_prompt`` is the prompt of the clip
+    the instruction names as the look to match ("like clip 2", see ``reference_clip``).
+    ``idempotency_key``, when set, is sent with a paid request (``Idempotency-Key``) so that a
+    provider can answer a repeat without charging again.
     """
 
     original_prompt: str
@@ -44,7 +47,21 @@ class RewriteRequest:
     history: list[dict[str, str]] = field(default_factory=list)
     previous_prompt: str | None = None
     next_prompt: str | None = None
+    reference_prompt: str | None = None
     idempotency_key: str = ""
+
+
+# "like clip 2", "match clip 2", "the same look as clip 2": another clip's look, by the number the
+# page shows (from 1).
+REFERENCE = re.compile(r"\b(?:(?:look|looks|looking)\s+)?(?:like|match(?:es|ing)?|(?:the\s+)?same\s+"
+                       r"(?:look|style|feel|colou?rs?|lighting)\s+as)\s+(?:that\s+of\s+|the\s+one\s+in\s+)?"
+                       r"clip\s*(?:#|no\.?|number)?\s*(\d{1,4})\b", re.IGNORECASE)
+
+
+def reference_clip(instruction: str) -> int | None:
+    """The number (from 1, as the page shows it) of the clip an instruction asks to match, if any."""
+    match = REFERENCE.search(instruction)
+    return int(match.group(1)) if match else None
 
 
 class PromptRewriter(Protocol):

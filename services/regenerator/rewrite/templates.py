@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from services.regenerator.rewrite.base import RewriteRequest, RewriteResult
+from services.regenerator.rewrite.base import REFERENCE, RewriteRequest, RewriteResult
 from services.regenerator.rewrite.template_table import (
     CATEGORIES,
     FILLER_WORDS,
@@ -21,6 +21,8 @@ from services.regenerator.rewrite.template_table import (
 from services.regenerator.rewrite.text import clean_text
 
 MILD, NORMAL, STRONG = 0, 1, 2
+# What "like clip 2" takes from clip 2's prompt: its look, not its action or camera.
+STYLE_CATEGORIES = ("time of day", "weather", "season", "color palette", "visual style", "mood")
 
 
 @dataclass(frozen=True)
@@ -116,15 +118,48 @@ class TemplateRewriter:
         self._max_prompt_chars = max_prompt_chars
 
     async def rewrite(self, req: RewriteRequest) -> RewriteResult | None:
-        edits = _parse_instruction(req.instruction)
+        reference = REFERENCE.search(req.instruction) if req.reference_prompt is not None else None
+        if reference is not None:
+            edits = _match_reference(req.instruction, reference, req.original_prompt, req.reference_prompt or "")
+            lead = f"matched the look of clip {reference.group(1)}: "
+        else:
+            edits, lead = _parse_instruction(req.instruction), ""
         if edits is None:
             return None
         prompt, notes = _apply_edits(req.original_prompt, edits)
         if len(prompt) > self._max_prompt_chars:
             return None
-        summary = "; ".join(notes)
+        summary = lead + "; ".join(notes)
         return RewriteResult(prompt=prompt, summary=summary[:1].upper() + summary[1:] + ".",
                              cost=Decimal("0"), rewriter=self.name)
+
+
+def _match_reference(instruction: str, reference: re.Match[str], prompt: str, reference_prompt: str
+                     ) -> list[_Edit] | None:
+    """The edits that give ``prompt`` the look of ``reference_prompt`` ("like clip 2"): for each
+    style category, the option the reference mentions first, unless ``prompt`` has it already;
+    with the rest of the instruction's own edits ("like clip 2 but with snow"), which win in their
+    category. ``None`` when the rest holds words the table does not know or nothing would change."""
+    rest = re.sub(r"\bbut\b", " ", f"{instruction[:reference.start()]} {instruction[reference.end():]}",
+                  flags=re.IGNORECASE)
+    lexicon, _ = _lexicon()
+    only_filler = all(w in _SEPARATORS or w in _RESETS or lexicon.get((w,), _Entry("?")).kind == "filler"
+                      for w in _words(rest))
+    own = [] if only_filler else _parse_instruction(rest)
+    if own is None:
+        return None
+    taken = {e.option.category for e in own if e.positive}
+    borrowed = []
+    for category in _categories():
+        if category.name not in STYLE_CATEGORIES or category.name in taken:
+            continue
+        found = [(match.start(), option) for option in category.options
+                 if (match := _pattern_for(option.markers).search(reference_prompt)) is not None]
+        if found:
+            option = min(found, key=lambda pair: pair[0])[1]
+            if not _mentions(prompt, option.markers):
+                borrowed.append(_Edit(option, True, NORMAL))
+    return _resolve(borrowed + own)
 
 
 def _parse_instruction(instruction: str) -> list[_Edit] | None:

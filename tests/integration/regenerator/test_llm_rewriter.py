@@ -173,6 +173,16 @@ async def test_no_history_and_no_neighbours(llm_server: FakeLLMServer) -> None:
     assert data is not None
     assert data["conversation"] == []
     assert data["previous_clip_prompt"] is None and data["next_clip_prompt"] is None
+    assert data["reference_clip_prompt"] is None
+
+
+async def test_the_clip_to_match_travels_as_data(llm_server: FakeLLMServer) -> None:
+    async with make_rewriter(llm_server.url) as llm:
+        await llm.rewrite(request(instruction="look like clip 2 with a dragon",
+                                  reference_prompt="a castle at dusk, golden hour, oil painting"))
+    data = llm_server.calls[0].data
+    assert data is not None
+    assert data["reference_clip_prompt"] == "a castle at dusk, golden hour, oil painting"
 
 
 async def test_a_prompt_injection_stays_data(rewriter: LLMRewriter, llm_server: FakeLLMServer) -> None:

@@ -428,3 +428,51 @@ async def test_modifier_with_an_empty_instruction_keeps_the_prompt() -> None:
     result = await ModifierRewriter().rewrite(RewriteRequest("a dancer", " \x07 "))
     assert result.prompt == "a dancer"
     assert "unchanged" in result.summary
+
+
+# The look of another clip ("like clip 2")
+
+NOIR_LIGHTHOUSE = "a lighthouse on a cliff at night, moonlit sky, heavy rain, film noir, black and white"
+
+
+async def matched(prompt: str, instruction: str, reference: str = NOIR_LIGHTHOUSE) -> RewriteResult | None:
+    return await TemplateRewriter().rewrite(RewriteRequest(prompt, instruction, reference_prompt=reference))
+
+
+@pytest.mark.parametrize("instruction", ["make it look like clip 2", "match clip 2", "same style as clip 2",
+                                         "Make this clip look like clip #2, please"])
+async def test_like_clip_n_takes_its_time_of_day_weather_palette_and_style(instruction: str) -> None:
+    result = await matched(SUNNY_ROOFTOP, instruction)
+    assert result is not None and result.rewriter == "template" and result.cost == 0
+    assert result.prompt.startswith("a dancer on a rooftop")
+    for words in ("at night", "rain", "black and white", "film noir"):
+        assert words in result.prompt
+    assert "sunny" not in result.prompt and "lighthouse" not in result.prompt
+    assert result.summary.startswith("Matched the look of clip 2: ")
+
+
+async def test_every_clip_matched_to_one_gets_the_same_words() -> None:
+    first = await matched("a dancer on a rooftop on a sunny afternoon", "like clip 2")
+    second = await matched("wide shot of the city skyline", "like clip 2")
+    assert first is not None and second is not None
+    assert first.prompt.removeprefix("a dancer on a rooftop, ") == second.prompt.removeprefix(
+        "wide shot of the city skyline, ")
+
+
+async def test_like_clip_n_with_a_change_of_its_own() -> None:
+    result = await matched(SUNNY_ROOFTOP, "like clip 2 but with snow")
+    assert result is not None and "snow" in result.prompt and "rain" not in result.prompt
+    assert "at night" in result.prompt and "film noir" in result.prompt
+
+
+@pytest.mark.parametrize(("instruction", "reference"), [
+    ("like clip 2 with a dragon", NOIR_LIGHTHOUSE),  # a word the table does not know: the LLM's
+    ("like clip 2", "a red car parked on a street"),  # no look to take
+    ("like clip 2", "a dancer on a rooftop at night"),  # already the same look
+])
+async def test_like_clip_n_is_left_to_the_llm_when_the_table_cannot_do_it(instruction: str, reference: str) -> None:
+    assert await matched("a dancer on a rooftop at night", instruction, reference) is None
+
+
+async def test_like_clip_n_without_the_clip_prompt_is_an_ordinary_instruction() -> None:
+    assert await rewrite(SUNNY_ROOFTOP, "like clip 2") is None
