@@ -13,7 +13,10 @@ whole process tree's (ffmpeg children included), polled from /proc:
   as after a restart). Done three times, each with a different new clip (1280x720@24, what the
   video generator makes), each against the cache of the original job; the median is the result;
 - full (replaced): the first replaced job composed from an empty cache, the reference that the
-  incremental output must match (PSNR), and a second full-composition time.
+  incremental output must match (PSNR), and a second full-composition time;
+- a change of three clips (3 of 10 replaced at once by the three new clips, one composition
+  against the original job's cache), against the naive single graph of the same clips and
+  against three one-clip changes in a row (each against the cache the one before left).
 
 Times of our runs are ``compose()``'s own wall time (the service is long-running, so interpreter
 start-up is not counted); the naive time is the ffmpeg process's. The machine is shared, so wall
@@ -50,6 +53,7 @@ MUSIC_SECONDS = 55.0
 BEAT_SECONDS = 0.5  # 120 bpm
 BEAT_OFFSET = 0.1
 REPLACED_CLIP = 4  # the middle of ten
+CHANGED_CLIPS = (2, 4, 7)  # a change of three clips
 
 # (name, lavfi picture source, has sound, rotation in degrees)
 CLIPS: list[tuple[str, str, bool, int]] = [
@@ -75,6 +79,7 @@ REPLACEMENTS = [
 FULL_TIME_RATIO = 1.1
 FULL_RSS_RATIO = 0.5
 INCREMENTAL_TIME_RATIO = 0.15
+CHANGE_TIME_RATIO = 0.4
 MIN_PSNR = 40.0
 
 
@@ -150,7 +155,40 @@ def run() -> list[Row]:
                         drift <= frame + 1e-6 and start_offset <= frame + 1e-6))
         rows.append(Row("composer", f"{name}: duration", f"{duration:.3f} s (expected {expected:.3f} s)",
                         "± 1 frame", abs(duration - expected) <= frame + 1e-6))
-    return rows
+    return rows + _change_rows(ffmpeg, fixtures, runs)
+
+
+def _change_rows(ffmpeg: str, fixtures: Path, runs: Path) -> list[Row]:
+    """A change of three clips in one composition, against the naive graph of the same clips and
+    against three one-clip changes in a row (each against the cache the one before left)."""
+    new_clips = dict(zip(CHANGED_CLIPS, (name for name, *_ in REPLACEMENTS), strict=True))
+    changed = _spec_json(fixtures, replaced=new_clips)
+    naive = _noted("naive (3 clips changed)", _run_naive(ffmpeg, changed, runs / "naive-change.mp4"))
+    shutil.copytree(runs / "store-a", runs / "store-change")
+    change = _noted("change of 3 clips", _run_ours(runs / "store-change", changed, "videos/change.mp4",
+                                                  runs / "change.mp4"))
+    shutil.copytree(runs / "store-a", runs / "store-steps")
+    steps = []
+    for count in range(1, len(CHANGED_CLIPS) + 1):
+        partial = dict(list(new_clips.items())[:count])
+        steps.append(_noted(f"one-clip change #{count}", _run_ours(
+            runs / "store-steps", _spec_json(fixtures, replaced=partial), f"videos/step-{count}.mp4",
+            runs / f"step-{count}.mp4")))
+    in_a_row = sum(m.seconds for m in steps)
+    psnr = _psnr(ffmpeg, change.output, steps[-1].output)
+    return [
+        Row("composer", "change of 3 of 10 clips: time", f"{change.seconds:.2f} s  "
+            f"({change.details['segments_encoded']} segments encoded, {change.details['segments_reused']} reused)"),
+        Row("composer", "naive single graph, same 3 clips changed: time", f"{naive.seconds:.2f} s"),
+        Row("composer", "change of 3 clips / naive time", f"{change.seconds / naive.seconds:.3f}",
+            f"≤ {CHANGE_TIME_RATIO}", change.seconds <= CHANGE_TIME_RATIO * naive.seconds),
+        Row("composer", "three one-clip changes in a row: time",
+            f"{in_a_row:.2f} s  ({', '.join(f'{m.seconds:.2f}' for m in steps)})"),
+        Row("composer", "change of 3 clips / three one-clip changes", f"{change.seconds / in_a_row:.3f}",
+            "< 1", change.seconds < in_a_row),
+        Row("composer", "PSNR change of 3 vs three one-clip changes", _db(psnr), f"≥ {MIN_PSNR:g} dB",
+            psnr >= MIN_PSNR),
+    ]
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -186,11 +224,12 @@ def _make_fixtures(ffmpeg: str) -> Path:
     return folder
 
 
-def _spec_json(fixtures: Path, *, replaced: str | None) -> dict[str, object]:
-    """The job; with the middle clip replaced by the clip named ``replaced`` when given."""
+def _spec_json(fixtures: Path, *, replaced: str | dict[int, str] | None) -> dict[str, object]:
+    """The job; with the middle clip replaced by the clip named ``replaced`` when given, or the
+    clips at the indices ``replaced`` maps by the clips it names."""
     names = [name for name, *_ in CLIPS]
-    if replaced:
-        names[REPLACED_CLIP] = replaced
+    for index, name in ({REPLACED_CLIP: replaced} if isinstance(replaced, str) else replaced or {}).items():
+        names[index] = name
     beats = [round(BEAT_OFFSET + BEAT_SECONDS * i, 3) for i in range(int(MUSIC_SECONDS / BEAT_SECONDS) + 1)]
     return {
         "clips": [{"path": str((fixtures / f"{name}.mp4").resolve()), "duration": CLIP_SECONDS} for name in names],

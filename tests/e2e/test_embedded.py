@@ -164,9 +164,11 @@ def test_other_bad_input(embedded: RunningClipChat) -> None:
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["regenerate", "JOB", "abc", "make it nighttime"], "clip index"),
+    (["regenerate", "JOB", "abc", "make it nighttime"], "a list such as \"1,2,3\" or \"all\""),
     (["regenerate", "JOB", "-1", "make it nighttime"], ""),
     (["regenerate", "JOB", "99", "make it nighttime"], "out of range"),
+    (["regenerate", "JOB", "1,1", "make it rainy"], "each clip once"),
+    (["regenerate", "JOB", "0,99", "make it rainy"], "Clip index 99 is out of range"),
     (["regenerate", "JOB", "0", ""], ""),
     (["regenerate", "00000000-0000-0000-0000-000000000000", "0", "make it nighttime"], ""),
     (["watch", "00000000-0000-0000-0000-000000000000"], ""),
