@@ -312,10 +312,10 @@ $("video").addEventListener("error", () => {
 
 function renderClips(job) {
   if (state.selectedClip >= job.clips.length) state.selectedClip = 0;
-  const changing = activeRegeneration();
+  const changing = new Set(activeRows().map((r) => r.clip_index));
   const items = job.clips.map((clip) => {
     const selected = clip.index === state.selectedClip;
-    const busy = Boolean(changing && changing.clip_index === clip.index);
+    const busy = changing.has(clip.index);
     // The thumbnail node is kept while its revision is the same: no reload, no layout shift.
     const sig = `${clip.revision}|${selected}|${busy}|${clip.prompt}|${Boolean(clip.thumbnail_url)}`;
     return { key: `clip-${clip.index}`, sig, build: () => clipItem(clip, selected, busy) };
@@ -396,6 +396,24 @@ function activeRegeneration() {
   return state.regenerations.find((r) => r.id === job.active_regeneration_id) || null;
 }
 
+// A change of several clips has a row per clip; its id is its first clip's row's.
+function changeOf(r) {
+  return r.change_id || r.id;
+}
+
+// The rows of the running change (one per clip it changes).
+function activeRows() {
+  const job = state.job;
+  if (!job || !job.active_regeneration_id) return [];
+  return state.regenerations.filter((r) => changeOf(r) === job.active_regeneration_id);
+}
+
+function clipList(indexes) {
+  const numbers = indexes.map((i) => String(i + 1));
+  return numbers.length === 1 ? `Clip ${numbers[0]}`
+    : `Clips ${numbers.slice(0, -1).join(", ")} and ${numbers[numbers.length - 1]}`;
+}
+
 // --- the chat ----------------------------------------------------------------------------------
 
 function renderThread() {
@@ -442,7 +460,7 @@ function regenerationMessages(r) {
       build: () => runningMessage(r, rewriting),
     });
   } else if (r.status === "completed") {
-    items.push({ key: `${r.id}-done`, sig: `${r.cost}|${versionMadeBy(r.id)}|${state.job.current_version}`,
+    items.push({ key: `${r.id}-done`, sig: `${r.cost}|${versionMadeBy(r)}|${state.job.current_version}`,
       build: () => successMessage(r) });
   } else if (r.status === "failed") {
     const dismissed = dismissedErrors().has(r.id);
@@ -495,8 +513,8 @@ function runningMessage(r, rewriting) {
     el("div", { class: "actions" }, cancel));
 }
 
-function versionMadeBy(regenerationId) {
-  const version = state.job.versions.find((v) => v.created_by_regeneration_id === regenerationId);
+function versionMadeBy(r) {
+  const version = state.job.versions.find((v) => v.created_by_regeneration_id === changeOf(r));
   return version ? version.version : null;
 }
 
@@ -508,7 +526,7 @@ function costLine(r) {
 }
 
 function successMessage(r) {
-  const version = versionMadeBy(r.id);
+  const version = versionMadeBy(r);
   const current = version !== null && version === state.job.current_version;
   const actions = el("div", { class: "actions" });
   if (version !== null) {
@@ -642,15 +660,42 @@ function renderComposer() {
   const send = $("send");
   send.disabled = busy;
   send.textContent = busy ? "Working…" : "Send";
+  renderAlso(job);
   updateEstimate(active);
+}
+
+// "Apply to more clips": a box per other clip; the selected clip is always part of the change.
+function renderAlso(job) {
+  const box = $("also-clips");
+  const chosen = new Set(alsoChosen());
+  const items = job.clips.filter((clip) => clip.index !== state.selectedClip).map((clip) => ({
+    key: `also-${clip.index}`, sig: `${clip.index}`,
+    build: () => el("label", {},
+      el("input", { type: "checkbox", value: String(clip.index), checked: chosen.has(clip.index) || null }),
+      `Clip ${clip.index + 1}`),
+  }));
+  items.push({ key: "also-all", sig: "all", build: () => el("button", {
+    type: "button", class: "quiet small", onclick: () => {
+      const boxes = [...$("also-clips").querySelectorAll("input[type=checkbox]")];
+      const all = boxes.every((b) => b.checked);
+      for (const b of boxes) b.checked = !all;
+    },
+  }, "All clips") });
+  reconcile(box, items);
+}
+
+function alsoChosen() {
+  return [...$("also-clips").querySelectorAll("input[type=checkbox]:checked")].map((b) => Number(b.value));
 }
 
 function updateEstimate(active = activeRegeneration()) {
   const job = state.job;
   const target = $("estimate");
   if (!job) return;
-  if (active && active.clip_index !== state.selectedClip) {
-    target.textContent = `Clip ${active.clip_index + 1} is being changed; wait for it or cancel it.`;
+  const changing = activeRows().map((r) => r.clip_index).sort((a, b) => a - b);
+  if (active && !changing.includes(state.selectedClip)) {
+    const list = changing.length ? changing : [active.clip_index];
+    target.textContent = `${clipList(list)} ${list.length > 1 ? "are" : "is"} being changed; wait for it or cancel it.`;
     return;
   }
   if (job.status === "composing") {
@@ -696,7 +741,7 @@ $("composer").addEventListener("submit", (event) => {
     return;
   }
   if ($("send").disabled) return;
-  send(state.selectedClip, instruction);
+  send(state.selectedClip, instruction, alsoChosen());
 });
 
 function conversationFor(clipIndex) {
@@ -710,24 +755,34 @@ function conversationFor(clipIndex) {
   return turns.slice(-MAX_TURNS);
 }
 
-async function send(clipIndex, instruction) {
+async function send(clipIndex, instruction, also = []) {
   const job = state.job;
   if (!job || state.pending) return;
   if (clipIndex !== state.selectedClip) selectClip(clipIndex, false);
   state.pending = { clipIndex, instruction, at: new Date().toISOString(), regenerationId: null };
   renderThread();
   renderComposer();
+  const clips = [...new Set([clipIndex, ...also])].sort((a, b) => a - b);
+  const body = { instruction, conversation_history: conversationFor(clipIndex) };
   try {
-    const accepted = await state.api.post(`/jobs/${job.id}/clips/${clipIndex}/regenerate`,
-      { instruction, conversation_history: conversationFor(clipIndex) });
-    state.pending.regenerationId = accepted.regeneration_id;
+    const accepted = clips.length > 1
+      ? await state.api.post(`/jobs/${job.id}/regenerate`, { ...body, clips })
+      : await state.api.post(`/jobs/${job.id}/clips/${clipIndex}/regenerate`, body);
+    if (clips.length > 1) {
+      for (const b of $("also-clips").querySelectorAll("input[type=checkbox]")) b.checked = false;
+      $("also").open = false;
+      const mine = (accepted.clips || []).find((c) => c.clip_index === clipIndex);
+      if (mine) state.pending.regenerationId = mine.regeneration_id;
+    }
+    state.pending.regenerationId = state.pending.regenerationId || accepted.regeneration_id;
     if ($("instruction").value.trim() === instruction) {
       $("instruction").value = "";
       $("instruction-count").textContent = `0 / ${MAX_INSTRUCTION}`;
     }
     state.runStartedAt = Date.now();
     state.progress = { regenerationId: accepted.regeneration_id, stage: "queued", fraction: 0, eta: null };
-    announce(`Sent. Estimated cost ${money(accepted.estimated_cost)}.` +
+    announce(`Sent${clips.length > 1 ? ` for ${clipList(clips).toLowerCase()}` : ""}. ` +
+      `Estimated cost ${money(accepted.estimated_cost)}.` +
       (accepted.budget_warning ? " This brings the video near its budget." : ""));
     await refresh();
   } catch (error) {
