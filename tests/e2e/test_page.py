@@ -395,42 +395,6 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
 
 
 @pytest.mark.parametrize("width", list(VIEWPORTS))
-def test_one_instruction_changes_several_clips_in_one_version(system: PageSystem, browser: Any, shots: Path,
-                                                              width: str) -> None:
-    watched = _open(browser, system, shots, width, "8-several")
-    page = watched.page
-    before = system.job()
-    video_before = page.get_attribute("#video", "src")
-    _select(page, 4)
-    page.locator("#also summary").click()
-    boxes = page.locator("#also-clips input[type=checkbox]")
-    assert boxes.count() == 5  # every clip but the selected one
-    page.locator("#also-clips label", has_text="Clip 6").locator("input").check()
-    watched.shot("choosing")
-    _send(page, "make it rainy")
-    page.wait_for_function("document.querySelectorAll('#clips .clip.regenerating').length === 2", timeout=SLOW)
-    watched.shot("running")
-    page.wait_for_function(f"document.querySelector('#video').getAttribute('src') !== {video_before!r}", timeout=SLOW)
-    page.wait_for_selector("#thread .msg.success")
-    version = before["current_version"] + 1
-    for index in (4, 5):
-        _select(page, index)
-        page.wait_for_selector("#thread .msg.success")
-        done = page.locator("#thread .msg.success").last.inner_text()
-        assert f"clip {index + 1} is changed in version {version}" in done.lower(), done
-        assert page.locator("#thread .msg.success button", has_text="View updated video").count() == 1
-    job = system.job()
-    assert job["current_version"] == version and len(job["versions"]) == len(before["versions"]) + 1
-    assert [c["revision"] - b["revision"] for c, b in zip(job["clips"], before["clips"], strict=True)] == \
-        [0, 0, 0, 0, 1, 1]
-    assert all("rain" in job["clips"][i]["prompt"] for i in (4, 5))
-    assert page.locator("#also-clips input:checked").count() == 0  # the choice does not stick
-    watched.shot("done")
-    watched.assert_clean()
-    page.context.close()
-
-
-@pytest.mark.parametrize("width", list(VIEWPORTS))
 def test_failed_change_shows_the_error_and_try_again_succeeds(system: PageSystem, browser: Any, shots: Path,
                                                               width: str) -> None:
     system.predictions.script(create=["content_policy"])
@@ -593,5 +557,42 @@ def test_over_budget_is_explained(system: PageSystem, browser: Any, shots: Path,
     watched.shot("refused")
     with system.client() as client:
         assert client.get(f"/api/v1/jobs/{small_budget_job}/regenerations").json()["regenerations"] == []
+    watched.assert_clean()
+    page.context.close()
+
+
+@pytest.mark.parametrize("width", list(VIEWPORTS))
+def test_one_instruction_changes_several_clips_in_one_version(system: PageSystem, browser: Any, shots: Path,
+                                                              width: str) -> None:
+    # Last in the file: the clips it changes then have a success in their threads.
+    watched = _open(browser, system, shots, width, "8-several")
+    page = watched.page
+    before = system.job()
+    video_before = page.get_attribute("#video", "src")
+    _select(page, 4)
+    page.locator("#also summary").click()
+    boxes = page.locator("#also-clips input[type=checkbox]")
+    assert boxes.count() == 5  # every clip but the selected one
+    page.locator("#also-clips label", has_text="Clip 6").locator("input").check()
+    watched.shot("choosing")
+    _send(page, "make it rainy")
+    page.wait_for_function("document.querySelectorAll('#clips .clip.regenerating').length === 2", timeout=SLOW)
+    watched.shot("running")
+    page.wait_for_function(f"document.querySelector('#video').getAttribute('src') !== {video_before!r}", timeout=SLOW)
+    page.wait_for_selector("#thread .msg.success")
+    version = before["current_version"] + 1
+    for index in (4, 5):
+        _select(page, index)
+        page.wait_for_selector("#thread .msg.success")
+        done = page.locator("#thread .msg.success").last.inner_text()
+        assert f"clip {index + 1} is changed in version {version}" in done.lower(), done
+        assert page.locator("#thread .msg.success button", has_text="View updated video").count() == 1
+    job = system.job()
+    assert job["current_version"] == version and len(job["versions"]) == len(before["versions"]) + 1
+    assert [c["revision"] - b["revision"] for c, b in zip(job["clips"], before["clips"], strict=True)] == \
+        [0, 0, 0, 0, 1, 1]
+    assert all("rain" in job["clips"][i]["prompt"] for i in (4, 5))
+    assert page.locator("#also-clips input:checked").count() == 0  # the choice does not stick
+    watched.shot("done")
     watched.assert_clean()
     page.context.close()
