@@ -426,8 +426,8 @@ class JobStateMachine:
             job.lease_expires_at = now + self.lease
             regeneration = await session.get(ClipRegeneration, job.active_regeneration_id) \
                 if job.active_regeneration_id else None
-            if regeneration is not None:
-                regeneration.attempts = job.work_attempt
+            for row in await changes.members(session, regeneration) if regeneration is not None else []:
+                row.attempts = job.work_attempt  # every clip of a change is in this attempt
             attempt = job.work_attempt
         log.info("work.claimed", extra={"job_id": job_id, "phase": phase, "attempt": attempt})
         if lapsed:

@@ -55,9 +55,10 @@ async def test_three_clips_change_in_one_version_with_costs_to_the_cent(machine:
     assert {row.change_id for row in began.members} == {began.regeneration.id}
     assert began.estimated_cost == Decimal("0.66")  # 3 × (0.01 + 0.20) + 0.03
     token = began.lease_token
+    assert (await machine.claim_work(job_id, token, "regenerate", "delivery-1")).outcome == "claimed"
     for row in began.members:
         await generate(machine, job_id, token, row)
-    await machine.queue_composition(job_id, token, "", new_clips(0, 2, 3))
+    await machine.queue_composition(job_id, token, "delivery-1", new_clips(0, 2, 3))
     snap = await machine.succeed(job_id, token, regeneration_id=str(began.regeneration.id),
                                  new_clips=new_clips(0, 2, 3), video_key="jobs/x/v2.mp4", video_duration=10.0,
                                  composition_cost="0.0300")
@@ -67,6 +68,7 @@ async def test_three_clips_change_in_one_version_with_costs_to_the_cent(machine:
     assert snap.job.total_cost == Decimal("0.0060") + Decimal("0.66")
     _, rows = await machine.get_change(job_id, str(began.members[1].id))
     assert [row.status for row in rows] == ["completed"] * 3
+    assert [row.attempts for row in rows] == [1, 1, 1]  # every clip was in the one attempt
     assert [row.cost for row in rows] == [Decimal("0.24"), Decimal("0.21"), Decimal("0.21")]
 
 
