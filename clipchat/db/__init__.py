@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
 from asyncpg.exceptions import InterfaceError as AsyncpgInterfaceError
@@ -152,23 +152,27 @@ def _cause_chain(exc: BaseException) -> Iterator[BaseException]:
         link = orig if isinstance(orig, BaseException) else link.__cause__
 
 
-@asynccontextmanager
-async def _session(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A session in a transaction, committed on success.
-
-    Raises ``DependencyUnavailable`` when ``is_unavailable`` says the database is out of reach,
+@contextmanager
+def _unavailable_mapped() -> Iterator[None]:
+    """Raise ``DependencyUnavailable`` when ``is_unavailable`` says the database is out of reach,
     whether connecting, inside the block or at commit (an ``OSError`` raised by the block itself
-    counts too: it cannot be told apart). Domain errors and SQL errors pass unchanged.
-    """
+    counts too: it cannot be told apart). Domain errors and SQL errors pass unchanged."""
     try:
-        async with factory() as session, session.begin():
-            yield session
+        yield
     except ClipChatError:
         raise
     except Exception as exc:
         if is_unavailable(exc):
             raise DependencyUnavailable(UNAVAILABLE_MESSAGE) from exc
         raise
+
+
+@asynccontextmanager
+async def _session(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """A session in a transaction, committed on success; errors mapped by ``_unavailable_mapped``."""
+    with _unavailable_mapped():
+        async with factory() as session, session.begin():
+            yield session
 
 
 def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
@@ -197,16 +201,10 @@ def _ping_when_idle(engine: AsyncEngine, idle_seconds: float) -> None:
 
 @asynccontextmanager
 async def _connection(bind: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection in a transaction, committed on success; errors mapped as ``_session`` maps them."""
-    try:
+    """A connection in a transaction, committed on success; errors mapped by ``_unavailable_mapped``."""
+    with _unavailable_mapped():
         async with bind.begin() as connection:
             yield connection
-    except ClipChatError:
-        raise
-    except Exception as exc:
-        if is_unavailable(exc):
-            raise DependencyUnavailable(UNAVAILABLE_MESSAGE) from exc
-        raise
 
 
 def _sqlite_setup(engine: AsyncEngine, *, begin: str) -> None:
