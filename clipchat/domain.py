@@ -7,7 +7,10 @@ gRPC boundary (``services/status/server.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
+
+from clipchat.errors import InvalidInput
 
 
 class JobStatus(StrEnum):
@@ -74,3 +77,13 @@ def overall_progress(share: tuple[float, float], fraction: float) -> float:
     """Where ``fraction`` (0 to 1) of one part of a regeneration falls on its whole progress bar."""
     start, end = share
     return start + (end - start) * min(1.0, max(0.0, fraction))
+
+
+def check_clip_indices(indices: Sequence[int], count: int) -> None:
+    """``InvalidInput`` for a clip index out of range or named twice."""
+    if len(set(indices)) != len(indices):
+        raise InvalidInput("Name each clip once.", code="duplicate_clip")
+    for index in indices:
+        if not 0 <= index < count:
+            raise InvalidInput(f"Clip index {index} is out of range: this video has clips 0 to {count - 1}.",
+                               code="clip_index_out_of_range")

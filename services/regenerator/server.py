@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from clipchat.domain import check_clip_indices
 from clipchat.errors import InvalidInput
 from clipchat.pricing import composition_cost, round_money
 from clipchat.rpc import call, require_owner, rpc_method
@@ -64,24 +65,22 @@ class RegeneratorServicer(regenerator_pb2_grpc.RegeneratorServiceServicer):
         if len(indices) > self.settings.max_clips_per_change:
             raise InvalidInput(f"A change can name at most {self.settings.max_clips_per_change} clips.",
                                code="too_many_clips")
-        for index in indices:
-            if not 0 <= index < len(job.clips):
-                raise InvalidInput(f"Clip index {index} is out of range: this video has clips "
-                                   f"0 to {len(job.clips) - 1}.", code="clip_index_out_of_range")
+        check_clip_indices(indices, len(job.clips))
         reference = reference_clip(instruction)
         if reference is not None and not 1 <= reference <= len(job.clips):
             raise InvalidInput(f"There is no clip {reference} to match: this video has clips 1 to {len(job.clips)}.",
                                code="reference_clip_out_of_range")
         video_duration = sum(c.duration for c in job.clips)
-        quotes = [jobs_pb2.ClipQuote(clip_index=index, step_costs={
-            step: str(cost) for step, cost in self.estimate(job.clips[index].duration, video_duration).items()
-            if step != "compose" or n == 0}) for n, index in enumerate(sorted(indices))]
+        # Each clip's steps; the one composition is quoted on the first clip.
+        steps = [(index, {step: cost for step, cost in self.estimate(job.clips[index].duration, video_duration).items()
+                          if step != "compose" or n == 0}) for n, index in enumerate(sorted(indices))]
+        quotes = [jobs_pb2.ClipQuote(clip_index=index, step_costs={step: str(cost) for step, cost in costs.items()})
+                  for index, costs in steps]
         # The status service quotes a retry for the steps it will still pay for.
         began = await call(self.status.stub.BeginRegeneration, jobs_pb2.BeginRegenerationRequest(
             job_id=request.job_id, owner=request.owner, clip_index=indices[0], user_instruction=instruction,
             conversation_history=request.conversation_history,
-            estimated_cost=str(sum((money for q in quotes for money in map(Decimal, q.step_costs.values())),
-                                   Decimal(0))),
+            estimated_cost=str(sum((cost for _, costs in steps for cost in costs.values()), Decimal(0))),
             estimated_step_costs=quotes[0].step_costs if not several else {},
             clips=quotes if several else []), timeout=self.status.deadline)
         # The regenerate task was written with the lease (the status service's outbox).

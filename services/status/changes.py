@@ -10,7 +10,6 @@ instruction, same video version) reuses each clip's paid steps, so only what fai
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -18,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from clipchat.db.models import ClipRegeneration, Job
 from clipchat.domain import RegenerationStatus
-from clipchat.errors import InvalidInput, StaleLease
+from clipchat.errors import StaleLease
 
 # Error of a clip whose own steps went well, in a change another clip of which failed.
 STOPPED_CODE = "change_failed"
@@ -31,16 +30,6 @@ class ClipQuote:
 
     clip_index: int
     step_costs: dict[str, str]
-
-
-def check_clip_indices(indices: Sequence[int], count: int) -> None:
-    """``InvalidInput`` for a clip index out of range or named twice."""
-    if len(set(indices)) != len(indices):
-        raise InvalidInput("Name each clip once.", code="duplicate_clip")
-    for index in indices:
-        if not 0 <= index < count:
-            raise InvalidInput(f"Clip index {index} is out of range: this video has clips 0 to {count - 1}.",
-                               code="clip_index_out_of_range")
 
 
 async def members(session: AsyncSession, lead: ClipRegeneration) -> list[ClipRegeneration]:

@@ -50,7 +50,14 @@ from clipchat.db.models import (
     VideoVersion,
     utcnow,
 )
-from clipchat.domain import FINISHED_REGENERATION, JobStatus, RegenerationStatus, Step, WorkPhase
+from clipchat.domain import (
+    FINISHED_REGENERATION,
+    JobStatus,
+    RegenerationStatus,
+    Step,
+    WorkPhase,
+    check_clip_indices,
+)
 from clipchat.errors import (
     BudgetExceeded,
     ConcurrentRegeneration,
@@ -325,7 +332,7 @@ class JobStateMachine:
             await self._expire(session, job, pending, now)
         if job.current_version is None:
             raise Conflict("This video has no composition yet, so there is nothing to change.", code="no_video")
-        changes.check_clip_indices(clip_indices, len(current_clips(job)))
+        check_clip_indices(clip_indices, len(current_clips(job)))
 
     @staticmethod
     def _estimate(estimated_cost: str, step_costs: dict[str, str], reused: dict[str, Any]) -> Decimal:
