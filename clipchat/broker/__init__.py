@@ -51,6 +51,7 @@ __all__ = [
     "REGENERATE_QUEUE",
     "Broker",
     "Delivery",
+    "Handler",
     "RequeueMessage",
     "Subscription",
     "create_broker",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from clipchat.broker import REGENERATE_QUEUE, Broker, Subscription
+from clipchat.broker import REGENERATE_QUEUE, Broker
 from clipchat.media.ffmpeg import FfmpegRunner
-from clipchat.rpc import GrpcServer, create_server
+from clipchat.queue_service import QueueService
+from clipchat.rpc import GrpcServer
 from clipchat.settings import Settings
 from clipchat.status_client import StatusClient
 from clipchat.storage import Storage
@@ -70,13 +71,12 @@ def build_generator(settings: Settings, ffmpeg: FfmpegRunner) -> VideoGenerator:
                    poll_max=settings.generator_poll_max_seconds, **options)
 
 
-class RegeneratorService:
+class RegeneratorService(QueueService):
     def __init__(self, settings: Settings, *, storage: Storage, broker: Broker,
                  rewriter: PromptRewriter | None = None, generator: VideoGenerator | None = None) -> None:
-        self.settings = settings
-        self.broker = broker
-        self.status = StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds,
-                                   settings=settings)
+        super().__init__(settings, broker=broker, grace=2.0,
+                         status=StatusClient(settings.status_addr, deadline=settings.grpc_deadline_seconds,
+                                             settings=settings))
         ffmpeg = FfmpegRunner(settings.ffmpeg_path or None)
         self.generator = generator or build_generator(settings, ffmpeg)
         self.pipeline = RegenerationPipeline(status=self.status, storage=storage,
@@ -85,27 +85,13 @@ class RegeneratorService:
         self.worker = RegenerateWorker(self.pipeline, self.status, delivery_limit=settings.delivery_limit)
         self.servicer = regenerator_server.RegeneratorServicer(status=self.status, generator=self.generator,
                                                                settings=settings)
-        self.grpc: GrpcServer | None = None
-        self._consumer: Subscription | None = None
 
     async def start(self, *, host: str = "127.0.0.1", port: int = 0, consume: bool = True) -> GrpcServer:
-        self.grpc = await create_server(
+        """Serve, then take ``worker_concurrency`` regenerate tasks at once. The work in hand gets
+        2 s at ``stop`` (a paid step is checkpointed, so a redelivery resumes it)."""
+        server = await self._serve(
             [(regenerator_server.add_to_server, self.servicer, regenerator_server.SERVICE_NAME)],
-            host=host, port=port, settings=self.settings)
-        await self.grpc.watch({"broker": self.broker.ping}, interval=self.settings.health_check_interval_seconds,
-                              timeout=self.settings.health_check_timeout_seconds)
-        if consume:
-            self._consumer = await self.broker.consume(REGENERATE_QUEUE, self.worker.handle,
-                                                       prefetch=self.settings.worker_concurrency)
-        log.info("regenerator.started", extra={"port": self.grpc.port})
-        return self.grpc
-
-    async def stop(self) -> None:
-        """Not serving first, then no new messages; the work in hand gets the shutdown grace."""
-        if self.grpc is not None:
-            await self.grpc.set_serving(False)
-        if self._consumer is not None:
-            await self._consumer.cancel()
-        if self.grpc is not None:
-            await self.grpc.stop(grace=2.0)
-        await self.status.close()
+            queue=REGENERATE_QUEUE, handler=self.worker.handle, prefetch=self.settings.worker_concurrency,
+            host=host, port=port, consume=consume)
+        log.info("regenerator.started", extra={"port": server.port})
+        return server
