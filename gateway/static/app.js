@@ -3,6 +3,7 @@
 import { Api, JobEvents } from "/static/api.js";
 import { Compare } from "/static/compare.js";
 import { $, el, money, when, clock, formatEta, reconcile } from "/static/dom.js";
+import { UsageChart } from "/static/usage.js";
 
 const TOKEN_KEY = "clipchat-token";
 const MAX_TURNS = 20;
@@ -56,6 +57,7 @@ const state = {
   videoRetryAt: 0,
   connection: "open",
   estimateTimer: null,
+  usage: null, // the usage chart beside the budget
 };
 const compare = new Compare();
 
@@ -100,6 +102,7 @@ function notice(message) {
 
 async function start(token) {
   state.api = new Api(token, signOut);
+  state.usage = new UsageChart(state.api, STAGES);
   $("sign-in").hidden = true;
   $("workspace").hidden = false;
   $("sign-out").hidden = Boolean(pageToken());
@@ -209,6 +212,8 @@ function onProgress(event) {
   const active = state.job && state.job.active_regeneration_id;
   // The log replays finished work on a first connection; only the running change's progress counts.
   if (!active || (payload.regeneration_id && payload.regeneration_id !== active)) return;
+  // One clip's own progress in a change of several clips: the bar shows the whole change's.
+  if (payload.member_regeneration_id) return;
   const previous = state.progress && state.progress.regenerationId === active ? state.progress : null;
   state.progress = {
     regenerationId: active,
@@ -876,14 +881,7 @@ function renderBudget(job) {
   $("budget").textContent = money(job.budget_limit);
   $("budget-meter").value = Math.min(1, job.budget_used_fraction);
   $("budget-warning").hidden = !job.budget_warning;
-  const sum = (step) => state.regenerations.reduce((total, r) => total + Number(r.step_costs[step] || 0), 0);
-  const changes = state.regenerations.reduce((total, r) => total + Number(r.cost || 0), 0);
-  const initial = Math.max(0, Number(job.total_cost) - changes);
-  const rows = [
-    ["First composition", initial], ["Prompt rewrites", sum("llm")], ["Generation", sum("generation")],
-    ["Recomposition", sum("composition")],
-  ];
-  $("job-costs").replaceChildren(...rows.flatMap(([label, value]) => [el("dt", {}, label), el("dd", {}, money(value))]));
+  state.usage.update(job, state.regenerations);
 }
 
 function renderVersions(job) {

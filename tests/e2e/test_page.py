@@ -304,7 +304,8 @@ CONTRAST = """() => {
     return [255, 255, 255]; };
   const out = [];
   for (const sel of ["h1", "#job-title", ".hint", ".clip-index", ".clip-duration", ".clip-prompt", "#send",
-                     ".badge", "label", ".costs dt", ".empty-thread", ".version-text"]) {
+                     ".badge", "label", ".usage-table th", ".usage-table caption", ".usage-value", ".empty-thread",
+                     ".version-text"]) {
     for (const node of document.querySelectorAll(sel)) {
       if (!node.offsetParent) continue;
       const a = lum(rgb(getComputedStyle(node).color)), b = lum(behind(node));
@@ -320,6 +321,32 @@ def assert_contrast(page: Any) -> None:
     assert ratios, "nothing measured"
     low = [(selector, round(ratio, 2)) for selector, ratio in ratios if ratio < 4.5]
     assert not low, f"text below 4.5:1 contrast: {low}"
+
+
+def assert_usage_shown(page: Any, system: PageSystem) -> None:
+    """The usage chart beside the budget shows the job's usage as the API reports it, once a change is done:
+    each step that was paid a non-zero bar and figure, and the count of completed changes."""
+    with system.client() as client:
+        usage = client.get(f"/api/v1/jobs/{system.job()['id']}/usage").json()
+    completed = usage["changes"]["completed"]
+    assert completed >= 1 and float(usage["spend_by_step"]["generate"]) > 0, usage
+    page.wait_for_function("(n) => document.querySelector('#usage-changes tr[data-item=completed]')"
+                           "?.dataset.value === String(n)", arg=completed)
+    shown = page.evaluate("""() => Object.fromEntries(
+        [...document.querySelectorAll('#usage-spend tbody tr')].map((row) => [row.dataset.item, [
+            Number(row.dataset.value), row.querySelector('.usage-value').textContent,
+            row.querySelector('.usage-bar').getBoundingClientRect().width]]))""")
+    for step, amount in usage["spend_by_step"].items():
+        value, text, bar = shown[step]
+        assert abs(value - float(amount)) < 1e-9, (step, shown, usage)
+        if float(amount) > 0:
+            assert text.startswith("$") and float(text[1:]) > 0 and bar > 0, (step, shown)
+        else:
+            assert bar == 0, (step, shown)
+    assert page.inner_text("#usage-changes tr[data-item=completed] .usage-value") == str(completed)
+    assert page.locator("#usage-spend caption").inner_text() == "Spend by step"  # read out as a table
+    page.locator("#usage .usage-more summary").click()
+    assert page.locator("#usage-stages tr", has_text="Generating the new clip").is_visible()
 
 
 @pytest.fixture(autouse=True)
@@ -373,6 +400,7 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
     assert "no LLM used" in success  # the page says honestly how the prompt was written
     assert "nighttime" in page.inner_text("#thread").lower()
     assert page.locator("#thread .msg.success button", has_text="View updated video").count() == 1
+    assert_usage_shown(page, system)
     watched.shot("done")
 
     page.locator("#thread .msg.success button", has_text="Compare before and after").last.click()
