@@ -189,6 +189,7 @@ class Watched:
     flow: str
     allowed_statuses: set[int]
     allowed_failure: str | None = None  # a network error this flow causes on purpose
+    allowed_paths: frozenset[str] = frozenset()  # URLs (paths) this flow makes fail on purpose
     problems: list[str] = field(default_factory=list)
     held: list[Any] = field(default_factory=list)  # event-stream requests held back
     documents: int = 0  # how many times the test reloaded the page
@@ -214,15 +215,17 @@ class Watched:
 
 def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, *,
           allowed_statuses: frozenset[int] = frozenset(), hold_events: bool = False,
-          drop_first_stream: bool = False, job_id: str | None = None) -> Watched:
+          drop_first_stream: bool = False, job_id: str | None = None,
+          allowed_paths: frozenset[str] = frozenset(), prepare: Any = None) -> Watched:
     """A fresh page on the six-clip job (or ``job_id``), its clips shown. ``hold_events`` holds its event stream back,
     as when another tab's change has not reached it yet; ``drop_first_stream`` resets the first
-    event-stream connection, as a network that drops."""
+    event-stream connection, as a network that drops; ``prepare`` is called with the page before it
+    loads (routes, init scripts), and requests to ``allowed_paths`` may fail (the flow fails them)."""
     context = browser.new_context(viewport=VIEWPORTS[width])
     context.add_init_script(RECORDER)
     page = context.new_page()
     watched = Watched(page, width, shots, flow, set(allowed_statuses),
-                      "net::ERR_CONNECTION_RESET" if drop_first_stream else None)
+                      "net::ERR_CONNECTION_RESET" if drop_first_stream else None, allowed_paths)
     streams: list[Any] = []
 
     def events(route: Any) -> None:
@@ -241,6 +244,8 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
     def console(message: Any) -> None:
         if message.type != "error" or any(f"status of {s}" in message.text for s in watched.allowed_statuses):
             return
+        if _path(message.location.get("url")) in watched.allowed_paths:
+            return
         if watched.allowed_failure and watched.allowed_failure in message.text:
             return
         watched.problems.append(f"console: {message.text}")
@@ -254,9 +259,13 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
             return
         if watched.allowed_failure and request.failure == watched.allowed_failure:
             return
+        if _path(request.url) in watched.allowed_paths:
+            return
         watched.problems.append(f"request failed: {request.url} {request.failure}")
 
     def response(resp: Any) -> None:
+        if _path(resp.url) in watched.allowed_paths:
+            return
         if resp.status >= 400 and resp.status not in watched.allowed_statuses:
             watched.problems.append(f"HTTP {resp.status}: {resp.url}")
 
@@ -265,6 +274,8 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
     page.on("request", lambda request: watched.document_of.__setitem__(id(request), watched.documents))
     page.on("requestfailed", failed)
     page.on("response", response)
+    if prepare is not None:
+        prepare(page)
     page.goto(f"{system.url}/#job={job_id or system.job()['id']}")
     page.wait_for_function(f"document.querySelectorAll('#clips .clip').length >= {1 if job_id else 6}")
     return watched
@@ -585,6 +596,97 @@ def test_over_budget_is_explained(system: PageSystem, browser: Any, shots: Path,
     watched.shot("refused")
     with system.client() as client:
         assert client.get(f"/api/v1/jobs/{small_budget_job}/regenerations").json()["regenerations"] == []
+    watched.assert_clean()
+    page.context.close()
+
+# The clip strip's geometry: the strip's box and each item's and thumbnail's box inside it, and the
+# layout shifts (PerformanceObserver) whose moved nodes are in the clips card, after ``since``.
+STRIP_BOXES = """(since) => {
+  const strip = document.getElementById('clips');
+  const origin = strip.getBoundingClientRect();
+  const round = (v) => Math.round(v * 10) / 10;
+  const box = (node) => { const r = node.getBoundingClientRect();
+    return [r.x - origin.x + strip.scrollLeft, r.y - origin.y, r.width, r.height].map(round); };
+  return {strip: [origin.width, origin.height].map(round),
+          items: [...strip.children].map(box), thumbs: [...strip.querySelectorAll('.thumb')].map(box),
+          shift: window.__shifts.filter((e) => e.at > since).reduce((sum, e) => sum + e.value, 0)};
+}"""
+# Records the strip as its skeletons show it, and every layout shift that moves a node of the clips card.
+SHIFTS = """
+window.__shifts = [];
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) {
+    const card = document.querySelector('.clips-card');
+    if (entry.sources.some((s) => s.node && card && card.contains(s.node))) {
+      window.__shifts.push({at: entry.startTime, value: entry.value});
+    }
+  }
+}).observe({type: 'layout-shift', buffered: true});
+document.addEventListener("DOMContentLoaded", () => {
+  const r = document.getElementById('clips').getBoundingClientRect();
+  const item = document.querySelector('#clips .clip-skeleton').getBoundingClientRect();
+  const round = (v) => Math.round(v * 10) / 10;
+  window.__skeleton = {strip: [r.width, r.height].map(round), item: [item.width, item.height].map(round)};
+});
+"""
+
+
+@pytest.mark.parametrize("width", list(VIEWPORTS))
+def test_thumbnails_arrive_without_moving_the_strip_and_a_missing_one_shows_its_number(
+        system: PageSystem, browser: Any, shots: Path, width: str) -> None:
+    job = system.job()
+    broken = _path(job["clips"][3]["thumbnail_url"])  # this one answers 404
+    assert broken and all(clip["thumbnail_url"] for clip in job["clips"])
+    held: list[Any] = []
+    released = False
+
+    def answer(route: Any) -> None:
+        if _path(route.request.url) == broken:
+            route.fulfill(status=404, content_type="application/json",
+                          body='{"error": {"code": "not_found", "message": "gone", "retryable": false}}')
+        else:
+            route.continue_()
+
+    def thumbnails(route: Any) -> None:
+        if released:
+            answer(route)
+        else:
+            held.append(route)  # every thumbnail waits for the test
+
+    def prepare(page: Any) -> None:
+        page.add_init_script(SHIFTS)
+        page.route(lambda url: "/thumbnails/" in url, thumbnails)
+
+    watched = _open(browser, system, shots, width, "9-thumbnails", allowed_paths=frozenset({broken}), prepare=prepare)
+    page = watched.page
+    skeleton = page.evaluate("window.__skeleton")
+    assert page.locator("#clips img").count() == 6
+    assert page.evaluate("[...document.querySelectorAll('#clips img')].every((i) => !i.complete)"), "not held"
+    since = page.evaluate("performance.now()")
+    waiting = page.evaluate(STRIP_BOXES, since)
+    watched.shot("waiting")
+    # The clips replace their skeletons in the same room: as wide, as tall.
+    assert waiting["strip"] == skeleton["strip"], (waiting, skeleton)
+    assert waiting["items"][0][2:] == skeleton["item"], (waiting, skeleton)
+    wait_until_true(lambda: len(held) >= 1, page)
+    for _ in range(6):  # lazy images are asked for as they near the view; all six are in the strip's reach
+        page.wait_for_timeout(100)
+    released = True
+    while held:
+        answer(held.pop(0))
+    page.wait_for_function("""() => [...document.querySelectorAll('#clips img')].every((i) => i.complete)
+        && document.querySelectorAll('#clips .thumb-placeholder').length === 1""")
+    loaded = page.evaluate(STRIP_BOXES, since)
+    assert loaded["strip"] == waiting["strip"] and loaded["items"] == waiting["items"], (waiting, loaded)
+    assert loaded["thumbs"] == waiting["thumbs"], (waiting, loaded)
+    assert loaded["shift"] == 0, loaded
+    assert len({tuple(thumb[2:]) for thumb in loaded["thumbs"]}) == 1  # every thumbnail one size
+    # The missing thumbnail: its clip's number in the same box, the other five pictures.
+    placeholder = page.locator("#clips .clip").nth(3).locator(".thumb-placeholder")
+    assert placeholder.inner_text() == "4" and placeholder.is_visible()
+    assert page.locator("#clips .clip").nth(3).locator("img").count() == 0
+    assert page.evaluate("[...document.querySelectorAll('#clips img')].map((i) => i.naturalWidth > 0)") == [True] * 5
+    watched.shot("loaded")
     watched.assert_clean()
     page.context.close()
 
