@@ -94,18 +94,24 @@ _query_ticket = APIKeyQuery(name="ticket", auto_error=False,
                                         "for EventSource which cannot send headers.")
 
 
-def _owner_of(token: str | None, settings: Settings, request: Request) -> str:
-    """The owner of ``token``; 401 when there is none or it is unknown.
-
-    Each 401 costs the client address one of its ``auth_failures_per_minute``; an address that has
-    none left gets 429 before its token is even looked at, so guessing tokens learns nothing faster.
-    """
+def _sign_in_allowance(request: Request) -> tuple[TokenBucketLimiter, str]:
+    """The failed sign-ins limiter and the client's address; 429 when the address has none left."""
     failures: TokenBucketLimiter = request.app.state.auth_failures
     client = request.client.host if request.client else "unknown"
     retry_after = failures.waiting(client)
     if retry_after is not None:
         raise ApiError(429, RATE_LIMITED_CODE, f"Too many failed sign-ins from this address. Try again "
                        f"in {retry_after} s.", retryable=True, headers={"Retry-After": str(retry_after)})
+    return failures, client
+
+
+def _owner_of(token: str | None, settings: Settings, request: Request) -> str:
+    """The owner of ``token``; 401 when there is none or it is unknown.
+
+    Each 401 costs the client address one of its ``auth_failures_per_minute``; an address that has
+    none left gets 429 before its token is even looked at, so guessing tokens learns nothing faster.
+    """
+    failures, client = _sign_in_allowance(request)
     if not token:
         failures.acquire(client)
         raise ApiError(401, "unauthenticated", "Sign in: send your API token as 'Authorization: Bearer "
@@ -143,12 +149,7 @@ async def _stream_owner(request: Request, settings: SettingsDep, job_id: Annotat
     if not ticket:
         # No token and no ticket: the same answer (and throttling) as a request without a token.
         return _owner_of(None, settings, request)
-    failures: TokenBucketLimiter = request.app.state.auth_failures
-    client = request.client.host if request.client else "unknown"
-    retry_after = failures.waiting(client)
-    if retry_after is not None:
-        raise ApiError(429, RATE_LIMITED_CODE, f"Too many failed sign-ins from this address. Try again "
-                       f"in {retry_after} s.", retryable=True, headers={"Retry-After": str(retry_after)})
+    failures, client = _sign_in_allowance(request)
     tickets: TicketSigner = request.app.state.tickets
     try:
         return tickets.owner_of(ticket, job_id)
