@@ -63,6 +63,7 @@ class _Report:
     fraction: float
     message: str
     eta_seconds: float
+    regeneration_id: str = ""  # one clip of a change ("": the whole work)
 
 
 # What a worker does with a claimed task.
@@ -185,14 +186,18 @@ class LeaseKeeper:
             raise LeaseLost("The regeneration was cancelled or taken over.") from exc
         return False
 
-    async def progress(self, stage: str, fraction: float, message: str = "", eta_seconds: float = 0.0) -> None:
-        """Queue a progress report; it is sent in the background, never raises and never waits.
+    async def progress(self, stage: str, fraction: float, message: str = "", eta_seconds: float = 0.0,
+                       regeneration_id: str = "") -> None:
+        """Queue a progress report (of the whole work, or of one clip of a change:
+        ``regeneration_id``); it is sent in the background, never raises and never waits.
 
-        While reports wait, a newer one of the same stage replaces the older: stages are still
+        While reports wait, a newer one replaces the older of the same clip when that is of the same
+        stage: one clip's report never replaces another's, and each clip's stages are still
         reported in order, each at least once."""
-        report = _Report(stage, fraction, message, eta_seconds)
-        if self._reports and self._reports[-1].stage == stage:
-            self._reports[-1] = report
+        report = _Report(stage, fraction, message, eta_seconds, regeneration_id)
+        waiting = [n for n, queued in enumerate(self._reports) if queued.regeneration_id == regeneration_id]
+        if waiting and self._reports[waiting[-1]].stage == stage:
+            self._reports[waiting[-1]] = report
         else:
             self._reports.append(report)
         self._idle.clear()
@@ -234,7 +239,7 @@ class LeaseKeeper:
             async with asyncio.timeout(_PROGRESS_DEADLINE):
                 await self.status.progress(self.job_id, self.token, report.stage, report.fraction,
                                            message=report.message, eta_seconds=report.eta_seconds,
-                                           claim_id=self.claim_id)
+                                           claim_id=self.claim_id, regeneration_id=report.regeneration_id)
         except (ClipChatError, TimeoutError) as exc:
             # Only the heartbeat decides that the lease is lost; a report is just dropped.
             log.info("progress.dropped", extra={"job_id": self.job_id, "stage": report.stage,

@@ -57,11 +57,12 @@ class StatusClient:
         await call(self.stub.QueueComposition, request, timeout=self.deadline)
 
     async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
-                       eta_seconds: float = 0.0, claim_id: str = "") -> None:
+                       eta_seconds: float = 0.0, claim_id: str = "", regeneration_id: str = "") -> None:
+        """Report progress: of the whole work, or of one clip of a change (``regeneration_id``)."""
         await call(self.stub.RecordProgress, jobs_pb2.RecordProgressRequest(
             job_id=job_id, lease_token=token, stage=stage_to_proto(stage),
-            fraction=fraction, message=message, eta_seconds=eta_seconds, claim_id=claim_id),
-            timeout=self.deadline)
+            fraction=fraction, message=message, eta_seconds=eta_seconds, claim_id=claim_id,
+            regeneration_id=regeneration_id), timeout=self.deadline)
 
     async def record_step(self, job_id: str, token: str, step: Step, *, cost: str = "",
                           modified_prompt: str = "", change_summary: str = "", rewriter: str = "",

@@ -204,9 +204,10 @@ class RegenerationPipeline:
 
     async def _change(self, task: RegenerationTask, members: list[common_pb2.Regeneration],
                       clips: list[common_pb2.Clip], keeper: LeaseKeeper) -> dict[int, common_pb2.Checkpoint]:
-        """Every clip of a change, ``change_concurrency`` at once; the progress bar is their mean.
-        Each clip's paid work is checkpointed even when another fails (a retry reuses it);
-        ``ChangeFailed`` names the clips that failed. A lost lease stops them all."""
+        """Every clip of a change, ``change_concurrency`` at once: each clip reports its own
+        progress (its regeneration's), and the change's progress bar is their mean. Each clip's
+        paid work is checkpointed even when another fails (a retry reuses it); ``ChangeFailed``
+        names the clips that failed. A lost lease stops them all."""
         slots = asyncio.Semaphore(self.settings.change_concurrency)
         fractions = dict.fromkeys((m.regeneration_id for m in members), 0.0)
 
@@ -214,6 +215,7 @@ class RegenerationPipeline:
             async def report(stage: str, fraction: float, message: str, eta: float = 0.0) -> None:
                 fractions[member.regeneration_id] = fraction
                 done = sum(1 for f in fractions.values() if f >= GENERATE_SHARE[1])
+                await keeper.progress(stage, fraction, message, eta, regeneration_id=member.regeneration_id)
                 await keeper.progress(stage, sum(fractions.values()) / len(fractions),
                                       f"{message} ({done} of {len(fractions)} clips ready)", eta)
 

@@ -5,6 +5,13 @@ messages and its events name the lead, as they name a one-clip regeneration; the
 rows point at it with ``change_id``. A one-clip change has no change id. A version appears only
 when every clip of a change succeeded; a retry of a change that failed or was cancelled (same
 instruction, same video version) reuses each clip's paid steps, so only what failed is paid again.
+
+Progress of a change of several clips: each clip's rewrite and generation report that clip's own
+progress (``RecordProgress`` with its regeneration id), which sets that clip's row and names it in
+the event (``member_regeneration_id``). The change's overall progress (no regeneration id) is in the
+events without a member id, as before; in the clips' own stages (rewriting, generating) it writes no
+row, so each row keeps its own clip's stage and progress, and in the stages of the whole change
+(waiting for the composer, composing) it writes every clip's row, so they all show it after a reload.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from clipchat.db.models import ClipRegeneration, Job
-from clipchat.domain import RegenerationStatus
+from clipchat.domain import RegenerationStatus, Stage
 from clipchat.errors import StaleLease
 
 # Error of a clip whose own steps went well, in a change another clip of which failed.
 STOPPED_CODE = "change_failed"
 STOPPED_MESSAGE = "Not applied: another clip of this change failed. Its paid work is kept for a retry."
+# The stages each clip of a change goes through on its own (its own progress, on its own row).
+CLIP_STAGES = frozenset({Stage.REWRITING, Stage.GENERATING})
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,21 @@ async def member(session: AsyncSession, lead: ClipRegeneration, regeneration_id:
     if row is None or lead.change_id is None or row.change_id != lead.change_id:
         raise StaleLease("This regeneration is not part of the running change.")
     return row
+
+
+async def progress_rows(session: AsyncSession, lead: ClipRegeneration, regeneration_id: str,
+                        stage: str) -> tuple[list[ClipRegeneration], str]:
+    """The rows a progress report of the change ``lead`` leads sets, and the member it is of ("":
+    the whole change). See the module doc; ``StaleLease`` for a clip outside the change."""
+    if lead.change_id is None:
+        await member(session, lead, regeneration_id)
+        return [lead], ""
+    if regeneration_id:
+        row = await member(session, lead, regeneration_id)
+        return [row], str(row.id)
+    if stage in CLIP_STAGES:
+        return [], ""
+    return await members(session, lead), ""
 
 
 async def latest(session: AsyncSession, job: Job) -> ClipRegeneration | None:

@@ -206,10 +206,13 @@ def _add_regenerations(usage: Usage, regenerations: Iterable[ClipRegeneration]) 
 
 
 def _median_stage_times(events: Sequence[JobEvent]) -> dict[str, tuple[float, int]]:
-    """Median seconds per stage over every stretch of work in the log (events in job, sequence order)."""
+    """Median seconds per stage over every stretch of work in the log (events in job, sequence order).
+    One clip's own progress in a change (``member_regeneration_id``) is not the work's stage."""
     samples: dict[str, list[float]] = defaultdict(list)
     stage, since, job = "", None, None
     for event in events:
+        if (event.payload or {}).get("member_regeneration_id"):
+            continue
         if event.job_id != job:
             stage, since, job = "", None, event.job_id
         if event.type in _WORK_STARTS:

@@ -285,7 +285,7 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
         sequence = await self.machine.record_progress(
             request.job_id, request.lease_token, stage=stage_from_proto(request.stage),
             fraction=request.fraction, message=request.message, eta_seconds=request.eta_seconds,
-            claim_id=request.claim_id)
+            claim_id=request.claim_id, regeneration_id=request.regeneration_id)
         return jobs_pb2.RecordProgressResponse(sequence=sequence)
 
     @rpc_method

@@ -484,8 +484,13 @@ class JobStateMachine:
         await self._flush(pending)
 
     async def record_progress(self, job_id: str, token: str, *, stage: str, fraction: float,
-                              message: str = "", eta_seconds: float = 0.0, claim_id: str = "") -> int:
-        """Append a progress event (and extend the lease and the claim: progress is a sign of life)."""
+                              message: str = "", eta_seconds: float = 0.0, claim_id: str = "",
+                              regeneration_id: str = "") -> int:
+        """Append a progress event (and extend the lease and the claim: progress is a sign of life):
+        of the whole work, or of the running change's clip ``regeneration_id`` (its row's stage and
+        progress; which rows a change's own progress sets: ``changes.progress_rows``).
+
+        Raises ``StaleLease`` when the lease is not live or the clip is not one of the change's."""
         fraction = min(max(float(fraction), 0.0), 1.0)
         pending = _Pending()
         async with self.db.transaction() as session:
@@ -497,18 +502,31 @@ class JobStateMachine:
             if eta_seconds > 0:
                 payload["eta_seconds"] = round(eta_seconds, 1)
             if job.active_regeneration_id:
-                regeneration = await session.get(ClipRegeneration, job.active_regeneration_id)
-                if regeneration is not None:
-                    regeneration.stage = stage
-                    regeneration.progress = fraction
-                    if regeneration.status == RegenerationStatus.QUEUED:
-                        regeneration.status = RegenerationStatus.RUNNING
-                        regeneration.attempts = max(regeneration.attempts, 1)
-                    payload["regeneration_id"] = str(regeneration.id)
+                payload.update(await self._progress_rows(session, await self._active(session, job),
+                                                         regeneration_id, stage, fraction))
+            elif regeneration_id:
+                raise StaleLease("This regeneration is not part of the running change.")
             event = self._event(session, job, pending, "progress", stage=stage, fraction=fraction,
                                 payload=payload)
         await self._flush(pending)
         return event.sequence
+
+    @staticmethod
+    async def _progress_rows(session: AsyncSession, lead: ClipRegeneration, regeneration_id: str, stage: str,
+                             fraction: float) -> dict[str, str]:
+        """Set the stage and progress of the rows a progress report is for; the event's ids."""
+        rows, member_id = await changes.progress_rows(session, lead, regeneration_id, stage)
+        for row in rows:
+            row.stage = stage
+            row.progress = fraction
+        for row in rows or await changes.members(session, lead):  # the change is running
+            if row.status == RegenerationStatus.QUEUED:
+                row.status = RegenerationStatus.RUNNING
+                row.attempts = max(row.attempts, 1)
+        ids = {"regeneration_id": str(lead.id)}
+        if member_id:
+            ids["member_regeneration_id"] = member_id
+        return ids
 
     async def record_step(self, job_id: str, token: str, *, step: str, cost: str = "",
                           modified_prompt: str = "", change_summary: str = "", rewriter: str = "",

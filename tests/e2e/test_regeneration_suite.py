@@ -665,6 +665,13 @@ def test_a_change_of_two_clips_is_one_composition_and_one_version(rig: Rig, clie
     assert_costs(rows[1], llm=Decimal(0), generation=GENERATION_COST, composition=Decimal(0))
     assert job_cost(job) == composition_cost(first["duration"]) + sum(money(r["cost"]) for r in rows)
     assert [c["revision"] for c in job["clips"]] == [0, 1, 1]
+    # Each changed clip reported its own progress (its regeneration), in the change's events.
+    stream = events(client, job["id"], lambda e: e["type"] == "regeneration.completed")
+    own = {(e["payload"]["member_regeneration_id"], e["stage"]) for e in stream
+           if e["type"] == "progress" and "member_regeneration_id" in e["payload"]}
+    assert {(r["id"], stage) for r in rows for stage in ("rewriting", "generating")} <= own, own
+    assert all(e["payload"]["regeneration_id"] == accepted["regeneration_id"] for e in stream
+               if e["type"] == "progress" and "member_regeneration_id" in e["payload"])
     # The same template words for every clip of the change.
     assert all(r["modified_prompt"].startswith(r["original_prompt"]) and "night" in r["modified_prompt"]
                for r in rows)

@@ -134,3 +134,67 @@ async def test_a_step_for_a_clip_outside_the_change_is_refused(machine: JobState
                                   regeneration_id=str(one.regeneration.id))
     with pytest.raises(InvalidInput):
         await machine.queue_composition(job_id, began.lease_token, "", new_clips(1))
+
+
+async def test_each_clip_reports_its_own_progress_on_its_own_row(machine: JobStateMachine) -> None:
+    job_id = await composed_job(machine, clips=4)
+    began = await change(machine, job_id, 0, 1, 3)
+    token, (first, second, third) = began.lease_token, began.members
+    after = (await machine.get_job(job_id, "alice")).job.last_event_sequence
+    await machine.record_progress(job_id, token, stage="rewriting", fraction=0.02, regeneration_id=str(second.id))
+    await machine.record_progress(job_id, token, stage="generating", fraction=0.35, regeneration_id=str(third.id))
+    # The change's own bar, in a clip's stage: it sets no row, so each keeps its own clip's.
+    await machine.record_progress(job_id, token, stage="generating", fraction=0.12, message="1 of 3 clips ready")
+    _, rows = await machine.get_change(job_id, str(first.id))
+    assert [(row.stage, row.progress) for row in rows] == [("queued", 0.0), ("rewriting", 0.02),
+                                                           ("generating", 0.35)]
+    assert [row.status for row in rows] == ["running"] * 3  # the change is running
+
+    events = await machine.events_after(job_id, after)
+    assert [(e.stage, e.fraction, e.payload.get("member_regeneration_id")) for e in events] == [
+        ("rewriting", 0.02, str(second.id)), ("generating", 0.35, str(third.id)), ("generating", 0.12, None)]
+    assert {e.payload["regeneration_id"] for e in events} == {str(first.id)}  # the change's id, as before
+
+    # Waiting for the composer and composing are the whole change's: every clip's row shows them.
+    await machine.record_progress(job_id, token, stage="encoding", fraction=0.8)
+    _, rows = await machine.get_change(job_id, str(first.id))
+    assert [(row.stage, row.progress) for row in rows] == [("encoding", 0.8)] * 3
+
+
+async def test_progress_of_a_clip_outside_the_change_or_under_a_stale_lease_is_refused(
+        machine: JobStateMachine, clock: Clock) -> None:
+    job_id = await composed_job(machine, clips=3)
+    one = await machine.begin(job_id=job_id, owner="alice", clip_index=0, instruction="x", history=[],
+                              estimated_cost="0.1")
+    await machine.cancel(job_id, "alice", str(one.regeneration.id))
+    began = await change(machine, job_id, 1, 2)
+    after = (await machine.get_job(job_id, "alice")).job.last_event_sequence
+    for outside in (str(one.regeneration.id), "not-a-uuid"):
+        with pytest.raises(StaleLease):
+            await machine.record_progress(job_id, began.lease_token, stage="generating", fraction=0.3,
+                                          regeneration_id=outside)
+    with pytest.raises(StaleLease):
+        await machine.record_progress(job_id, "not-the-lease", stage="generating", fraction=0.3,
+                                      regeneration_id=str(began.members[1].id))
+    clock.advance(31)  # the lease expired
+    with pytest.raises(StaleLease):
+        await machine.record_progress(job_id, began.lease_token, stage="generating", fraction=0.3,
+                                      regeneration_id=str(began.members[1].id))
+    assert await machine.events_after(job_id, after) == []
+    _, rows = await machine.get_change(job_id, str(began.regeneration.id))
+    assert [(row.stage, row.progress) for row in rows] == [("queued", 0.0)] * 2
+    cancelled = await machine.get_regeneration(job_id, str(one.regeneration.id))
+    assert cancelled.stage == "queued" and cancelled.progress == 0.0
+
+
+async def test_a_one_clip_change_keeps_its_progress_on_its_row(machine: JobStateMachine) -> None:
+    job_id = await composed_job(machine, clips=2)
+    began = await machine.begin(job_id=job_id, owner="alice", clip_index=1, instruction="x", history=[],
+                                estimated_cost="0.1")
+    await machine.record_progress(job_id, began.lease_token, stage="generating", fraction=0.3)
+    await machine.record_progress(job_id, began.lease_token, stage="generating", fraction=0.4,
+                                  regeneration_id=str(began.regeneration.id))
+    row = await machine.get_regeneration(job_id, str(began.regeneration.id))
+    assert (row.stage, row.progress, row.status) == ("generating", 0.4, "running")
+    events = await machine.events_after(job_id, 0)
+    assert all("member_regeneration_id" not in e.payload for e in events if e.type == "progress")

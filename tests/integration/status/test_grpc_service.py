@@ -167,6 +167,33 @@ async def test_history_checkpoints_and_event_payloads_are_typed(stub: jobs_pb2_g
     assert all(e.WhichOneof("payload") for e in replay)
 
 
+async def test_a_clips_own_progress_names_it_in_the_event(stub: jobs_pb2_grpc.JobStatusServiceStub) -> None:
+    job_id = await composed(stub)
+    steps = {"rewrite": "0.01", "generate": "0.2"}
+    began = await stub.BeginRegeneration(jobs_pb2.BeginRegenerationRequest(
+        job_id=job_id, owner="alice", user_instruction="rain",
+        clips=[jobs_pb2.ClipQuote(clip_index=i, step_costs=steps) for i in (0, 2)]), timeout=10)
+    lead, other = (m.regeneration_id for m in began.members)
+    await stub.RecordProgress(jobs_pb2.RecordProgressRequest(
+        job_id=job_id, lease_token=began.lease_token, stage=common_pb2.STAGE_GENERATING, fraction=0.3,
+        regeneration_id=other), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as outside:
+        await stub.RecordProgress(jobs_pb2.RecordProgressRequest(
+            job_id=job_id, lease_token=began.lease_token, stage=common_pb2.STAGE_GENERATING, fraction=0.3,
+            regeneration_id="00000000-0000-0000-0000-000000000000"), timeout=10)
+    assert outside.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    replay = [e async for e in stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id, owner="alice", replay_only=True),
+                                             timeout=10)]
+    [progress] = [e for e in replay if e.type == "progress"]
+    assert progress.progress == common_pb2.Progress(regeneration_id=lead, member_regeneration_id=other)
+    assert progress.stage == common_pb2.STAGE_GENERATING and progress.fraction == pytest.approx(0.3)
+    listed = await stub.ListRegenerations(jobs_pb2.ListRegenerationsRequest(job_id=job_id, owner="alice"),
+                                          timeout=10)
+    assert {r.regeneration_id: (r.stage, round(r.progress, 2)) for r in listed.regenerations} == {
+        lead: (common_pb2.STAGE_QUEUED, 0.0), other: (common_pb2.STAGE_GENERATING, 0.3)}
+
+
 async def test_health_and_reflection(service: StatusService) -> None:
     assert service.grpc is not None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.grpc.port}") as channel:

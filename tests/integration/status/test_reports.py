@@ -201,3 +201,28 @@ async def test_compare_and_usage_over_grpc(machine: JobStateMachine, clock: Cloc
     with pytest.raises(grpc.aio.AioRpcError) as anonymous:
         await stub.GetUsage(jobs_pb2.GetUsageRequest(), timeout=10)
     assert anonymous.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_clips_own_progress_in_a_change_is_not_a_stage_of_the_work(
+        machine: JobStateMachine, reports: JobReports, clock: Clock) -> None:
+    from services.status.changes import ClipQuote
+
+    job_id = await composed_job(machine, clock)
+    began = await machine.begin_change(job_id=job_id, owner="alice", instruction="rain", history=[],
+                                       quotes=[ClipQuote(i, {"rewrite": "0.01", "generate": "0.2"}) for i in (0, 1)])
+    token, (first, second) = began.lease_token, began.members
+    clock.advance(1)
+    await machine.record_progress(job_id, token, stage="rewriting", fraction=0.02, regeneration_id=str(first.id))
+    await machine.record_progress(job_id, token, stage="rewriting", fraction=0.02)
+    clock.advance(1)
+    await machine.record_progress(job_id, token, stage="generating", fraction=0.1, regeneration_id=str(first.id))
+    clock.advance(1)
+    await machine.record_progress(job_id, token, stage="rewriting", fraction=0.02, regeneration_id=str(second.id))
+    clock.advance(1)
+    await machine.record_progress(job_id, token, stage="generating", fraction=0.1)
+    clock.advance(3)
+    await machine.cancel(job_id, "alice", str(first.id))
+    usage = await reports.usage("alice", job_id)
+    # The change's own stages: queued 1 s, rewriting 3 s, generating 3 s (the clips' reports in between
+    # do not cut them).
+    assert usage.stage_times == {"queued": (3.0, 2), "rewriting": (3.0, 1), "generating": (3.0, 1)}

@@ -178,7 +178,12 @@ def test_typed_payloads_read_as_the_json_objects_the_status_service_stores() -> 
     assert event_payload(step) == {"regeneration_id": REGENERATION_ID, "step": "generation_started", "cost": "0",
                                    "modified_prompt": None, "rewriter": None, "change_summary": None}
     progress = common_pb2.JobEvent(type="progress", progress=common_pb2.Progress(message="Encoding"))
-    assert event_payload(progress) == {"message": "Encoding"}
+    assert event_payload(progress) == {"message": "Encoding"}  # the whole change's: no member id
+    member = "7d2e9b1c-0f4a-4b6e-9c3d-5a8f1e2b7c90"
+    clip_progress = common_pb2.JobEvent(type="progress", progress=common_pb2.Progress(
+        message="Generating the new clip", regeneration_id=REGENERATION_ID, member_regeneration_id=member))
+    assert event_payload(clip_progress) == {"message": "Generating the new clip", "regeneration_id": REGENERATION_ID,
+                                            "member_regeneration_id": member}
     failed = common_pb2.JobEvent(type="job.failed", work_failed=common_pb2.WorkFailed(
         error_code="lease_expired", message="Composition failed. Please try again.", retryable=True,
         total_cost="0"))

@@ -99,8 +99,8 @@ class FakeStatus:
         self._write("renew")
 
     async def progress(self, job_id: str, token: str, stage: str, fraction: float, *, message: str = "",
-                       eta_seconds: float = 0.0, claim_id: str = "") -> None:
-        self._write("progress", stage=stage, fraction=fraction)
+                       eta_seconds: float = 0.0, claim_id: str = "", regeneration_id: str = "") -> None:
+        self._write("progress", stage=stage, fraction=fraction, regeneration_id=regeneration_id)
 
     async def record_step(self, job_id: str, token: str, step: Step, *, claim_id: str = "", **kwargs: Any) -> None:
         if step == self.refuse_step:
@@ -458,9 +458,13 @@ async def test_a_change_generates_every_clip_and_hands_them_over_at_once(
     [queued] = status.named("queue_composition")
     assert sorted(queued["new_clips"]) == [0, 1, 2]
     assert {c.prompt for c in queued["new_clips"].values()} == {f"{p}, anime style" for p in PROMPTS}
-    fractions = [p["fraction"] for p in status.named("progress")]
+    fractions = [p["fraction"] for p in status.named("progress") if not p["regeneration_id"]]
     # The mean of the clips' progress, up to the composer's 60 %.
     assert max(fractions) <= 0.6 + 1e-9 and fractions[-1] == pytest.approx(0.6)
+    # Each clip's own progress, on its own regeneration: rewritten, then generating.
+    for regeneration_id in members:
+        own = [(p["stage"], p["fraction"]) for p in status.named("progress") if p["regeneration_id"] == regeneration_id]
+        assert own[0] == ("rewriting", pytest.approx(0.02)) and own[-1] == ("generating", pytest.approx(0.1))
     assert not status.named("fail")
 
 
