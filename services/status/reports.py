@@ -30,13 +30,12 @@ from decimal import Decimal
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
 
 from clipchat.db import Database
 from clipchat.db.models import Clip, ClipRegeneration, Job, JobEvent, VideoVersion
 from clipchat.domain import FINISHED_REGENERATION, RegenerationStatus
 from clipchat.errors import InvalidInput, NotFound
-from services.status.state_machine import money, parse_uuid
+from services.status.state_machine import load_job, money
 
 # Events that open and close one stretch of work in the log.
 _WORK_STARTS = frozenset({"job.created", "regeneration.queued"})
@@ -93,7 +92,7 @@ class JobReports:
         if from_version == to_version:
             raise InvalidInput("Compare two different versions.")
         async with self.db.read() as session:
-            job = await _owned_job(session, job_id, owner)
+            job = await load_job(session, job_id, owner)
             versions = {v.version: v for v in job.versions}
             for number in (from_version, to_version):
                 if number not in versions:
@@ -112,7 +111,7 @@ class JobReports:
         """
         async with self.db.read() as session:
             if job_id:
-                jobs = [await _owned_job(session, job_id, owner, eager=False)]
+                jobs = [await load_job(session, job_id, owner, eager=False)]
             else:
                 jobs = list((await session.execute(select(Job).where(Job.owner == owner))).scalars().all())
             ids = [job.id for job in jobs]
@@ -124,16 +123,6 @@ class JobReports:
                                             for e in events if e.type == "job.composed"), Decimal("0"))
         usage.stage_times = _median_stage_times(events)
         return usage
-
-
-async def _owned_job(session: AsyncSession, job_id: str, owner: str, *, eager: bool = True) -> Job:
-    stmt = select(Job).where(Job.id == parse_uuid(job_id))
-    if eager:
-        stmt = stmt.options(selectinload(Job.clips), selectinload(Job.versions))
-    job = (await session.execute(stmt)).scalar_one_or_none()
-    if job is None or (owner and job.owner != owner):
-        raise NotFound("No such video.", code="job_not_found")
-    return job
 
 
 def _clip_differences(clips: Sequence[Clip], before: VideoVersion, after: VideoVersion) -> list[ClipDifference]:

@@ -157,6 +157,18 @@ def parse_uuid(value: str, what: str = "job") -> uuid.UUID:
         raise NotFound(f"No such {what}.") from exc
 
 
+async def load_job(session: AsyncSession, job_id: str, owner: str, *, eager: bool = True) -> Job:
+    """The job (with its clips and versions when ``eager``); ``NotFound`` when there is none or it
+    is not ``owner``'s (an empty owner: any job, for the services' own calls)."""
+    stmt = select(Job).where(Job.id == parse_uuid(job_id))
+    if eager:
+        stmt = stmt.options(selectinload(Job.clips), selectinload(Job.versions))
+    job = (await session.execute(stmt)).scalar_one_or_none()
+    if job is None or (owner and job.owner != owner):
+        raise NotFound("No such video.", code="job_not_found")
+    return job
+
+
 def current_clips(job: Job, versions: Sequence[VideoVersion] | None = None) -> list[Clip]:
     """The clip revision in use for each index: the current version's, or revision 0 before the first."""
     by_key = {(c.clip_index, c.revision): c for c in job.clips}
@@ -234,7 +246,7 @@ class JobStateMachine:
 
     async def get_job(self, job_id: str, owner: str = "") -> JobSnapshot:
         async with self.db.read() as session:
-            job = await self._load(session, job_id, owner)
+            job = await load_job(session, job_id, owner)
             active = None
             if job.active_regeneration_id:
                 active = await session.get(ClipRegeneration, job.active_regeneration_id)
@@ -763,7 +775,7 @@ class JobStateMachine:
 
     async def list_regenerations(self, job_id: str, owner: str = "") -> list[ClipRegeneration]:
         async with self.db.read() as session:
-            job = await self._load(session, job_id, owner, eager=False)
+            job = await load_job(session, job_id, owner, eager=False)
             rows = await session.execute(select(ClipRegeneration).where(ClipRegeneration.job_id == job.id)
                                          .order_by(ClipRegeneration.created_at.desc()))
             return list(rows.scalars().all())
@@ -793,18 +805,9 @@ class JobStateMachine:
 
     async def check_owner(self, job_id: str, owner: str = "") -> None:
         async with self.db.read() as session:
-            await self._load(session, job_id, owner, eager=False)
+            await load_job(session, job_id, owner, eager=False)
 
     # ---- internals --------------------------------------------------------------------------
-
-    async def _load(self, session: AsyncSession, job_id: str, owner: str, *, eager: bool = True) -> Job:
-        stmt = select(Job).where(Job.id == parse_uuid(job_id))
-        if eager:
-            stmt = stmt.options(selectinload(Job.clips), selectinload(Job.versions))
-        job = (await session.execute(stmt)).scalar_one_or_none()
-        if job is None or (owner and job.owner != owner):
-            raise NotFound("No such video.", code="job_not_found")
-        return job
 
     async def _lock(self, session: AsyncSession, job_id: str, owner: str = "", *, nowait: bool = False,
                     skip_locked: bool = False) -> Job:
