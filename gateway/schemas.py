@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import AfterValidator, BaseModel, Field, StrictInt, WithJsonSchema, field_validator, model_validator
 
 from clipchat.proto_enums import stage_from_proto, step_from_proto
-from clipchat.v1 import common_pb2, jobs_pb2
+from clipchat.v1 import common_pb2, jobs_pb2, regenerator_pb2
 from gateway.errors import ErrorBody
 from gateway.signing import MediaSigner
 
@@ -557,3 +557,38 @@ def usage_out(usage: jobs_pb2.Usage, job_id: str | None) -> UsageOut:
                                               median_seconds=s.median_seconds, samples=s.samples)
                                  for s in usage.stage_times],
         median_change_seconds=usage.median_change_seconds if usage.completed else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates
+
+
+class ClipEstimateOut(BaseModel):
+    clip_index: int = Field(description="The clip's position, from 0.")
+    step_costs: dict[str, str] = Field(
+        description='What each step would cost (decimal strings): "rewrite", "generate" and, on the '
+                    'change\'s first clip only, "compose" (one composition for the whole change).',
+        examples=[{"rewrite": "0.0100", "generate": "0.2500", "compose": "0.0060"}])
+
+
+class EstimateOut(BaseModel):
+    """What a change of these clips would cost, before it is asked for: nothing is leased or spent."""
+
+    estimated_cost: str = Field(description="The whole change: every clip's steps and one composition.")
+    clips: list[ClipEstimateOut] = Field(description="By clip position.")
+    budget_left: str = Field(description="What the job's budget has left now (never below 0).")
+    within_budget: bool = Field(description="Whether the estimate fits in budget_left; if not, starting "
+                                            "the change is refused (402).")
+    budget_warning: bool = Field(description="Whether the change would take the job's spend to the "
+                                             "budget's warning fraction (80 % by default) or past it.")
+
+
+def estimate_out(reply: regenerator_pb2.EstimateRegenerationResponse) -> EstimateOut:
+    """The JSON of an ``EstimateRegenerationResponse``."""
+    return EstimateOut(
+        estimated_cost=str(_money(reply.estimated_cost)),
+        clips=[ClipEstimateOut(clip_index=c.clip_index,
+                               step_costs={step: str(_money(cost)) for step, cost in c.step_costs.items()})
+               for c in reply.clips],
+        budget_left=str(_money(reply.budget_left)), within_budget=reply.within_budget,
+        budget_warning=reply.budget_warning)

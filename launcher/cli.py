@@ -331,6 +331,22 @@ def regenerate(job_id: str, clip: str = typer.Argument(help='A clip index (from 
     asyncio.run(run())
 
 
+@app.command()
+def estimate(job_id: str, clip: str = typer.Argument(help='A clip index (from 0), several ("1,2,3") or "all".'),
+             url: str = UrlOption, token: str = TokenOption) -> None:
+    """Show what changing one clip, several ("1,2,3") or "all" would cost, step by step, and the budget
+    left. Nothing is started or spent."""
+    clips = _clip_selection(clip)
+    selection = ",".join(str(c) for c in clips) if isinstance(clips, list) else str(clips)
+
+    async def run() -> None:
+        async with _client(url, token) as client:
+            data = _check(await client.get(f"/api/v1/jobs/{job_id}/estimate", params={"clips": selection}), 200)
+            print("\n".join(estimate_lines(data)))
+
+    asyncio.run(run())
+
+
 def _clip_selection(text: str) -> int | list[int] | str:
     """One clip index, a comma-separated list of them, or "all"."""
     if text.strip().lower() == "all":
@@ -455,6 +471,22 @@ def compare_lines(data: dict[str, Any]) -> list[str]:
             version = f"v{change['version']}" if change.get("version") else "-"
             lines.append(f"{change['id']:<36}  {change['clip_index']:<4}  {change['status']:<9}  "
                          f"{'$' + change['cost']:>9}  {version:<7}  {change['instruction']}")
+    return lines
+
+
+def estimate_lines(data: dict[str, Any]) -> list[str]:
+    """``GET …/estimate`` as a readable table: each clip's steps, the change's estimate and the budget left."""
+    steps = ("rewrite", "generate", "compose")
+    lines = [f"{'clip':<5} " + " ".join(f"{step:>10}" for step in steps)]
+    for clip in data["clips"]:
+        costs = clip["step_costs"]
+        lines.append(f"{clip['clip_index']:<5} " + " ".join(
+            f"{'$' + costs[step] if step in costs else '-':>10}" for step in steps))
+    lines += ["", f"estimated ${data['estimated_cost']}, budget left ${data['budget_left']}"]
+    if not data["within_budget"]:
+        lines.append("over budget: this change would be refused")
+    elif data["budget_warning"]:
+        lines.append("warning: this change would take the job near its budget")
     return lines
 
 

@@ -1,11 +1,12 @@
-"""Regenerations: change one clip by instruction, cancel a running change, read the history."""
+"""Regenerations: what a change would cost, change one clip or several by instruction, cancel a
+running change, read the history."""
 
 from __future__ import annotations
 
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
 
 from clipchat.errors import NotFound
 from clipchat.rpc import call
@@ -17,10 +18,12 @@ from gateway.schemas import (
     ChangeAccepted,
     ChangeClipOut,
     ChangeRequest,
+    EstimateOut,
     RegenerateRequest,
     RegenerationAccepted,
     RegenerationList,
     RegenerationOut,
+    estimate_out,
     regeneration_out,
     regeneration_status,
 )
@@ -39,6 +42,15 @@ def _regeneration_id(regeneration_id: Annotated[str, Path(description="The regen
 
 
 RegenerationId = Annotated[str, Depends(_regeneration_id)]
+
+# ``?clips=`` of an estimate: one position, several separated by commas, or "all". The route reads
+# it itself (``_estimate_request``) for a readable 422; the pattern only documents it.
+_CLIP_POSITION = re.compile(r"[0-9]+")
+CLIPS_PATTERN = rf"^(all|[0-9]{{1,2}}(,[0-9]{{1,2}}){{0,{MAX_CLIPS - 1}}})$"
+ClipSelection = Annotated[str, Query(
+    description=f'The clips the change would name, by position from 0: one ("2"), several separated by '
+                f'commas ("0,2,3"), each once, at most {MAX_CLIPS}; or "all".',
+    examples=["2", "0,2,3", "all"], json_schema_extra={"pattern": CLIPS_PATTERN})]
 
 
 @router.post("/jobs/{job_id}/clips/{clip_index}/regenerate", status_code=202,
@@ -85,6 +97,48 @@ async def change_clips(job_id: JobId, body: ChangeRequest, owner: LimitedOwner, 
                           estimated_cost=reply.estimated_cost or "0", budget_warning=reply.budget_warning,
                           clips=[ChangeClipOut(clip_index=m.clip_index, regeneration_id=m.regeneration_id)
                                  for m in members])
+
+
+@router.get("/jobs/{job_id}/estimate", response_model=EstimateOut, summary="What a change of clips would cost",
+            responses=documented(401, 404, 422))
+async def estimate_change(job_id: JobId, clips: ClipSelection, owner: Owner, settings: SettingsDep,
+                          downstream: DownstreamDep) -> EstimateOut:
+    """The estimate of a change of ``?clips=`` (``2``, ``0,2,3`` or ``all``), step by step, and what
+    the job's budget has left: whether the change fits, and whether it would near the budget.
+
+    Nothing is leased, queued or spent. A retry of a failed change reuses the steps it already paid
+    for, so when it is started its estimate can be lower than this one. 422 for clips that are not
+    positions from 0, are named twice, are too many or are past the last clip.
+    """
+    request = _estimate_request(clips)
+    request.job_id, request.owner = job_id, owner
+    reply = await call(downstream.regenerator.EstimateRegeneration, request,
+                       timeout=settings.grpc_deadline_seconds)
+    return estimate_out(reply)
+
+
+def _estimate_request(clips: str) -> regenerator_pb2.EstimateRegenerationRequest:
+    """The regenerator's request for ``?clips=``; 422 for a selection that names no clip positions.
+
+    Positions past the job's last clip are the regenerator's to refuse (it knows the job).
+    """
+    if clips == "all":
+        return regenerator_pb2.EstimateRegenerationRequest(all_clips=True)
+    parts = clips.split(",")
+    if not clips:
+        raise invalid_input('Name the clips to estimate: ?clips=2, ?clips=0,2,3 or ?clips=all.')
+    if len(parts) > MAX_CLIPS:
+        raise invalid_input(f"A change can name at most {MAX_CLIPS} clips.")
+    if any(part.startswith("-") and _CLIP_POSITION.fullmatch(part[1:]) for part in parts):
+        raise invalid_input("Clip positions start at 0: name clips from 0 up.")
+    if not all(_CLIP_POSITION.fullmatch(part) for part in parts):
+        raise invalid_input('clips must be clip positions from 0 separated by commas (e.g. "0,2,3"), or "all".')
+    if any(len(part) > 2 for part in parts):
+        raise invalid_input(f"A video has at most {MAX_CLIPS} clips: positions 0 to {MAX_CLIPS - 1}.")
+    indices = [int(part) for part in parts]
+    if len(set(indices)) != len(indices):
+        raise invalid_input("Name each clip once.")
+    return regenerator_pb2.EstimateRegenerationRequest(clip_indices=indices)
 
 
 def _start_request(job_id: str, owner: str, body: RegenerateRequest,

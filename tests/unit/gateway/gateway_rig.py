@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from clipchat.domain import check_clip_indices
 from clipchat.errors import (
     BudgetExceeded,
     ClipChatError,
@@ -245,7 +246,7 @@ class FakeStatus(jobs_pb2_grpc.JobStatusServiceServicer):
 
 
 class FakeRegenerator(regenerator_pb2_grpc.RegeneratorServiceServicer):
-    """StartRegeneration and ListRegenerations over the fake status's state."""
+    """StartRegeneration, EstimateRegeneration and ListRegenerations over the fake status's state."""
 
     estimated_cost = Decimal("0.50")
 
@@ -279,6 +280,25 @@ class FakeRegenerator(regenerator_pb2_grpc.RegeneratorServiceServicer):
             regeneration_id=regen.regeneration_id, state=common_pb2.REGENERATION_STATE_QUEUED,
             estimated_cost=str(self.estimated_cost),
             budget_warning=total >= Decimal(job.budget_limit) * Decimal("0.8"))
+
+    @rpc_method
+    async def EstimateRegeneration(self, request: regenerator_pb2.EstimateRegenerationRequest,
+                                   context: Any) -> regenerator_pb2.EstimateRegenerationResponse:
+        """Each clip ``estimated_cost`` less the composition (0.05), which is quoted once, on the first."""
+        job = self.status.job(request.job_id, request.owner)
+        indices = list(range(len(job.clips))) if request.all_clips else \
+            list(request.clip_indices) or [request.clip_index]
+        check_clip_indices(indices, len(job.clips))
+        compose = Decimal("0.05")
+        generate = self.estimated_cost - compose
+        clips = [regenerator_pb2.ClipEstimate(clip_index=index, step_costs={
+            "rewrite": "0", "generate": str(generate), **({"compose": str(compose)} if n == 0 else {})})
+            for n, index in enumerate(sorted(indices))]
+        estimate = generate * len(indices) + compose
+        spent, limit = Decimal(job.total_cost), Decimal(job.budget_limit)
+        return regenerator_pb2.EstimateRegenerationResponse(
+            estimated_cost=str(estimate), clips=clips, budget_left=str(max(limit - spent, Decimal(0))),
+            within_budget=spent + estimate <= limit, budget_warning=spent + estimate >= limit * Decimal("0.8"))
 
     @rpc_method
     async def ListRegenerations(self, request: regenerator_pb2.ListJobRegenerationsRequest,

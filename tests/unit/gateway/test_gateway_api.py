@@ -430,7 +430,7 @@ async def test_openapi_lists_every_route(client: httpx.AsyncClient) -> None:
         ("post", "/api/v1/jobs/{job_id}/regenerations/{regeneration_id}/cancel"),
         ("get", "/api/v1/jobs/{job_id}/regenerations"), ("get", "/api/v1/jobs/{job_id}/versions"),
         ("post", "/api/v1/jobs/{job_id}/versions/{version}/restore"), ("get", "/api/v1/jobs/{job_id}/events"),
-        ("get", "/api/v1/media/{key}"),
+        ("get", "/api/v1/media/{key}"), ("get", "/api/v1/jobs/{job_id}/estimate"),
     }
     listed = {(method, path) for path, ops in spec["paths"].items() for method in ops}
     assert expected <= listed
