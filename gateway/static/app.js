@@ -58,6 +58,7 @@ const state = {
   connection: "open",
   estimateTimer: null,
   usage: null, // the usage chart beside the budget
+  compareAsked: 0, // the latest read of which clips differ between the compared versions
 };
 const compare = new Compare();
 
@@ -411,6 +412,12 @@ function activeRows() {
   const job = state.job;
   if (!job || !job.active_regeneration_id) return [];
   return state.regenerations.filter((r) => changeOf(r) === job.active_regeneration_id);
+}
+
+// The clips one change changed (one, or several for a change of several clips).
+function clipsOfChange(r) {
+  const id = changeOf(r);
+  return state.regenerations.filter((row) => changeOf(row) === id).map((row) => row.clip_index).sort((x, y) => x - y);
 }
 
 function clipList(indexes) {
@@ -868,12 +875,32 @@ function compareVersions(a, b, clipIndex = null) {
   const before = job.versions.find((v) => v.version === a);
   const after = job.versions.find((v) => v.version === b);
   if (!before || !after) return;
-  const window = clipIndex !== null ? clipWindow(clipIndex) : { start: 0, end: Math.min(before.duration, after.duration) };
-  const caption = clipIndex !== null
-    ? `Clip ${clipIndex + 1}: version ${a} (before) and version ${b} (after), seeked together.`
-    : `Version ${a} and version ${b}, seeked together.`;
+  const whole = { start: 0, end: Math.min(before.duration, after.duration) };
   compare.open({ beforeUrl: before.url, afterUrl: after.url, beforeLabel: `Before · version ${a}`,
-    afterLabel: `After · version ${b}`, caption, ...window });
+    afterLabel: `After · version ${b}`, ...compareWindow(a, b, clipIndex, whole) });
+  markChangedClips(job.id, a, b, clipIndex, whole);
+}
+
+function compareWindow(a, b, clipIndex, whole) {
+  if (clipIndex === null) return { caption: `Version ${a} and version ${b}, seeked together.`, ...whole };
+  return { caption: `Clip ${clipIndex + 1}: version ${a} (before) and version ${b} (after), seeked together.`,
+    ...clipWindow(clipIndex) };
+}
+
+// Which clips differ between the two versions (GET …/versions/{a}/compare/{b}): marked in the compare.
+async function markChangedClips(jobId, a, b, clipIndex, whole) {
+  const asked = state.compareAsked + 1;
+  state.compareAsked = asked;
+  let diff;
+  try {
+    diff = await state.api.get(`/jobs/${jobId}/versions/${a}/compare/${b}`);
+  } catch (error) {
+    if (asked === state.compareAsked) compare.showChanges(null, `Which clips changed could not be read: ${error.message}`);
+    return;
+  }
+  if (asked !== state.compareAsked || !state.job || state.job.id !== jobId || $("compare").hidden) return;
+  compare.showChanges({ count: state.job.clips.length, clips: diff.clips, cost: diff.cost, selected: clipIndex,
+    onPick: (index) => compare.setWindow(compareWindow(a, b, index, whole)) });
 }
 
 function renderBudget(job) {
@@ -890,7 +917,7 @@ function renderVersions(job) {
   $("versions").replaceChildren(...job.versions.slice().reverse().map((version) => {
     const current = version.version === job.current_version;
     const made = version.created_by_regeneration_id ? byId.get(version.created_by_regeneration_id) : null;
-    const what = made ? `Clip ${made.clip_index + 1}: “${made.instruction}”`
+    const what = made ? `${clipList(clipsOfChange(made))}: “${made.instruction}”`
       : version.created_by_regeneration_id ? "A change" : "The first composition";
     return el("li", {},
       el("span", { class: "version-text" },

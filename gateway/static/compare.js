@@ -1,5 +1,6 @@
-// Two videos side by side, seeked and played together over one window of time (a clip's place).
-import { $ } from "/static/dom.js";
+// Two videos side by side, seeked and played together over one window of time (a clip's place),
+// with the clips of the two versions listed and the ones that differ marked.
+import { $, el, money } from "/static/dom.js";
 
 export class Compare {
   constructor() {
@@ -20,27 +21,60 @@ export class Compare {
   }
 
   open({ beforeUrl, afterUrl, beforeLabel, afterLabel, caption, start, end }) {
+    $("compare-before-label").textContent = beforeLabel;
+    $("compare-after-label").textContent = afterLabel;
+    this.showChanges(null);
+    this.before.src = beforeUrl;
+    this.after.src = afterUrl;
+    this.setWindow({ caption, start, end });
+    const section = $("compare");
+    section.hidden = false;
+    section.scrollIntoView({ block: "nearest", behavior: "smooth" });
+    section.focus({ preventScroll: true });
+  }
+
+  // Seek both videos to another window of time (another clip's place).
+  setWindow({ caption, start, end }) {
     this.pause();
     this.start = start;
     this.end = Math.max(start + 0.1, end);
-    $("compare-before-label").textContent = beforeLabel;
-    $("compare-after-label").textContent = afterLabel;
     $("compare-caption").textContent = caption;
     this.seek.min = String(this.start);
     this.seek.max = String(this.end);
     this.seek.value = String(this.middle());
-    this.before.src = beforeUrl;
-    this.after.src = afterUrl;
-    const section = $("compare");
-    section.hidden = false;
     this.seekTo(this.middle());
-    section.scrollIntoView({ block: "nearest", behavior: "smooth" });
-    section.focus({ preventScroll: true });
+  }
+
+  // The clips of the two versions, a button each (to look at that clip), the ones that differ marked
+  // "changed". ``changes`` is null while they are being read; ``error`` says they could not be.
+  showChanges(changes, error = "") {
+    const list = $("compare-clips");
+    const summary = $("compare-changes");
+    if (!changes) {
+      list.replaceChildren();
+      summary.textContent = error;
+      return;
+    }
+    const { count, clips, cost, selected, onPick } = changes;
+    const changed = new Map(clips.map((diff) => [diff.index, diff]));
+    const numbers = clips.map((diff) => diff.index + 1);
+    summary.textContent = !numbers.length ? "No clip differs between these two versions."
+      : `Changed: ${numbers.length > 1 ? `clips ${numbers.slice(0, -1).join(", ")} and ${numbers.at(-1)}`
+        : `clip ${numbers[0]}`} (${money(cost)} spent in between).`;
+    const pick = (index) => {
+      for (const button of list.querySelectorAll("button")) {
+        button.setAttribute("aria-pressed", String(Number(button.dataset.index) === index));
+      }
+      onPick(index);
+    };
+    list.replaceChildren(...Array.from({ length: count }, (_, index) => clipButton(index, changed.get(index),
+      index === selected, pick)));
   }
 
   close() {
     this.pause();
     $("compare").hidden = true;
+    this.showChanges(null);
     for (const video of [this.before, this.after]) {
       video.removeAttribute("src");
       video.load();
@@ -90,4 +124,14 @@ export class Compare {
     if (Math.abs(this.before.currentTime - t) > 0.15) this.before.currentTime = t;
     this.show(t);
   }
+}
+
+function clipButton(index, diff, pressed, pick) {
+  const label = diff
+    ? `Clip ${index + 1}, changed: from “${diff.prompt_before}” to “${diff.prompt_after}”`
+    : `Clip ${index + 1}, unchanged`;
+  return el("li", {}, el("button", {
+    type: "button", class: `compare-clip small${diff ? " changed" : ""}`, "data-index": String(index),
+    "aria-pressed": String(pressed), "aria-label": label, title: label, onclick: () => pick(index),
+  }, `Clip ${index + 1}`, diff ? el("span", { class: "compare-mark" }, "changed") : ""));
 }

@@ -723,6 +723,28 @@ def test_one_instruction_changes_several_clips_in_one_version(system: PageSystem
         [0, 0, 0, 0, 1, 1]
     assert all("rain" in job["clips"][i]["prompt"] for i in (4, 5))
     assert page.locator("#also-clips input:checked").count() == 0  # the choice does not stick
+    assert page.locator("#versions li", has_text=f"Version {version}").locator(".version-text").inner_text() \
+        .startswith(f"Version {version} · Clips 5 and 6: “make it rainy”")
     watched.shot("done")
+
+    # The compare of the version before and the new one marks exactly the clips that changed.
+    page.select_option("#compare-a", str(version - 1))
+    page.select_option("#compare-b", str(version))
+    page.locator("#versions-compare button").click()
+    page.wait_for_selector("#compare:not([hidden])")
+    page.wait_for_function("document.querySelectorAll('#compare-clips .compare-clip').length === 6")
+    marked = page.eval_on_selector_all("#compare-clips .compare-clip.changed", "(bs) => bs.map((b) => b.dataset.index)")
+    assert marked == ["4", "5"], marked
+    assert page.locator("#compare-clips .compare-mark").count() == 2
+    assert page.inner_text("#compare-changes").startswith("Changed: clips 5 and 6"), page.inner_text("#compare-changes")
+    unchanged = page.locator("#compare-clips .compare-clip").nth(0).get_attribute("aria-label")
+    assert unchanged == "Clip 1, unchanged", unchanged
+    page.locator("#compare-clips .compare-clip.changed").last.click()  # look at clip 6 in both
+    assert page.inner_text("#compare-caption").startswith(f"Clip 6: version {version - 1} (before)")
+    assert float(page.get_attribute("#compare-seek", "min") or "nan") == pytest.approx(5 * CLIP_SECONDS)
+    page.wait_for_function("""() => ['compare-before', 'compare-after'].every((id) => {
+        const v = document.getElementById(id); return v.readyState >= 2 && !v.seeking && !v.error; })""",
+                           timeout=60_000)
+    watched.shot("compared")
     watched.assert_clean()
     page.context.close()
