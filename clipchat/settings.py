@@ -6,8 +6,9 @@ import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Self, get_args
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["dev", "test", "production"]
@@ -16,6 +17,23 @@ EncoderName = Literal["auto", "libx264", "h264_nvenc"]
 # x264's presets from superfast on: ultrafast turns off CABAC and the High profile's tools, and the
 # segments of one video must share one encoder configuration to be joined by stream copy.
 X264Preset = Literal["superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+# The settings that are URLs: the schemes each takes, and an example for the error. An empty value
+# means "not set" (the database and storage under data_dir, no LLM, the provider's own API, …).
+_URL_SETTINGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "database_url": (("postgresql+asyncpg", "sqlite+aiosqlite"),
+                     "postgresql+asyncpg://user:password@host:5432/clipchat"),
+    "broker_url": (("amqp", "amqps", "memory"), "amqp://user:password@host:5672/vhost or memory://"),
+    "storage_url": (("s3", "file"), "s3://bucket/prefix or file:///srv/clipchat"),
+    "s3_endpoint_url": (("https", "http"), "https://s3.us-east-1.amazonaws.com"),
+    "public_url": (("https", "http"), "https://clipchat.example.com"),
+    "llm_base_url": (("https", "http"), "https://api.openai.com/v1"),
+    "generator_url": (("https", "http"), "https://api.replicate.com"),
+    "otlp_endpoint": (("http", "https"), "http://otel-collector:4317"),
+}
+# Schemes whose URLs name a host; the others name a path (file, sqlite) or nothing (memory).
+_HOST_SCHEMES = frozenset({"postgresql+asyncpg", "amqp", "amqps", "s3", "http", "https"})
 
 DEV_AUTH_TOKENS = "dev-token=demo"
 DEV_MEDIA_SIGNING_KEY = "change-me-in-production"
@@ -190,7 +208,7 @@ class Settings(BaseSettings):
 
     # Telemetry: OTLP endpoint (e.g. http://collector:4317); empty = no export.
     otlp_endpoint: str = ""
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     # Prometheus metrics of `clipchat serve status|regenerator|composer`: GET /metrics on this port
     # of grpc_host (0 = not served). The gateway serves its own at /metrics on its HTTP port; in
     # embedded mode that covers the whole process.
@@ -211,6 +229,27 @@ class Settings(BaseSettings):
         known = get_args(GeneratorName)
         if value not in known:
             raise InvalidSettings(f"CLIPCHAT_GENERATOR={str(value)[:40]!r} is not one of {', '.join(known)}.")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_log_level(cls, value: Any) -> Any:
+        level = value.upper() if isinstance(value, str) else value
+        if level not in get_args(LogLevel):
+            raise InvalidSettings(f"CLIPCHAT_LOG_LEVEL={str(value)[:40]!r} is not one of "
+                                  f"{', '.join(get_args(LogLevel))}.")
+        return level
+
+    @field_validator(*_URL_SETTINGS, mode="after")
+    @classmethod
+    def _valid_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A URL of one of the setting's schemes; the value is never echoed (some carry passwords)."""
+        name = str(info.field_name)
+        schemes, example = _URL_SETTINGS[name]
+        problem = url_problem(value, schemes) if value else None
+        if problem:
+            raise InvalidSettings(f"CLIPCHAT_{name.upper()} {problem}; set a URL such as {example}, or leave "
+                                  "it unset.")
         return value
 
     @model_validator(mode="after")
@@ -303,3 +342,22 @@ class Settings(BaseSettings):
             if token and owner:
                 owners[token] = owner
         return owners
+
+
+def url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with ``value`` as a URL of one of ``schemes`` (``None``: nothing), said so that
+    it follows the setting's name."""
+    if any(c.isspace() for c in value):
+        return "has white space in it"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  # a port that is not a number from 0 to 65535 raises here
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in schemes or not value.startswith(f"{parts.scheme}://"):
+        return "must start with " + " or ".join(f"{scheme}://" for scheme in schemes)
+    if parts.scheme in _HOST_SCHEMES and not parts.hostname:
+        return "names no host" if parts.scheme != "s3" else "names no bucket"
+    if parts.scheme == "file" and not value.removeprefix("file://"):
+        return "names no folder"
+    return None
