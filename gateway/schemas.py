@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -351,16 +352,13 @@ def version_out(version: common_pb2.VideoVersion, signer: MediaSigner) -> Versio
                       encoder=version.encoder or None)
 
 
-def clips_out(clips: Any, signer: MediaSigner) -> list[ClipOut]:
-    """The current clip at each index (the highest revision), in timeline order."""
-    latest: dict[int, common_pb2.Clip] = {}
-    for clip in clips:
-        if clip.clip_index not in latest or clip.revision > latest[clip.clip_index].revision:
-            latest[clip.clip_index] = clip
+def clips_out(clips: Iterable[common_pb2.Clip], signer: MediaSigner) -> list[ClipOut]:
+    """The job's clips in timeline order. The status service sends only the clips in use, one per
+    index: the current version's revisions (after a restore, not the highest)."""
     return [ClipOut(index=c.clip_index, prompt=c.prompt, duration=c.duration,
                     video_url=signer.optional_url(c.video_key),
                     thumbnail_url=signer.optional_url(c.thumbnail_key), revision=c.revision)
-            for _, c in sorted(latest.items())]
+            for c in sorted(clips, key=lambda c: c.clip_index)]
 
 
 def job_out(job: common_pb2.Job, signer: MediaSigner, warning_fraction: Decimal) -> JobOut:
