@@ -14,6 +14,25 @@ two windows with xfade and encodes the result: raw windows a clip run wrote, or 
 from the two clips itself. A run holds at most one x264 encoder. A frame's pixels do not depend
 on which run read it, so the composer groups the work into runs as suits it (each clip decoded
 once, or runs that all start at once).
+
+**Built with ffmpeg-python.** Every command here is a graph of ffmpeg-python inputs, filters and
+outputs (``clipchat.media.commands``), written out by its ``get_args``: the clip runs with their
+split, the transitions (from raw windows or from the clips), the clips' sound under a window,
+the audio crossfade, the soundtrack with its fade and mix, and the final mux, stream copy and
+the concat demuxer's input included. Each filter is its own link of the graph
+(``[s0]trim=…[s1]``) rather than a comma chain, options come sorted by name, and the clip's
+sound is filtered in ``-filter_complex`` rather than ``-filter:a``; the graph and the options
+are the same, so the frames, samples and segment bytes are too. No hardware decoding options
+are used; NVENC's options are output options and go through it like x264's.
+
+**Kept hand-written: the concat listing.** ``concat_listing`` writes the ffconcat script naming
+the segments. ffmpeg-python makes argument lists, not the files a demuxer reads; the mux command
+that reads the script is built with it.
+
+**Kept as option lists: encoder and segment output options.** ``video_encoder_args`` and
+``SEGMENT_OUTPUT_ARGS`` stay lists of strings, as before: the segment cache keys hash these very
+lists (``pipeline._segments``), so keeping them keeps every key, and a segment cached before
+still hits. ``commands.options`` turns them into ffmpeg-python keywords where an output is built.
 """
 
 from __future__ import annotations
@@ -22,6 +41,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import ffmpeg
+
+from clipchat.media.commands import Option, Stream, apply, command, merged, options
 from clipchat.media.probe import MEDIA_DEMUXERS, MediaInfo
 from services.composer.timeline import FPS, ClipWindow
 
@@ -39,15 +61,13 @@ _TIMESCALES = ["-movie_timescale", str(TIMESCALE)]
 # picks: near a seek point an accurate seek drops the source frame just before it, and the fps
 # filter's rounding could go the other way on a tie.
 _SEEK_MARGIN_FRAMES = FPS
-_PCM_FORMAT = ["-f", "s16le", "-ar", str(AUDIO_SAMPLE_RATE), "-ac", "2"]
-_PCM_OUTPUT = ["-c:a", "pcm_s16le", *_PCM_FORMAT]
+_PCM_FORMAT: dict[str, Option] = {"format": "s16le", "ar": AUDIO_SAMPLE_RATE, "ac": 2}
+_PCM_OUTPUT = {"c:a": "pcm_s16le", **_PCM_FORMAT}
+_VIDEO_ONLY: dict[str, Option] = {"an": None, "sn": None, "dn": None}
+_AUDIO_ONLY: dict[str, Option] = {"vn": None, "sn": None, "dn": None, "map_metadata": "-1"}
+_RAW_OUTPUT: dict[str, Option] = {**_VIDEO_ONLY, "c:v": "rawvideo", "pix_fmt": "yuv420p", "format": "rawvideo"}
 # FFmpeg's AVColorSpace values → the scale filter's names; anything else counts as untagged.
 _MATRIX_NAMES = {1: "bt709", 4: "fcc", 5: "bt470", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
-
-# Frames are tagged in the filter graph: ffmpeg takes an encoder's colour description from the
-# frames it gets, so output options alone would leave primaries and transfer unspecified. Square
-# pixels and the same tags on every segment also keep their SPS headers identical.
-_FRAME_TAGS = "setsar=1,setparams=range=tv:color_primaries=bt709:color_trc=bt709:colorspace=bt709"
 
 # Output options every video segment shares, so they join by copy and play with the right colours.
 SEGMENT_OUTPUT_ARGS = [
@@ -99,34 +119,31 @@ def seek_frame(source: SourceClip, first: int) -> int:
 def clip_command(source: SourceClip, canvas: Canvas, outputs: list[ClipOutput],
                  encoder_args: list[str]) -> list[str]:
     """Read ``source`` from a little before the first frame ``outputs`` need, normalize it to
-    ``canvas`` and write ``outputs``."""
+    ``canvas`` and write ``outputs`` (in their order)."""
     first = min(o.window.start_frame for o in outputs)
     last = max(o.window.end_frame for o in outputs)
-    args, chain = _read_clip(source, canvas, ClipWindow(outputs[0].window.clip_index, first, last - first))
-    labels = [f"[o{number}]" for number in range(len(outputs))]
-    graph = f"[0:v:0]{chain}"
+    video = _read_clip(source, canvas, ClipWindow(outputs[0].window.clip_index, first, last - first))
     if len(outputs) == 1 and outputs[0].window.start_frame == first and outputs[0].window.end_frame == last:
-        graph += labels[0]
+        streams = [video]
     else:
-        graph += f",split={len(outputs)}" + "".join(f"[s{n}]" for n in range(len(outputs)))
-        for number, output in enumerate(outputs):
-            start, end = output.window.start_frame - first, output.window.end_frame - first
-            graph += f";[s{number}]trim=start_frame={start}:end_frame={end},setpts=PTS-STARTPTS{labels[number]}"
-    args += ["-filter_complex", graph]
-    for label, output in zip(labels, outputs, strict=True):
-        args += ["-map", label, "-frames:v", str(output.window.frames)]
-        args += _encoded_output(encoder_args, output.dest) if output.encoded else _raw_output(output.dest)
-    return args
+        split = video.split()  # ffmpeg-python counts the split's outputs itself
+        streams = [_trimmed(split[number], output.window.start_frame - first, output.window.end_frame - first)
+                   for number, output in enumerate(outputs)]
+    return command(*(
+        ffmpeg.output(stream, str(output.dest), **merged(
+            {"frames:v": output.window.frames},
+            _encoded_output(encoder_args) if output.encoded else _RAW_OUTPUT))
+        for stream, output in zip(streams, outputs, strict=True)))
 
 
 def transition_command(xfade: str, frames: int, before: Path, after: Path, canvas: Canvas,
                        encoder_args: list[str], dest: Path) -> list[str]:
     """Blend two raw windows of ``frames`` frames (from ``clip_command``) with the xfade ``xfade``."""
-    raw = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-video_size", f"{canvas.width}x{canvas.height}",
-           "-framerate", str(FPS)]
-    return [*raw, "-i", str(before), *raw, "-i", str(after), "-filter_complex",
-            f"[0:v][1:v]{_blend(xfade, frames)}[out]",
-            "-map", "[out]", "-frames:v", str(frames), *_encoded_output(encoder_args, dest)]
+    raw: dict[str, Option] = {"format": "rawvideo", "pix_fmt": "yuv420p", "framerate": FPS}
+    # ffmpeg-python writes an input's video_size from a (width, height) pair.
+    windows = [ffmpeg.input(str(path), video_size=(canvas.width, canvas.height), **raw)["v"]
+               for path in (before, after)]
+    return _encoded_command(_blend(windows, xfade, frames), frames, encoder_args, dest)
 
 
 def clip_transition_command(xfade: str, frames: int, before: tuple[SourceClip, ClipWindow],
@@ -134,14 +151,8 @@ def clip_transition_command(xfade: str, frames: int, before: tuple[SourceClip, C
                             dest: Path) -> list[str]:
     """Read the two windows straight from their clips and blend them as ``transition_command`` does:
     the same frames, without raw files in between."""
-    args: list[str] = []
-    chains = []
-    for number, (source, window) in enumerate((before, after)):
-        reading, chain = _read_clip(source, canvas, window)
-        args += reading
-        chains.append(f"[{number}:v:0]{chain}[w{number}]")
-    return [*args, "-filter_complex", f"{';'.join(chains)};[w0][w1]{_blend(xfade, frames)}[out]",
-            "-map", "[out]", "-frames:v", str(frames), *_encoded_output(encoder_args, dest)]
+    windows = [_read_clip(source, canvas, window) for source, window in (before, after)]
+    return _encoded_command(_blend(windows, xfade, frames), frames, encoder_args, dest)
 
 
 def window_audio_command(window: ClipWindow, source: SourceClip, dest: Path) -> list[str]:
@@ -151,19 +162,20 @@ def window_audio_command(window: ClipWindow, source: SourceClip, dest: Path) -> 
     """
     start = window.start_frame * SAMPLES_PER_FRAME
     end = window.end_frame * SAMPLES_PER_FRAME
-    chain = (f"aresample={AUDIO_SAMPLE_RATE}:async=1:first_pts=0,"
-             f"aformat=sample_fmts=s16:channel_layouts=stereo,"
-             f"apad=whole_len={end},atrim=start_sample={start}:end_sample={end},asetpts=PTS-STARTPTS")
-    return [*_clip_input(source, window.end_frame), "-map", "0:a:0", "-vn", "-sn", "-dn", "-map_metadata", "-1",
-            "-filter:a", chain, *_PCM_OUTPUT, str(dest)]
+    sound = _clip_input(source, window.end_frame)["a:0"]
+    sound = apply(sound, "aresample", AUDIO_SAMPLE_RATE, first_pts=0, **{"async": 1})
+    sound = apply(sound, "aformat", sample_fmts="s16", channel_layouts="stereo")
+    sound = apply(sound, "apad", whole_len=end)
+    sound = apply(sound, "atrim", start_sample=start, end_sample=end)
+    sound = apply(sound, "asetpts", "PTS-STARTPTS")
+    return command(ffmpeg.output(sound, str(dest), **merged(_AUDIO_ONLY, _PCM_OUTPUT)))
 
 
 def audio_crossfade_command(before: Path, after: Path, frames: int, dest: Path) -> list[str]:
     """Blend two raw PCM windows of ``frames`` frames each into one of the same length."""
-    samples = frames * SAMPLES_PER_FRAME
-    return [*_PCM_FORMAT, "-i", str(before), *_PCM_FORMAT, "-i", str(after),
-            "-filter_complex", f"[0:a][1:a]acrossfade=ns={samples}:c1=tri:c2=tri[out]", "-map", "[out]",
-            *_PCM_OUTPUT, str(dest)]
+    windows = [ffmpeg.input(str(path), **_PCM_FORMAT)["a"] for path in (before, after)]
+    blended = apply(windows, "acrossfade", ns=frames * SAMPLES_PER_FRAME, c1="tri", c2="tri")
+    return command(ffmpeg.output(blended, str(dest), **_PCM_OUTPUT))
 
 
 def soundtrack_command(music: Path, music_info: MediaInfo, total_frames: int, dest: Path,
@@ -178,30 +190,34 @@ def soundtrack_command(music: Path, music_info: MediaInfo, total_frames: int, de
     music_samples = round((music_info.audio_duration or music_info.duration) * AUDIO_SAMPLE_RATE)
     fade_end = min(samples, music_samples)
     fade = max(1, min(round(FADE_OUT_SECONDS * AUDIO_SAMPLE_RATE), fade_end // 4))
-    graph = (f"[0:a:0]asetpts=PTS-STARTPTS,aresample={AUDIO_SAMPLE_RATE},"
-             f"aformat=sample_fmts=fltp:channel_layouts=stereo,apad=whole_len={samples},"
-             f"atrim=end_sample={samples},afade=t=out:start_sample={max(0, fade_end - fade)}:nb_samples={fade}")
-    inputs = ["-format_whitelist", MEDIA_DEMUXERS, "-i", str(music)]
+    sound = ffmpeg.input(str(music), format_whitelist=MEDIA_DEMUXERS)["a:0"]
+    sound = apply(sound, "asetpts", "PTS-STARTPTS")
+    sound = apply(sound, "aresample", AUDIO_SAMPLE_RATE)
+    sound = apply(sound, "aformat", sample_fmts="fltp", channel_layouts="stereo")
+    sound = apply(sound, "apad", whole_len=samples)
+    sound = apply(sound, "atrim", end_sample=samples)
+    sound = apply(sound, "afade", t="out", start_sample=max(0, fade_end - fade), nb_samples=fade)
     if clip_audio is not None:
-        inputs += [*_PCM_FORMAT, "-i", str(clip_audio)]
+        clips = ffmpeg.input(str(clip_audio), **_PCM_FORMAT)["a"]
+        clips = apply(clips, "aformat", sample_fmts="fltp", channel_layouts="stereo")
         end_fade = max(1, min(round(FADE_OUT_SECONDS * AUDIO_SAMPLE_RATE), samples // 4))
-        graph += (f"[music];[1:a]aformat=sample_fmts=fltp:channel_layouts=stereo[clips];"
-                  f"[music][clips]amix=inputs=2:duration=first:normalize=0,atrim=end_sample={samples},"
-                  f"afade=t=out:start_sample={samples - end_fade}:nb_samples={end_fade}")
-    return [*inputs, "-filter_complex", graph + "[out]", "-map", "[out]", "-vn", "-sn", "-dn",
-            "-map_metadata", "-1", "-c:a", "aac", "-b:a", AUDIO_BITRATE, "-ar", str(AUDIO_SAMPLE_RATE),
-            "-ac", "2", *_TIMESCALES, "-movflags", "+faststart", "-f", "mp4", str(dest)]
+        sound = apply([sound, clips], "amix", inputs=2, duration="first", normalize=0)
+        sound = apply(sound, "atrim", end_sample=samples)
+        sound = apply(sound, "afade", t="out", start_sample=samples - end_fade, nb_samples=end_fade)
+    return command(ffmpeg.output(sound, str(dest), **merged(
+        _AUDIO_ONLY, {"c:a": "aac", "b:a": AUDIO_BITRATE, "ar": AUDIO_SAMPLE_RATE, "ac": 2},
+        options(_TIMESCALES), {"movflags": "+faststart", "format": "mp4"})))
 
 
 def mux_command(listing: Path, soundtrack: Path, dest: Path) -> list[str]:
     """Join the segments named in the concat ``listing`` and the soundtrack, all by stream copy."""
     # Cached pieces may come from a shared bucket: open them as MP4 only (the concat demuxer passes
     # its whitelist on to the files it lists).
-    return ["-f", "concat", "-safe", "0", "-format_whitelist", "concat,mov", "-i", str(listing),
-            "-format_whitelist", "mov", "-i", str(soundtrack),
-            "-map", "0:v:0", "-map", "1:a:0", "-c", "copy", "-map_metadata", "-1",
-            "-video_track_timescale", str(TIMESCALE), *_TIMESCALES, "-movflags", "+faststart", "-f", "mp4",
-            str(dest)]
+    video = ffmpeg.input(str(listing), format="concat", safe=0, format_whitelist="concat,mov")["v:0"]
+    sound = ffmpeg.input(str(soundtrack), format_whitelist="mov")["a:0"]
+    return command(ffmpeg.output(video, sound, str(dest), **merged(
+        {"c": "copy", "map_metadata": "-1", "video_track_timescale": TIMESCALE}, options(_TIMESCALES),
+        {"movflags": "+faststart", "format": "mp4"})))
 
 
 def concat_listing(paths: list[Path]) -> str:
@@ -209,59 +225,77 @@ def concat_listing(paths: list[Path]) -> str:
     return "ffconcat version 1.0\n" + "".join(f"file {_concat_quote(path)}\n" for path in paths)
 
 
-def _read_clip(source: SourceClip, canvas: Canvas, window: ClipWindow) -> tuple[list[str], str]:
-    """The input options and the filter chain giving ``window`` of ``source`` normalized to ``canvas``.
+def _read_clip(source: SourceClip, canvas: Canvas, window: ClipWindow) -> Stream:
+    """``window`` of ``source`` normalized to ``canvas``: its input and the filters after it.
 
     The chain picks 30 fps frames, holds the last one past the source's end, cuts the window out
     (before scaling, so frames outside it cost only their decoding) and fits it to the canvas.
     """
     seek = seek_frame(source, window.start_frame)
     first, last = window.start_frame - seek, window.end_frame - seek
-    args = ["-ss", _seconds(seek)] if seek else []
-    chain = (f"fps={FPS}:start_time=0,tpad=stop_mode=clone:stop={last},"
-             f"trim=start_frame={first}:end_frame={last},setpts=PTS-STARTPTS,{fit_filters(source.info, canvas)}")
-    return [*args, *_clip_input(source, last)], chain
+    video = _clip_input(source, last, seek)["v:0"]
+    video = apply(video, "fps", FPS, start_time=0)
+    video = apply(video, "tpad", stop_mode="clone", stop=last)
+    return fit_to_canvas(_trimmed(video, first, last), source.info, canvas)
 
 
-def _blend(xfade: str, frames: int) -> str:
-    return f"xfade=transition={xfade}:duration={_seconds(frames)}:offset=0,{_FRAME_TAGS}"
+def _trimmed(video: Stream, start: int, end: int) -> Stream:
+    """Frames ``start`` (included) to ``end`` (excluded) of ``video``, their timestamps from 0."""
+    return apply(apply(video, "trim", start_frame=start, end_frame=end), "setpts", "PTS-STARTPTS")
 
 
-def _clip_input(source: SourceClip, frames: int) -> list[str]:
-    """Input options reading the first ``frames`` frames of ``source`` (after any ``-ss``)."""
+def _blend(windows: list[Stream], xfade: str, frames: int) -> Stream:
+    blended = apply(windows, "xfade", transition=xfade, duration=_seconds(frames), offset=0)
+    return _tag_frames(blended)
+
+
+def _tag_frames(video: Stream) -> Stream:
+    """Square pixels and BT.709 tags on every frame.
+
+    Frames are tagged in the filter graph: ffmpeg takes an encoder's colour description from the
+    frames it gets, so output options alone would leave primaries and transfer unspecified. Square
+    pixels and the same tags on every segment also keep their SPS headers identical.
+    """
+    return apply(apply(video, "setsar", 1), "setparams", range="tv", color_primaries="bt709",
+                 color_trc="bt709", colorspace="bt709")
+
+
+def _clip_input(source: SourceClip, frames: int, seek: int = 0) -> Stream:
+    """``source`` read from frame ``seek`` for ``frames`` frames."""
     # One frame past the end, so the fps filter can pick the frame nearest the last slot. One
     # decoding thread: the encoder has the cores, and each decoding thread would hold frames.
-    return ["-t", _seconds(frames + 1), "-threads", "1", "-format_whitelist", MEDIA_DEMUXERS,
-            "-i", str(source.path)]
+    reading: dict[str, Option] = {"t": _seconds(frames + 1), "threads": 1, "format_whitelist": MEDIA_DEMUXERS}
+    if seek:
+        reading["ss"] = _seconds(seek)
+    return ffmpeg.input(str(source.path), **reading)
 
 
-def _encoded_output(encoder_args: list[str], dest: Path) -> list[str]:
-    return ["-an", "-sn", "-dn", "-map_metadata", "-1", *encoder_args, *SEGMENT_OUTPUT_ARGS, "-f", "mp4",
-            str(dest)]
+def _encoded_command(video: Stream, frames: int, encoder_args: list[str], dest: Path) -> list[str]:
+    return command(ffmpeg.output(video, str(dest), **merged({"frames:v": frames}, _encoded_output(encoder_args))))
 
 
-def _raw_output(dest: Path) -> list[str]:
-    return ["-an", "-sn", "-dn", "-c:v", "rawvideo", "-pix_fmt", "yuv420p", "-f", "rawvideo", str(dest)]
+def _encoded_output(encoder_args: list[str]) -> dict[str, Option]:
+    return merged(_VIDEO_ONLY, {"map_metadata": "-1"}, options(encoder_args), options(SEGMENT_OUTPUT_ARGS),
+                  {"format": "mp4"})
 
 
-def fit_filters(info: MediaInfo, canvas: Canvas) -> str:
-    """Square pixels, then scaled to fit ``canvas`` (padded or cropped) as BT.709 yuv420p.
+def fit_to_canvas(video: Stream, info: MediaInfo, canvas: Canvas) -> Stream:
+    """``video`` with square pixels, scaled to fit ``canvas`` (padded or cropped) as BT.709 yuv420p.
 
     The rotation a phone recorded is applied by ffmpeg before any filter (autorotate).
     """
-    steps = []
     sar = info.sample_aspect_ratio
     if sar is not None and sar != 1:
-        steps.append(f"scale=w={_even_width(sar)}:h=ih")
-    colour = f"in_color_matrix={input_matrix(info)}:out_color_matrix=bt709:out_range=tv"
+        video = apply(video, "scale", w=_even_width(sar), h="ih")
+    colour = {"in_color_matrix": input_matrix(info), "out_color_matrix": "bt709", "out_range": "tv"}
     w, h = canvas.width, canvas.height
     if canvas.fit == "crop":
-        steps += [f"scale={w}:{h}:force_original_aspect_ratio=increase:{colour}", f"crop={w}:{h}"]
+        video = apply(video, "scale", w, h, force_original_aspect_ratio="increase", **colour)
+        video = apply(video, "crop", w, h)
     else:
-        steps += [f"scale={w}:{h}:force_original_aspect_ratio=decrease:force_divisible_by=2:{colour}",
-                  f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:color=black"]
-    steps += ["format=yuv420p", _FRAME_TAGS]
-    return ",".join(steps)
+        video = apply(video, "scale", w, h, force_original_aspect_ratio="decrease", force_divisible_by=2, **colour)
+        video = apply(video, "pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="black")
+    return _tag_frames(apply(video, "format", "yuv420p"))
 
 
 def _even_width(sar: Fraction) -> str:
