@@ -3,6 +3,13 @@
 Data-centre GPUs (H100, H200) list ``h264_nvenc`` yet have no NVENC unit, so the only honest test
 is a real one-second encode. Both encoders get the same GOP rules: every segment starts on an IDR
 frame with a closed GOP, so segments encoded separately join by stream copy.
+
+The test encode's command is built with ffmpeg-python (``nvenc_probe_command``). **Kept
+hand-written: its test picture**, ``testsrc=…`` read through the lavfi device: ffmpeg-python's
+filters all need an input stream, so a source filter cannot be a node of its graph; the
+package's own way is this, the source graph as the "file name" of a lavfi input. The encoder
+options stay lists of strings (``video_encoder_args``), as the composer's cache keys hash them;
+``commands.options`` turns them into ffmpeg-python keywords.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import re
 from dataclasses import dataclass
 from typing import get_args
 
+import ffmpeg
+
+from clipchat.media.commands import command, merged, options
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
 from clipchat.settings import X264Preset
 
@@ -31,6 +41,8 @@ X264_THREADS = 2
 # Not "ultrafast": without CABAC and 8x8 transforms x264 writes Constrained Baseline, and the
 # composer's output is High profile.
 X264_PRESETS: tuple[str, ...] = get_args(X264Preset)
+# The NVENC test encode's picture (a lavfi source graph; see the module docstring).
+_TEST_PICTURE = "testsrc=size=640x360:rate=30:duration=1"
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,7 @@ async def detect_encoder(ffmpeg: FfmpegRunner, preference: str) -> EncoderChoice
         return EncoderChoice(LIBX264, "configured")
     try:
         # A small real encode: listing the encoder proves nothing (H100s list it and cannot open it).
-        await ffmpeg.run(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30:duration=1",
-                          "-pix_fmt", "yuv420p", *video_encoder_args(H264_NVENC, x264_preset="veryfast"),
-                          "-f", "null", "-"], quiet=True, makes="nvenc probe")
+        await ffmpeg.run(nvenc_probe_command(), quiet=True, makes="nvenc probe")
     except FfmpegError as exc:
         reason = f"h264_nvenc test encode failed: {_failure_reason(exc.detail)}"
         # Asked for NVENC by name and not getting it is worth an operator's attention.
@@ -64,6 +74,14 @@ async def detect_encoder(ffmpeg: FfmpegRunner, preference: str) -> EncoderChoice
         return EncoderChoice(LIBX264, reason)
     log.info("encoder.selected", extra={"encoder": H264_NVENC, "preference": preference})
     return EncoderChoice(H264_NVENC, "h264_nvenc test encode succeeded")
+
+
+def nvenc_probe_command() -> list[str]:
+    """One second of a generated 640x360 picture encoded by NVENC as the composer would, discarded."""
+    picture = ffmpeg.input(_TEST_PICTURE, format="lavfi")
+    return command(ffmpeg.output(picture, "-", **merged(
+        {"pix_fmt": "yuv420p"}, options(video_encoder_args(H264_NVENC, x264_preset="veryfast")),
+        {"format": "null"})))
 
 
 def _failure_reason(detail: str) -> str:

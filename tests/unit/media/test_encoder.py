@@ -15,9 +15,11 @@ from clipchat.media.encoder import (
     X264_THREADS,
     _failure_reason,
     detect_encoder,
+    nvenc_probe_command,
     video_encoder_args,
 )
 from clipchat.media.ffmpeg import FfmpegRunner
+from tests.unit.media.ffmpeg_args import inputs, outputs
 
 
 def test_x264_arguments_make_segments_that_join_by_copy() -> None:
@@ -91,3 +93,15 @@ def test_every_nvenc_option_and_named_value_is_one_this_ffmpeg_knows(ffmpeg_exe:
         if private.get(name) and not value.lstrip("-").replace(".", "").isdigit():
             assert value in private[name], (name, value)
     assert args[args.index("-forced-idr") + 1] == "1" and args[args.index("-bf") + 1] == "0"
+
+
+def test_the_nvenc_test_encode_is_the_composers_encoder_on_a_generated_picture() -> None:
+    args = nvenc_probe_command()
+
+    [picture] = inputs(args)
+    assert (picture.path, picture.options) == ("testsrc=size=640x360:rate=30:duration=1", {"f": "lavfi"})
+    [out] = outputs(args)
+    assert (out.path, out.maps) == ("-", [])  # the one stream there is, thrown away
+    nvenc = video_encoder_args(H264_NVENC, x264_preset="veryfast")
+    assert out.options == {"f": "null", "pix_fmt": "yuv420p",
+                           **{flag[1:]: value for flag, value in zip(nvenc[::2], nvenc[1::2], strict=True)}}
