@@ -3,6 +3,7 @@
 import { Api, JobEvents } from "/static/api.js";
 import { Compare } from "/static/compare.js";
 import { $, el, money, when, clock, formatEta, reconcile } from "/static/dom.js";
+import { Estimates } from "/static/estimate.js";
 import { UsageChart } from "/static/usage.js";
 
 const TOKEN_KEY = "clipchat-token";
@@ -59,6 +60,8 @@ const state = {
   estimateTimer: null,
   usage: null, // the usage chart beside the budget
   compareAsked: 0, // the latest read of which clips differ between the compared versions
+  estimates: null, // what a change of the chosen clips would cost, read before it is sent
+  overBudget: null, // the reason Send is off when the estimate does not fit the budget left
 };
 const compare = new Compare();
 
@@ -104,6 +107,7 @@ function notice(message) {
 async function start(token) {
   state.api = new Api(token, signOut);
   state.usage = new UsageChart(state.api, STAGES);
+  state.estimates = new Estimates(state.api);
   $("sign-in").hidden = true;
   $("workspace").hidden = false;
   $("sign-out").hidden = Boolean(pageToken());
@@ -667,13 +671,18 @@ function updateProgress() {
 function renderComposer() {
   const job = state.job;
   if (!job) return;
-  const active = activeRegeneration();
+  renderAlso(job);
+  updateEstimate();
+}
+
+// Send is off while work runs, and when the estimate of the chosen clips passes the budget left.
+function renderSend() {
+  const job = state.job;
   const busy = Boolean(job.active_regeneration_id) || job.status === "composing" || Boolean(state.pending);
   const send = $("send");
-  send.disabled = busy;
+  send.disabled = busy || Boolean(state.overBudget);
   send.textContent = busy ? "Working…" : "Send";
-  renderAlso(job);
-  updateEstimate(active);
+  send.title = !busy && state.overBudget ? state.overBudget : "";
 }
 
 // "Apply to more clips": a box per other clip; the selected clip is always part of the change.
@@ -691,6 +700,7 @@ function renderAlso(job) {
       const boxes = [...$("also-clips").querySelectorAll("input[type=checkbox]")];
       const all = boxes.every((b) => b.checked);
       for (const b of boxes) b.checked = !all;
+      updateEstimate();
     },
   }, "All clips") });
   reconcile(box, items);
@@ -700,34 +710,66 @@ function alsoChosen() {
   return [...$("also-clips").querySelectorAll("input[type=checkbox]:checked")].map((b) => Number(b.value));
 }
 
-function updateEstimate(active = activeRegeneration()) {
+// The clips a change sent now would name: the selected one and those ticked under "Apply to more clips".
+function chosenClips() {
+  return [...new Set([state.selectedClip, ...alsoChosen()])].sort((a, b) => a - b);
+}
+
+function updateEstimate() {
   const job = state.job;
   const target = $("estimate");
   if (!job) return;
+  const active = activeRegeneration();
   const changing = activeRows().map((r) => r.clip_index).sort((a, b) => a - b);
+  state.overBudget = null;
+  delete target.dataset.cost;
   if (active && !changing.includes(state.selectedClip)) {
     const list = changing.length ? changing : [active.clip_index];
     target.textContent = `${clipList(list)} ${list.length > 1 ? "are" : "is"} being changed; wait for it or cancel it.`;
-    return;
-  }
-  if (job.status === "composing") {
+  } else if (job.status === "composing") {
     target.textContent = "The video is still being composed.";
-    return;
+  } else if (!active) {
+    const clips = chosenClips();
+    const known = state.estimates.get(job, clips, (key, result) => {
+      if (state.job && Estimates.key(state.job, chosenClips()) === key) showEstimate(result);
+    });
+    if (known) {
+      showEstimate(known);
+      return;
+    }
+    target.textContent = "Estimating the cost…";
+  } else {
+    target.textContent = "";
   }
-  const estimate = lastEstimate(state.selectedClip);
-  const left = Number(job.budget_limit) - Number(job.total_cost);
-  target.textContent = estimate !== null
-    ? `Estimated cost about ${money(estimate)} (${money(left)} of the budget left).`
-    : `The estimate is shown once sent; nothing is spent past the budget (${money(left)} left).`;
+  renderSend();
 }
 
-// Changes of the same clip cost about the same: the last quote of this clip (or of any clip).
-function lastEstimate(clipIndex) {
-  const same = state.regenerations.find((r) => r.clip_index === clipIndex && Number(r.estimated_cost) > 0);
-  const any = state.regenerations.find((r) => Number(r.estimated_cost) > 0);
-  const row = same || any;
-  return row ? row.estimated_cost : null;
+// "Estimated cost about $x ($y of the budget left)", or why it cannot be sent.
+function showEstimate(estimate) {
+  const target = $("estimate");
+  state.overBudget = null;
+  delete target.dataset.cost;
+  if (estimate.error) {
+    const left = Math.max(0, Number(state.job.budget_limit) - Number(state.job.total_cost));
+    target.textContent = `The estimate could not be read; nothing is spent past the budget (${money(left)} left).`;
+  } else if (!estimate.within_budget) {
+    target.dataset.cost = estimate.estimated_cost;
+    // Two amounts that round alike are written to the hundredth of a cent: "$0.05 and $0.05" says nothing.
+    const [cost, left] = [estimate.estimated_cost, estimate.budget_left].map((value) =>
+      (money(estimate.estimated_cost) === money(estimate.budget_left) ? `$${Number(value).toFixed(4)}` : money(value)));
+    state.overBudget = `Over the budget: this would cost about ${cost} and the budget has ${left} left.`;
+    target.textContent = `${state.overBudget} ` +
+      (chosenClips().length > 1 ? "Pick fewer clips, or restore a version (free)." : "Restoring a version costs nothing.");
+  } else {
+    target.dataset.cost = estimate.estimated_cost;
+    target.textContent = `Estimated cost about ${money(estimate.estimated_cost)} ` +
+      `(${money(estimate.budget_left)} of the budget left).` +
+      (estimate.budget_warning ? " This brings the video near its budget." : "");
+  }
+  renderSend();
 }
+
+$("also-clips").addEventListener("change", () => updateEstimate());
 
 $("instruction").addEventListener("input", () => {
   clearTimeout(state.estimateTimer);
@@ -752,7 +794,10 @@ $("composer").addEventListener("submit", (event) => {
     $("instruction").focus();
     return;
   }
-  if ($("send").disabled) return;
+  if ($("send").disabled) {
+    if (state.overBudget) announce(state.overBudget);
+    return;
+  }
   send(state.selectedClip, instruction, alsoChosen());
 });
 

@@ -194,6 +194,7 @@ class Watched:
     held: list[Any] = field(default_factory=list)  # event-stream requests held back
     documents: int = 0  # how many times the test reloaded the page
     document_of: dict[int, int] = field(default_factory=dict)  # request → the document that sent it
+    estimates: list[str] = field(default_factory=list)  # the estimate requests the page made
 
     def reload(self) -> None:
         """Reload the page; what the old document still had in flight is aborted by the browser."""
@@ -271,7 +272,13 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
 
     page.on("console", console)
     page.on("pageerror", lambda exc: watched.problems.append(f"page error: {exc}"))
-    page.on("request", lambda request: watched.document_of.__setitem__(id(request), watched.documents))
+
+    def request(request: Any) -> None:
+        watched.document_of[id(request)] = watched.documents
+        if "/estimate?" in request.url:
+            watched.estimates.append(request.url)
+
+    page.on("request", request)
     page.on("requestfailed", failed)
     page.on("response", response)
     if prepare is not None:
@@ -334,6 +341,28 @@ def assert_contrast(page: Any) -> None:
     assert not low, f"text below 4.5:1 contrast: {low}"
 
 
+def money(value: str) -> str:
+    """A decimal string as the page writes an amount: cents, or four places under a cent."""
+    amount = float(value)
+    return f"${amount:.4f}" if 0 < amount < 0.01 else f"${amount:.2f}"
+
+
+def assert_estimate_shown(page: Any, system: PageSystem, clips: list[int], job_id: str | None = None) -> dict[str, Any]:
+    """The composer shows the API's estimate of a change of ``clips`` (before anything is sent); returns it."""
+    with system.client() as client:
+        answer = client.get(f"/api/v1/jobs/{job_id or system.job()['id']}/estimate",
+                            params={"clips": ",".join(map(str, clips))})
+        assert answer.status_code == 200, answer.text
+        estimate: dict[str, Any] = answer.json()
+    page.wait_for_function("(cost) => document.getElementById('estimate').dataset.cost === cost",
+                           arg=estimate["estimated_cost"])
+    text = page.inner_text("#estimate")
+    if estimate["within_budget"]:
+        assert text.startswith(f"Estimated cost about {money(estimate['estimated_cost'])} "
+                               f"({money(estimate['budget_left'])} of the budget left)."), (text, estimate)
+    return estimate
+
+
 def assert_usage_shown(page: Any, system: PageSystem) -> None:
     """The usage chart beside the budget shows the job's usage as the API reports it, once a change is done:
     each step that was paid a non-zero bar and figure, and the count of completed changes."""
@@ -390,11 +419,21 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
     else:
         _select(page, index)
     assert "clip " + str(index + 1) in page.inner_text("#chat-title").lower()
+    # Before anything is sent: the estimate of a change of this clip, as the API quotes it, read once.
+    estimate = assert_estimate_shown(page, system, [index])
+    assert estimate["within_budget"] and page.is_enabled("#send")
+    asked = len(watched.estimates)
+    assert asked >= 1
     if width == "desktop":
         page.keyboard.type("make it nighttime")
+        page.wait_for_timeout(500)  # longer than the page waits for a choice to settle
+        assert len(watched.estimates) == asked, watched.estimates  # typing asks nothing
         page.keyboard.press("Enter")
     else:
-        _send(page, "make it nighttime")
+        page.locator("#instruction").press_sequentially("make it nighttime")
+        page.wait_for_timeout(500)
+        assert len(watched.estimates) == asked, watched.estimates
+        page.click("#send")
     page.wait_for_function("window.__seen.typing")
     watched.shot("typing")
     page.wait_for_selector("#run-progress", timeout=SLOW)
@@ -410,6 +449,7 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
     assert "Cost $" in success and "generation $0.20" in success, success
     assert "no LLM used" in success  # the page says honestly how the prompt was written
     assert "nighttime" in page.inner_text("#thread").lower()
+    assert f"estimated {money(estimate['estimated_cost'])}" in page.inner_text("#thread .msg.user"), estimate
     assert page.locator("#thread .msg.success button", has_text="View updated video").count() == 1
     assert_usage_shown(page, system)
     watched.shot("done")
@@ -585,10 +625,31 @@ def small_budget_job(system: PageSystem, ffmpeg_exe: str, tmp_path_factory: pyte
 @pytest.mark.parametrize("width", list(VIEWPORTS))
 def test_over_budget_is_explained(system: PageSystem, browser: Any, shots: Path, width: str,
                                   small_budget_job: str) -> None:
+    estimate_path = f"/api/v1/jobs/{small_budget_job}/estimate"
     watched = _open(browser, system, shots, width, "7-budget", allowed_statuses=frozenset({402}),
-                    job_id=small_budget_job)
+                    job_id=small_budget_job, allowed_paths=frozenset({estimate_path}))
     page = watched.page
     assert page.is_visible("#job-select")  # two videos: the picker shows
+    # The estimate passes the budget left: said before sending, and Send is off with the reason.
+    estimate = assert_estimate_shown(page, system, [0], small_budget_job)
+    assert not estimate["within_budget"], estimate
+    cost, left = money(estimate["estimated_cost"]), money(estimate["budget_left"])
+    if cost == left:  # written to the hundredth of a cent when they round alike
+        cost, left = f"${float(estimate['estimated_cost']):.4f}", f"${float(estimate['budget_left']):.4f}"
+    reason = f"Over the budget: this would cost about {cost} and the budget has {left} left."
+    assert page.inner_text("#estimate").startswith(reason)
+    assert page.is_disabled("#send") and page.get_attribute("#send", "title") == reason
+    page.fill("#instruction", "make it nighttime")
+    page.locator("#instruction").press("Enter")
+    page.wait_for_function("(reason) => document.getElementById('run-status').textContent === reason", arg=reason)
+    watched.shot("estimated")
+    # When the estimate cannot be read, the gateway still refuses the change and the page says why.
+    page.route(f"**{estimate_path}?*", lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body='{"error": {"code": "unavailable", "message": "down", "retryable": true}}'))
+    watched.reload()
+    page.wait_for_function("document.getElementById('estimate').textContent.startsWith('The estimate could not')")
+    assert page.is_enabled("#send")
     _send(page, "make it nighttime")
     note = page.locator("#thread .msg.error", has_text="Over the budget")
     note.wait_for()
@@ -598,6 +659,7 @@ def test_over_budget_is_explained(system: PageSystem, browser: Any, shots: Path,
         assert client.get(f"/api/v1/jobs/{small_budget_job}/regenerations").json()["regenerations"] == []
     watched.assert_clean()
     page.context.close()
+
 
 # The clip strip's geometry: the strip's box and each item's and thumbnail's box inside it, and the
 # layout shifts (PerformanceObserver) whose moved nodes are in the clips card, after ``since``.
@@ -703,7 +765,9 @@ def test_one_instruction_changes_several_clips_in_one_version(system: PageSystem
     page.locator("#also summary").click()
     boxes = page.locator("#also-clips input[type=checkbox]")
     assert boxes.count() == 5  # every clip but the selected one
+    assert_estimate_shown(page, system, [4])
     page.locator("#also-clips label", has_text="Clip 6").locator("input").check()
+    assert_estimate_shown(page, system, [4, 5])  # the choice of clips is quoted again
     watched.shot("choosing")
     _send(page, "make it rainy")
     page.wait_for_function("document.querySelectorAll('#clips .clip.regenerating').length === 2", timeout=SLOW)
