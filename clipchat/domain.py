@@ -40,6 +40,14 @@ class WorkPhase(StrEnum):
     COMPOSE = "compose"
 
 
+class ClaimOutcome(StrEnum):
+    """What a delivery's claim on a job's work comes to."""
+
+    CLAIMED = "claimed"  # this delivery now holds the work
+    BUSY = "busy"  # another delivery holds a live claim: try again later
+    OBSOLETE = "obsolete"  # the work is past this phase, finished, cancelled or taken over
+
+
 class Stage(StrEnum):
     """Where a job's work is, as progress reports it."""
 

@@ -1,7 +1,8 @@
 """The one conversion between the domain's ``StrEnum``s and the protos' enums.
 
 A proto enum value is the domain value upper-cased behind the enum's prefix (``Stage.GENERATING``
-↔ ``STAGE_GENERATING``); the unspecified value (0) is ``None`` on the domain side.
+↔ ``STAGE_GENERATING``, ``JobStatus.COMPLETED`` → ``JOB_STATE_COMPLETED``); the unspecified value
+(0) is ``None`` on the domain side.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from clipchat.domain import Stage, Step
-from clipchat.v1 import common_pb2
+from clipchat.domain import ClaimOutcome, JobStatus, RegenerationStatus, Stage, Step, WorkPhase
+from clipchat.v1 import common_pb2, jobs_pb2
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -47,3 +48,23 @@ def step_to_proto(step: str | None) -> common_pb2.Step.ValueType:
 
 def step_from_proto(number: int) -> Step | None:
     return _from_proto(common_pb2.Step, "STEP_", Step, number)
+
+
+def job_state_to_proto(status: str) -> common_pb2.JobState.ValueType:
+    """A ``JobStatus`` (or its stored value) as the proto enum."""
+    return common_pb2.JobState.ValueType(_to_proto(common_pb2.JobState, "JOB_STATE_", JobStatus, status))
+
+
+def regeneration_state_to_proto(status: str) -> common_pb2.RegenerationState.ValueType:
+    """A ``RegenerationStatus`` (or its stored value) as the proto enum."""
+    return common_pb2.RegenerationState.ValueType(
+        _to_proto(common_pb2.RegenerationState, "REGENERATION_STATE_", RegenerationStatus, status))
+
+
+def work_phase_from_proto(number: int) -> WorkPhase | None:
+    return _from_proto(jobs_pb2.WorkPhase, "WORK_PHASE_", WorkPhase, number)
+
+
+def claim_outcome_to_proto(outcome: str) -> jobs_pb2.ClaimOutcome.ValueType:
+    """A ``ClaimOutcome`` as the proto enum."""
+    return jobs_pb2.ClaimOutcome.ValueType(_to_proto(jobs_pb2.ClaimOutcome, "CLAIM_OUTCOME_", ClaimOutcome, outcome))

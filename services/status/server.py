@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from clipchat import proto_enums
 from clipchat.db.models import ClipRegeneration, JobEvent
-from clipchat.domain import JobStatus, RegenerationStatus, Stage
+from clipchat.domain import Stage
 from clipchat.errors import InvalidInput
 from clipchat.rpc import require_owner, rpc_method
 from clipchat.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc
@@ -23,8 +23,6 @@ from services.status.paging import decode_page_token, encode_page_token, page_si
 from services.status.reads import JobReads
 from services.status.reports import Comparison, JobReports, Usage
 from services.status.state_machine import (
-    PHASE_COMPOSE,
-    PHASE_REGENERATE,
     ClipInput,
     ClipQuote,
     JobSnapshot,
@@ -34,28 +32,6 @@ from services.status.state_machine import (
 log = logging.getLogger("clipchat.status")
 
 SERVICE_NAME = "clipchat.v1.JobStatusService"
-_JOB_STATES = {
-    JobStatus.COMPOSING: common_pb2.JOB_STATE_COMPOSING,
-    JobStatus.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
-    JobStatus.REGENERATING: common_pb2.JOB_STATE_REGENERATING,
-    JobStatus.FAILED: common_pb2.JOB_STATE_FAILED,
-}
-_PHASES = {
-    jobs_pb2.WORK_PHASE_REGENERATE: PHASE_REGENERATE,
-    jobs_pb2.WORK_PHASE_COMPOSE: PHASE_COMPOSE,
-}
-_CLAIM_OUTCOMES = {
-    "claimed": jobs_pb2.CLAIM_OUTCOME_CLAIMED,
-    "busy": jobs_pb2.CLAIM_OUTCOME_BUSY,
-    "obsolete": jobs_pb2.CLAIM_OUTCOME_OBSOLETE,
-}
-_REGEN_STATES: dict[str, common_pb2.RegenerationState.ValueType] = {
-    RegenerationStatus.QUEUED: common_pb2.REGENERATION_STATE_QUEUED,
-    RegenerationStatus.RUNNING: common_pb2.REGENERATION_STATE_RUNNING,
-    RegenerationStatus.COMPLETED: common_pb2.REGENERATION_STATE_COMPLETED,
-    RegenerationStatus.FAILED: common_pb2.REGENERATION_STATE_FAILED,
-    RegenerationStatus.CANCELLED: common_pb2.REGENERATION_STATE_CANCELLED,
-}
 
 
 def stage_to_proto(stage: str | None) -> common_pb2.Stage.ValueType:
@@ -109,7 +85,7 @@ def _ts(value: datetime | None) -> Timestamp | None:
 def job_to_proto(snapshot: JobSnapshot) -> common_pb2.Job:
     job = snapshot.job
     return common_pb2.Job(
-        job_id=str(job.id), owner=job.owner, title=job.title, state=_JOB_STATES[JobStatus(job.status)],
+        job_id=str(job.id), owner=job.owner, title=job.title, state=proto_enums.job_state_to_proto(job.status),
         audio_key=job.audio_key,
         transitions=[common_pb2.Transition(kind=t.get("kind", "cut"), duration=float(t.get("duration", 0)))
                      for t in job.transitions],
@@ -139,7 +115,8 @@ def regeneration_to_proto(row: ClipRegeneration) -> common_pb2.Regeneration:
         cost=str(row.cost), estimated_cost=str(row.estimated_cost),
         step_costs=common_pb2.StepCosts(llm=str(row.llm_cost), generation=str(row.generation_cost),
                                         composition=str(row.composition_cost)),
-        state=_REGEN_STATES[row.status], stage=stage_to_proto(row.stage), progress=row.progress,
+        state=proto_enums.regeneration_state_to_proto(row.status), stage=stage_to_proto(row.stage),
+        progress=row.progress,
         attempts=row.attempts, error_code=row.error_code or "", error_message=row.error_message or "",
         retryable=row.retryable, created_at=_ts(row.created_at), finished_at=_ts(row.finished_at),
         change_summary=row.change_summary or "", rewriter=row.rewriter or "",
@@ -256,12 +233,15 @@ class JobStatusServicer(jobs_pb2_grpc.JobStatusServiceServicer):
 
     @rpc_method
     async def ClaimWork(self, request: jobs_pb2.ClaimWorkRequest, context: Any) -> jobs_pb2.ClaimWorkResponse:
-        phase = _PHASES.get(request.phase)
+        try:
+            phase = proto_enums.work_phase_from_proto(request.phase)
+        except ValueError:
+            phase = None
         if phase is None:
             raise InvalidInput("A claim needs a work phase.")
         claim = await self.machine.claim_work(request.job_id, request.lease_token, phase, request.claim_id)
-        return jobs_pb2.ClaimWorkResponse(outcome=_CLAIM_OUTCOMES[claim.outcome], attempt=claim.attempt,
-                                          retry_after_seconds=claim.retry_after)
+        return jobs_pb2.ClaimWorkResponse(outcome=proto_enums.claim_outcome_to_proto(claim.outcome),
+                                          attempt=claim.attempt, retry_after_seconds=claim.retry_after)
 
     @rpc_method
     async def ReleaseClaim(self, request: jobs_pb2.ReleaseClaimRequest,
@@ -402,7 +382,7 @@ def comparison_to_proto(comparison: Comparison) -> jobs_pb2.CompareVersionsRespo
             for d in comparison.clips],
         changes=[jobs_pb2.VersionChange(
             regeneration_id=str(row.id), clip_index=row.clip_index, user_instruction=row.user_instruction,
-            state=_REGEN_STATES[row.status], cost=str(row.cost),
+            state=proto_enums.regeneration_state_to_proto(row.status), cost=str(row.cost),
             step_costs=common_pb2.StepCosts(llm=str(row.llm_cost), generation=str(row.generation_cost),
                                             composition=str(row.composition_cost)),
             version=version, created_at=_ts(row.created_at), finished_at=_ts(row.finished_at))

@@ -52,6 +52,7 @@ from clipchat.db.models import (
 )
 from clipchat.domain import (
     FINISHED_REGENERATION,
+    ClaimOutcome,
     JobStatus,
     RegenerationStatus,
     Step,
@@ -96,7 +97,7 @@ PHASE_COMPOSE = WorkPhase.COMPOSE
 class Claim:
     """What ``claim_work`` answers: the outcome, the attempt claimed, or when to try again."""
 
-    outcome: str  # "claimed", "busy" or "obsolete"
+    outcome: ClaimOutcome
     attempt: int = 0
     retry_after: float = 0.0
 
@@ -433,11 +434,11 @@ class JobStateMachine:
             try:
                 job = await self._fenced(session, job_id, token)
             except (StaleLease, NotFound):
-                return Claim("obsolete")
+                return Claim(ClaimOutcome.OBSOLETE)
             if job.work_phase != phase:
-                return Claim("obsolete")
+                return Claim(ClaimOutcome.OBSOLETE)
             if job.claim_id and job.claim_id != claim_id and job.claim_expires_at and job.claim_expires_at > now:
-                return Claim("busy", retry_after=(job.claim_expires_at - now).total_seconds())
+                return Claim(ClaimOutcome.BUSY, retry_after=(job.claim_expires_at - now).total_seconds())
             lapsed = bool(job.claim_id and job.claim_id != claim_id)  # its worker stopped heartbeating
             job.work_attempt += 1
             job.claim_id = claim_id
@@ -451,7 +452,7 @@ class JobStateMachine:
         log.info("work.claimed", extra={"job_id": job_id, "phase": phase, "attempt": attempt})
         if lapsed:
             metrics.lease_expired("claim")
-        return Claim("claimed", attempt=attempt)
+        return Claim(ClaimOutcome.CLAIMED, attempt=attempt)
 
     async def release_claim(self, job_id: str, token: str, claim_id: str) -> None:
         """Give the claim up, so the next delivery need not wait for it to lapse. A claim that is
