@@ -52,7 +52,9 @@ const state = {
   refreshing: null,
   pending: null, // {clipIndex, instruction, at} while the POST is on its way
   notes: [], // messages of this page only (refusals): {id, clipIndex, kind, title, text, at, retry}
-  progress: null, // {regenerationId, stage, fraction, eta}
+  progress: null, // {regenerationId, stage, fraction, eta}: the whole change's
+  clipProgress: new Map(), // regeneration id → {stage, fraction}: each clip's own, in a change of several
+  clipProgressFrame: 0,
   runStartedAt: null,
   progressFrame: 0,
   videoRetryAt: 0,
@@ -144,7 +146,7 @@ async function openJob(jobId) {
   if (state.events) state.events.close();
   Object.assign(state, {
     job: null, regenerations: [], shownVersion: null, pending: null, notes: [], progress: null,
-    runStartedAt: null,
+    runStartedAt: null, clipProgress: new Map(),
   });
   state.selectedClip = Number(sessionStorage.getItem(`clipchat-clip:${jobId}`) || 0);
   compare.close();
@@ -217,8 +219,11 @@ function onProgress(event) {
   const active = state.job && state.job.active_regeneration_id;
   // The log replays finished work on a first connection; only the running change's progress counts.
   if (!active || (payload.regeneration_id && payload.regeneration_id !== active)) return;
-  // One clip's own progress in a change of several clips: the bar shows the whole change's.
-  if (payload.member_regeneration_id) return;
+  // One clip's own progress in a change of several clips: its own bar; the change's bar is unmoved.
+  if (payload.member_regeneration_id) {
+    onClipProgress(payload.member_regeneration_id, event);
+    return;
+  }
   const previous = state.progress && state.progress.regenerationId === active ? state.progress : null;
   state.progress = {
     regenerationId: active,
@@ -232,6 +237,16 @@ function onProgress(event) {
   if (stageChanged) renderThread();
   cancelAnimationFrame(state.progressFrame);
   state.progressFrame = requestAnimationFrame(updateProgress);
+}
+
+function onClipProgress(memberId, event) {
+  const previous = state.clipProgress.get(memberId);
+  state.clipProgress.set(memberId, {
+    stage: event.stage || (previous && previous.stage) || "queued",
+    fraction: Math.max(event.fraction || 0, previous ? previous.fraction : 0),
+  });
+  cancelAnimationFrame(state.clipProgressFrame);
+  state.clipProgressFrame = requestAnimationFrame(updateClipProgress);
 }
 
 function onConnection(status, detail) {
@@ -266,6 +281,7 @@ function render() {
   if (!job.active_regeneration_id) {
     state.progress = null;
     state.runStartedAt = null;
+    state.clipProgress.clear();
   } else {
     adoptRunProgress(job);
   }
@@ -277,16 +293,21 @@ function render() {
   renderVersions(job);
 }
 
-// On a (re)load mid-run, the running change's last stage and fraction come from the job's state.
+// On a (re)load mid-run, the running change's last stage and fraction come from the job's state: a
+// change of several clips has a row per clip, each with its own clip's progress, and its bar their mean.
 function adoptRunProgress(job) {
   const active = state.regenerations.find((r) => r.id === job.active_regeneration_id);
   if (!active) return;
+  const rows = activeRows();
+  const fraction = rows.length > 1
+    ? rows.reduce((sum, r) => sum + (r.progress || 0), 0) / rows.length : active.progress || 0;
+  const laggard = rows.length > 1 ? rows.reduce((a, b) => ((b.progress || 0) < (a.progress || 0) ? b : a)) : active;
   const known = state.progress && state.progress.regenerationId === active.id ? state.progress : null;
-  if (!known || (active.progress || 0) > known.fraction) {
+  if (!known || fraction > known.fraction) {
     state.progress = {
       regenerationId: active.id,
-      stage: active.stage || "queued",
-      fraction: Math.max(active.progress || 0, known ? known.fraction : 0),
+      stage: laggard.stage || "queued",
+      fraction: Math.max(fraction, known ? known.fraction : 0),
       eta: known ? known.eta : null,
     };
   }
@@ -461,6 +482,7 @@ function renderThread() {
   reconcile(thread, items);
   if (atBottom) thread.scrollTop = thread.scrollHeight;
   updateProgress();
+  updateClipProgress();
 }
 
 function regenerationMessages(r) {
@@ -515,18 +537,51 @@ function rewrittenLine(r) {
 }
 
 function runningMessage(r, rewriting) {
+  const several = Boolean(r.change_id) && clipsOfChange(r).length > 1;
   const run = el("div", { class: "run", id: "run" },
+    several ? el("p", { class: "run-title" }, `The whole change (${clipList(clipsOfChange(r)).toLowerCase()})`) : "",
     el("div", { class: "run-label" },
       el("span", { class: "run-stage", id: "run-stage" }, STAGES[r.stage] || "Working"),
       el("span", { class: "run-eta", id: "run-eta" })),
-    el("progress", { id: "run-progress", max: "1", value: String(r.progress || 0), "aria-label": "Progress of this change" }),
+    el("progress", { id: "run-progress", max: "1", value: String(r.progress || 0),
+      "aria-label": several ? "Progress of the whole change" : "Progress of this change" }),
     el("p", { class: "run-note", hidden: state.connection !== "reconnecting" }, "Reconnecting…"));
-  const cancel = el("button", { type: "button", class: "danger small", onclick: () => cancelRun(r.id) }, "Cancel");
+  const cancel = el("button", { type: "button", class: "danger small", onclick: () => cancelRun(changeOf(r)) }, "Cancel");
   return assistant("running",
     rewriting ? el("span", { class: "typing" }, el("span", {}, "Reading your instruction"),
       el("span", { class: "typing-dots", "aria-hidden": "true" }, el("i"), el("i"), el("i"))) : rewrittenLine(r),
+    several ? clipRun(r) : "",
     run,
     el("div", { class: "actions" }, cancel));
+}
+
+// A clip's own bar in a change of several clips (its stage and fraction), above the change's.
+function clipRun(r) {
+  const own = clipProgressOf(r);
+  return el("div", { class: "run clip-run", "data-member": r.id },
+    el("div", { class: "run-label" },
+      el("span", { class: "run-stage clip-run-stage" }, `Clip ${r.clip_index + 1}: ${STAGES[own.stage] || "Working"}`)),
+    el("progress", { class: "clip-run-progress", max: "1", value: String(own.fraction),
+      "aria-label": `Progress of clip ${r.clip_index + 1}` }));
+}
+
+// A clip's own progress: its row's (from the last read), or its own events' since, whichever is further.
+function clipProgressOf(r) {
+  const heard = state.clipProgress.get(r.id);
+  const read = { stage: r.stage || "queued", fraction: r.progress || 0 };
+  return heard && heard.fraction >= read.fraction ? heard : read;
+}
+
+function updateClipProgress() {
+  for (const node of $("thread").querySelectorAll(".clip-run[data-member]")) {
+    const row = state.regenerations.find((r) => r.id === node.dataset.member);
+    if (!row) continue;
+    const own = clipProgressOf(row);
+    const text = `Clip ${row.clip_index + 1}: ${STAGES[own.stage] || own.stage || "Working"}`;
+    const stage = node.querySelector(".clip-run-stage");
+    if (stage.textContent !== text) stage.textContent = text;
+    node.querySelector(".clip-run-progress").value = Math.max(0, Math.min(1, own.fraction));
+  }
 }
 
 function versionMadeBy(r) {

@@ -50,8 +50,8 @@ function render(usage, stageNames) {
     table("Spend by step", "usage-spend", steps, money, Number(usage.total_cost) > 0
       ? `Total ${money(usage.total_cost)}` + (Number(usage.running_cost) > 0
         ? `, and ${money(usage.running_cost)} by the change running now.` : ".") : "Nothing spent yet."),
-    table("Changes", "usage-changes", outcomes, (n) => String(n),
-      usage.median_change_seconds ? `A completed change took ${seconds(usage.median_change_seconds)} (median).` : ""),
+    table("Clip changes", "usage-changes", outcomes, (n) => String(n),
+      usage.median_change_seconds ? `A completed clip change took ${seconds(usage.median_change_seconds)} (median).` : ""),
     // The stages are many: folded away, opened on demand (kept open across reads).
     stages.length ? el("details", { class: "usage-more", open: wasOpen || null },
       el("summary", {}, "Time per stage"),

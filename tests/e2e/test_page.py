@@ -51,7 +51,7 @@ CLIP_SECONDS = 1
 # Records what the page showed between two checks: the stages, the badge, a typing indicator,
 # the skeletons before the clips arrived.
 RECORDER = """
-window.__seen = {stages: [], badges: [], typing: false, skeletons: 0, connection: []};
+window.__seen = {stages: [], badges: [], typing: false, skeletons: 0, connection: [], clipRuns: []};
 document.addEventListener("DOMContentLoaded", () => {
   window.__seen.skeletons = document.querySelectorAll("#clips .clip-skeleton").length;
 });
@@ -66,11 +66,18 @@ new MutationObserver(() => {
     seen.badges.push(badge.textContent);
   }
   if (document.querySelector("#thread .typing")) seen.typing = true;
+  for (const run of document.querySelectorAll("#thread .clip-run")) {  // a clip's own bar in a change
+    const entry = [run.dataset.member, run.querySelector(".clip-run-stage").textContent,
+                   run.querySelector("progress").value, Boolean(document.getElementById("run-progress"))];
+    const last = seen.clipRuns[seen.clipRuns.length - 1];
+    if (!last || last.join() !== entry.join()) seen.clipRuns.push(entry);
+  }
   const connection = document.getElementById("connection");
   if (connection && !connection.hidden && seen.connection[seen.connection.length - 1] !== connection.textContent) {
     seen.connection.push(connection.textContent);
   }
-}).observe(document, {subtree: true, childList: true, characterData: true});
+}).observe(document, {subtree: true, childList: true, characterData: true, attributes: true,
+                     attributeFilter: ["value"]});
 """
 
 
@@ -775,6 +782,17 @@ def test_one_instruction_changes_several_clips_in_one_version(system: PageSystem
     page.wait_for_function(f"document.querySelector('#video').getAttribute('src') !== {video_before!r}", timeout=SLOW)
     page.wait_for_selector("#thread .msg.success")
     version = before["current_version"] + 1
+    # Clip 5's thread showed its own clip's stages and bar, rising, beside the whole change's bar.
+    runs = page.evaluate("window.__seen.clipRuns")
+    with system.client() as client:
+        rows = client.get(f"/api/v1/jobs/{before['id']}/regenerations").json()["regenerations"]
+    member = next(row for row in rows if row["clip_index"] == 4)  # the newest first
+    own = [run for run in runs if run[0] == member["id"]]
+    assert own and all(run[1].startswith("Clip 5: ") for run in own), runs
+    assert "Clip 5: Generating the new clip" in {run[1] for run in own}, runs
+    fractions = [run[2] for run in own]
+    assert any(0 < f < 1 for f in fractions) and fractions == sorted(fractions), runs
+    assert all(run[3] for run in own), runs  # the change's own bar stayed beside it
     for index in (4, 5):
         _select(page, index)
         page.wait_for_selector("#thread .msg.success")
