@@ -14,11 +14,20 @@ recorded under that key, so a cost reported twice is counted once. A remote pred
 checkpointed as soon as it is created (``generation_started``): a delivery that takes over from a
 worker that died resumes it instead of paying for another. Writes to the status service are retried
 for a while (it may be restarting); progress reports are best effort (``LeaseKeeper.progress``).
+
+A change of several clips gives every clip the same look: its lead (first clip) is rewritten
+first, and the LLM's description of the look it gave (``RewriteResult.style``) is given to every
+other clip's rewrite (``shared_style``). The checkpoint of a rewrite has no field for the style, so
+the style of each clip's LLM rewrite in a change is kept in storage beside the job's media, under a
+key made of the instruction and the rewritten prompt (``style_key``): a retry that reuses the lead's
+rewrite finds it there. Keeping it is best effort: without it, a retry's other clips are rewritten
+without a shared look.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import tempfile
@@ -32,7 +41,7 @@ from typing import Any
 
 from clipchat import metrics
 from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, Stage, Step, overall_progress
-from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
+from clipchat.errors import ClipChatError, Conflict, DependencyUnavailable, InvalidInput, NotFound, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.probe import probe
@@ -44,7 +53,7 @@ from clipchat.storage import Storage, job_prefix, new_key
 from clipchat.telemetry import tracer
 from clipchat.v1 import common_pb2, jobs_pb2
 from services.regenerator.generator import VideoGenerator
-from services.regenerator.rewrite import PromptRewriter, RewriteRequest, reference_clip
+from services.regenerator.rewrite import PromptRewriter, RewriteRequest, RewriteResult, reference_clip
 
 log = logging.getLogger("clipchat.regenerator")
 
@@ -89,6 +98,12 @@ def technical_detail(failed: StepFailed, trace_id: str) -> str:
         "provider_response": str(getattr(cause, "detail", ""))[:4000],
         "exception": "".join(traceback.format_exception(cause))[-8000:],
     })
+
+
+def style_key(job_id: str, instruction: str, prompt: str) -> str:
+    """Where the look of a clip's rewrite (``prompt``, for ``instruction``) is kept, in the job's storage."""
+    digest = hashlib.sha256(f"{instruction}\n{prompt}".encode()).hexdigest()[:40]
+    return f"{job_prefix(job_id)}/styles/{digest}.txt"
 
 
 class ChangeFailed(Exception):
@@ -205,13 +220,15 @@ class RegenerationPipeline:
     async def _change(self, task: RegenerationTask, members: list[common_pb2.Regeneration],
                       clips: list[common_pb2.Clip], keeper: LeaseKeeper) -> dict[int, common_pb2.Checkpoint]:
         """Every clip of a change, ``change_concurrency`` at once: each clip reports its own
-        progress (its regeneration's), and the change's progress bar is their mean. Each clip's
-        paid work is checkpointed even when another fails (a retry reuses it); ``ChangeFailed``
-        names the clips that failed. A lost lease stops them all."""
+        progress (its regeneration's), and the change's progress bar is their mean. The lead (the
+        first clip) is rewritten first; the others wait for its rewrite and take its look
+        (``_look_of_the_lead``). Each clip's paid work is checkpointed even when another fails (a
+        retry reuses it); ``ChangeFailed`` names the clips that failed. A lost lease stops them all."""
         slots = asyncio.Semaphore(self.settings.change_concurrency)
         fractions = dict.fromkeys((m.regeneration_id for m in members), 0.0)
+        lead_look: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
 
-        async def one(member: common_pb2.Regeneration) -> common_pb2.Checkpoint | StepFailed:
+        async def one(member: common_pb2.Regeneration) -> common_pb2.Checkpoint | StepFailed | None:
             async def report(stage: str, fraction: float, message: str, eta: float = 0.0) -> None:
                 fractions[member.regeneration_id] = fraction
                 done = sum(1 for f in fractions.values() if f >= GENERATE_SHARE[1])
@@ -219,11 +236,18 @@ class RegenerationPipeline:
                 await keeper.progress(stage, sum(fractions.values()) / len(fractions),
                                       f"{message} ({done} of {len(fractions)} clips ready)", eta)
 
+            lead = member is members[0]
+            shared = None if lead else await lead_look  # before a slot: the lead may need the last one
+            if shared is None and not lead:
+                return None  # the lead's rewrite failed: nothing is started (or paid) for this clip
             async with slots:
                 checkpoints = checkpoints_by_step(await self.status.get_change(task.job_id, member.regeneration_id))
                 try:
-                    return await self._clip(task, member, checkpoints, clips, report)
+                    return await self._clip(task, member, checkpoints, clips, report, shared_style=shared or None,
+                                            on_rewritten=lead_look.set_result if lead else None)
                 except StepFailed as failed:
+                    if lead and not lead_look.done():
+                        lead_look.set_result(None)
                     return failed
 
         try:
@@ -235,19 +259,27 @@ class RegenerationPipeline:
         failures = [(member, result) for member, result in results if isinstance(result, StepFailed)]
         if failures:
             raise ChangeFailed(failures)
-        return {member.clip_index: result for member, result in results if not isinstance(result, StepFailed)}
+        return {member.clip_index: result for member, result in results if isinstance(result, common_pb2.Checkpoint)}
 
     async def _clip(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
                     checkpoints: dict[Step, common_pb2.Checkpoint], clips: list[common_pb2.Clip],
-                    report: Report) -> common_pb2.Checkpoint:
-        """One clip's steps: rewrite its prompt, generate it (each reused from its checkpoint)."""
+                    report: Report, *, shared_style: str | None = None,
+                    on_rewritten: Callable[[str], None] | None = None) -> common_pb2.Checkpoint:
+        """One clip's steps: rewrite its prompt (with a change's ``shared_style``), generate it
+        (each reused from its checkpoint). ``on_rewritten`` is given the look of the rewrite ("":
+        none) before the generation starts."""
         index = regeneration.clip_index
         member = regeneration.regeneration_id if regeneration.change_id else ""
         await report(Stage.REWRITING, overall_progress(REWRITE_SHARE, 0.2), "Rewriting the prompt", 0.0)
         if Step.REWRITE in checkpoints:
             prompt = checkpoints[Step.REWRITE].prompt
+            if on_rewritten is not None:
+                on_rewritten(await self._kept_style(task, regeneration, prompt))
         else:
-            prompt = await self._rewrite_clip(task, regeneration, clips, member)
+            result = await self._rewrite_clip(task, regeneration, clips, member, shared_style)
+            prompt = result.prompt
+            if on_rewritten is not None:
+                on_rewritten(result.style)
         await report(Stage.GENERATING, overall_progress(GENERATE_SHARE, 0), "Generating the new clip", 0.0)
         if Step.GENERATE in checkpoints:
             return checkpoints[Step.GENERATE]
@@ -268,8 +300,9 @@ class RegenerationPipeline:
         return generated
 
     async def _rewrite_clip(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
-                            clips: list[common_pb2.Clip], member: str) -> str:
-        """Rewrite one clip's prompt (its neighbours' prompts as context) and checkpoint it."""
+                            clips: list[common_pb2.Clip], member: str, shared_style: str | None) -> RewriteResult:
+        """Rewrite one clip's prompt (its neighbours' prompts as context, a change's look to take)
+        and checkpoint it; in a change, the look it gave is kept (``style_key``) for a retry."""
         index = regeneration.clip_index
         history = [{"role": turn.role, "content": turn.content} for turn in regeneration.conversation_history]
         reference = reference_clip(regeneration.user_instruction)
@@ -277,19 +310,41 @@ class RegenerationPipeline:
             original_prompt=regeneration.original_prompt, instruction=regeneration.user_instruction,
             history=history, previous_prompt=clips[index - 1].prompt if index > 0 else None,
             next_prompt=clips[index + 1].prompt if index + 1 < len(clips) else None,
-            reference_prompt=clips[reference - 1].prompt if reference and reference <= len(clips) else None)
+            reference_prompt=clips[reference - 1].prompt if reference and reference <= len(clips) else None,
+            shared_style=shared_style)
         tries = _Tries()
         try:
-            result = await self._step("rewrite", lambda: self._rewrite(request, task.charge_key(
+            result: RewriteResult = await self._step("rewrite", lambda: self._rewrite(request, task.charge_key(
                 "rewrite", tries.next(), member)))
         except StepFailed as failed:
             await self._record_billed_refusal(task, failed, task.charge_key("rewrite", tries.count, member), member)
             raise
+        if member and result.style:
+            await self._keep_style(task, regeneration, result.prompt, result.style)
         await self._record_step(task, Step.REWRITE, cost=str(result.cost), modified_prompt=result.prompt,
                                 change_summary=result.summary, rewriter=result.rewriter,
                                 checkpoint=common_pb2.Checkpoint(prompt=result.prompt),
                                 charge_key=task.charge_key("rewrite", tries.count, member), regeneration_id=member)
-        return str(result.prompt)
+        return result
+
+    async def _keep_style(self, task: RegenerationTask, regeneration: common_pb2.Regeneration, prompt: str,
+                          style: str) -> None:
+        """Keep the look of a clip's rewrite for a retry of its change (best effort: see the module doc)."""
+        key = style_key(task.job_id, regeneration.user_instruction, prompt)
+        try:
+            await self.storage.put_bytes(key, style.encode(), content_type="text/plain; charset=utf-8")
+        except Conflict:
+            pass  # kept before: the same rewrite, redelivered
+        except ClipChatError as exc:
+            log.warning("regeneration.style_not_kept", extra={**self._ids(task), "code": exc.code})
+
+    async def _kept_style(self, task: RegenerationTask, regeneration: common_pb2.Regeneration, prompt: str) -> str:
+        """The look kept for a clip's checkpointed rewrite ("": none, e.g. a template's rewrite)."""
+        try:
+            data = await self.storage.get_bytes(style_key(task.job_id, regeneration.user_instruction, prompt))
+        except NotFound:
+            return ""
+        return data.decode(errors="replace")
 
     async def _discard(self, generated: common_pb2.Checkpoint) -> None:
         for key in (generated.video_key, generated.thumbnail_key):

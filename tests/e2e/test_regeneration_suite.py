@@ -190,7 +190,8 @@ def test_happy_path_with_the_llm(rig: Rig, client: httpx.Client) -> None:
     assert call.headers["authorization"] == f"Bearer {LLM_KEY}"
     assert call.data == {"clip_prompt": CLIP_PROMPTS[0], "instruction": LLM_INSTRUCTION,
                          "conversation": history, "previous_clip_prompt": None,
-                         "next_clip_prompt": CLIP_PROMPTS[1], "reference_clip_prompt": None}
+                         "next_clip_prompt": CLIP_PROMPTS[1], "reference_clip_prompt": None,
+                         "shared_style": None}
     assert row["rewriter"] == "llm" and row["modified_prompt"] == f"{CLIP_PROMPTS[0]}, {LLM_INSTRUCTION}"
     assert row["change_summary"] == f"Applied the instruction: {LLM_INSTRUCTION}."
     [create] = counts.new_creates()
@@ -744,3 +745,25 @@ def test_cancelling_a_change_stops_every_clip_and_keeps_the_original(rig: Rig, c
     job = get_job(client, job["id"])
     assert job["status"] == "completed" and current_version(job) == original
     assert job_cost(job) == composition_cost(3.0) + sum(money(r["cost"]) for r in rows)
+
+
+def test_an_llm_change_gives_every_clip_the_first_clips_look(rig: Rig, client: httpx.Client) -> None:
+    job = create_job(rig, client)
+    counts = Counts(rig)
+    accepted = change(client, job["id"], "all", LLM_INSTRUCTION)  # the templates cannot do it
+    rows = change_rows(client, job["id"], accepted["regeneration_id"])
+
+    assert [r["status"] for r in rows] == ["completed"] * 3, rows
+    assert {r["rewriter"] for r in rows} == {"llm"}
+    calls = counts.new_llm_calls()
+    assert len(calls) == 3
+    lead, *others = calls  # the first clip is rewritten first, the others after it
+    assert lead.data is not None and lead.data["clip_prompt"] == CLIP_PROMPTS[0] and lead.data["shared_style"] is None
+    # The lead's answer: the first of this change's three (the others wait for it).
+    answered = [json.loads(a["choices"][0]["message"]["content"]) for a in rig.llm.answers[-3:]]
+    assert answered[0]["prompt"] == rows[0]["modified_prompt"]
+    look = answered[0]["style"]
+    assert look
+    assert sorted((c.data or {}).get("clip_prompt") for c in others) == sorted(CLIP_PROMPTS[1:])
+    assert [(c.data or {}).get("shared_style") for c in others] == [look, look]
+    assert all(r["modified_prompt"].endswith(look) for r in rows[1:]), rows

@@ -1,10 +1,13 @@
 """A local OpenAI-compatible Chat Completions server, for tests and demos.
 
 ``POST /v1/chat/completions`` answers like the real API: a ``chat.completion`` whose message
-content is a JSON object ``{"prompt", "summary"}`` (what a ``json_schema`` response format asks
-for) and a ``usage`` block with token counts derived from the text lengths (about 4 characters a
-token). The rewritten prompt is deterministic: when the user message is the JSON document
-``LLMRewriter`` sends, it is ``"<clip_prompt>, <instruction>"``; otherwise the last user message.
+content is a JSON object ``{"prompt", "summary", "style"}`` (what a ``json_schema`` response format
+asks for) and a ``usage`` block with token counts derived from the text lengths (about 4 characters a
+token). The rewrite is deterministic: when the user message is the JSON document ``LLMRewriter``
+sends, the prompt is ``"<clip_prompt>, <instruction>"`` and the style ``"<instruction>, look <crc>"``
+(the CRC-32 of the clip prompt, so each clip's own style differs); given a ``shared_style``, the
+prompt is ``"<clip_prompt>, <shared_style>"`` and the style the shared one. Otherwise the prompt is
+the last user message.
 ``GET /v1/models`` lists the one model. Every completion request is kept in ``calls`` with its body
 and headers (``ChatCall.idempotency_key`` is the ``Idempotency-Key`` it carried). It runs uvicorn
 in a background thread on 127.0.0.1 and an OS-chosen port; ``url`` is the base URL, ending in ``/v1``.
@@ -62,6 +65,7 @@ import json
 import math
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -262,9 +266,9 @@ class FakeLLMServer:
         if word == "content":
             return self._completion(call, argument)
         if word in ("ok", "no_usage"):
-            prompt, summary = _rewrite(call)
+            prompt, summary, style = _rewrite(call)
             usage = tuple(int(n) for n in argument.split(",")) if argument else None
-            content = json.dumps({"prompt": prompt, "summary": summary})
+            content = json.dumps({"prompt": prompt, "summary": summary, "style": style})
             if self.flavor == "ollama" and call.response_format == "text":
                 content = f"Here is the rewritten prompt:\n\n```json\n{content}\n```\n\nWant any changes?"
             return self._completion(call, content, with_usage=word == "ok", usage=usage)
@@ -313,14 +317,18 @@ def _text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _rewrite(call: ChatCall) -> tuple[str, str]:
-    """The deterministic "rewrite": the instruction appended to the clip prompt."""
+def _rewrite(call: ChatCall) -> tuple[str, str, str]:
+    """The deterministic "rewrite": the instruction (or the shared style) appended to the clip prompt,
+    with the style of the look."""
     data = call.data or {}
     users = call.contents("user")
     instruction = str(data.get("instruction") or (users[-1] if users else "")).strip().rstrip(".!")
     base = str(data.get("clip_prompt") or "").strip().rstrip(".")
-    prompt = f"{base}, {instruction}" if base else instruction
-    return prompt, f"Applied the instruction: {instruction}."
+    shared = str(data.get("shared_style") or "").strip()
+    style = shared or f"{instruction}, look {zlib.crc32(base.encode()):08x}"
+    change = shared or instruction
+    prompt = f"{base}, {change}" if base else change
+    return prompt, f"Applied the instruction: {instruction}.", style
 
 
 def _error(status: int, message: str, kind: str, code: str | None,

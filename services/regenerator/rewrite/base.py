@@ -19,7 +19,9 @@ class RewriteResult:
     ``rewriter`` is ``"template"``, ``"llm"`` or ``"modifier"``; ``summary`` is one sentence for the
     person ("Changed time of day to night; added rain."); ``usage`` holds the LLM's token counts
     (``prompt_tokens``, ``completion_tokens``, ``total_tokens``; ``estimated`` = 1 when the provider
-    did not report them).
+    did not report them). ``style`` is the look the change gives, in a few words (time of day,
+    weather, palette, lighting), so the other clips of a change can be given exactly the same ("":
+    none; only the LLM gives one).
     """
 
     prompt: str
@@ -27,6 +29,7 @@ class RewriteResult:
     cost: Decimal
     rewriter: str
     usage: dict[str, int] = field(default_factory=dict)
+    style: str = ""
 
 
 @dataclass
@@ -37,7 +40,9 @@ class RewriteRequest:
     ``history`` holds earlier turns about this clip, oldest first, as
     ``{"role": "user" | "assistant", "content": str}``; ``previous_prompt`` / ``next_prompt`` are
     the neighbouring clips' prompts, for continuity; ``reference_prompt`` is the prompt of the clip
-    the instruction names as the look to match ("like clip 2", see ``reference_clip``).
+    the instruction names as the look to match ("like clip 2", see ``reference_clip``);
+    ``shared_style`` is the look another clip of the same change was given (its ``RewriteResult.style``),
+    for this clip to take exactly (data for the model, like the prompts).
     ``idempotency_key``, when set, is sent with a paid request (``Idempotency-Key``) so that a
     provider can answer a repeat without charging again.
     """
@@ -48,6 +53,7 @@ class RewriteRequest:
     previous_prompt: str | None = None
     next_prompt: str | None = None
     reference_prompt: str | None = None
+    shared_style: str | None = None
     idempotency_key: str = ""
 
 

@@ -51,7 +51,7 @@ async def test_each_server_shape_gives_the_same_checked_prompt(
     assert tried == list(STRUCTURED_OUTPUT_MODES[:STRUCTURED_OUTPUT_MODES.index(mode) + 1])
     answered = server.calls[-1]
     if mode != "json_schema":  # the schema travels in the prompt instead
-        assert '"required": ["prompt", "summary"]' in answered.contents("system")[0]
+        assert '"required": ["prompt", "summary", "style"]' in answered.contents("system")[0]
         assert answered.idempotency_key == f"r1:rewrite:1.1.{mode}"
     else:
         assert answered.idempotency_key == "r1:rewrite:1.1"

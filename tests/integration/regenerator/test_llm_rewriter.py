@@ -110,8 +110,8 @@ async def test_sends_a_chat_completion_with_a_json_schema(rewriter: LLMRewriter,
     response_format = call.body["response_format"]
     assert response_format["type"] == "json_schema"
     schema = response_format["json_schema"]["schema"]
-    assert schema["required"] == ["prompt", "summary"]
-    assert set(schema["properties"]) == {"prompt", "summary"}
+    assert schema["required"] == ["prompt", "summary", "style"]
+    assert set(schema["properties"]) == {"prompt", "summary", "style"}
     assert [m["role"] for m in call.messages] == ["system", "user"]
     assert call.contents("system") == [rewriter.system_prompt]
     assert "idempotency-key" not in call.headers  # none was given

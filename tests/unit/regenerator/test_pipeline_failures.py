@@ -37,6 +37,7 @@ from services.regenerator.pipeline import (
     TIMED_OUT_MESSAGE,
     RegenerationPipeline,
     RegenerationTask,
+    style_key,
 )
 from services.regenerator.rewrite import LLMUnavailable, RewriteRejected, RewriteRequest, RewriteResult
 
@@ -293,8 +294,9 @@ async def test_retry_after_is_honoured(make_pipeline: PipelineFactory) -> None:
 
 
 async def test_checkpointed_steps_are_not_paid_for_again(make_pipeline: PipelineFactory) -> None:
-    generated = {"video_key": "jobs/x/clips/new.mp4", "thumbnail_key": "jobs/x/clips/new.jpg", "duration": 1.0,
-                 "probed_duration": 1.0, "prompt": "p2", "provider": "http", "provider_id": "pred-9"}
+    generated: dict[str, Any] = {
+        "video_key": "jobs/x/clips/new.mp4", "thumbnail_key": "jobs/x/clips/new.jpg", "duration": 1.0,
+        "probed_duration": 1.0, "prompt": "p2", "provider": "http", "provider_id": "pred-9"}
     rewriter, generator = ScriptedRewriter(LLM_RESULT), ScriptedGenerator()
     pipeline, status = make_pipeline(rewriter, generator,
                                              checkpoints={"rewrite": {"prompt": "p2"}, "generate": generated})
@@ -483,3 +485,90 @@ async def test_one_clip_of_a_change_failing_names_it_and_keeps_the_others_paid_w
     generated = {s["regeneration_id"] for s in status.named("record_step") if s["step"] == "generate"}
     assert generated == {status.member(0).regeneration_id, status.member(2).regeneration_id}
     assert not status.named("queue_composition")
+
+
+class LookRewriter:
+    """An LLM-like rewriter that gives each clip its own look unless it is given one; the lead's
+    (clip 0's) rewrite waits for ``gate`` and raises ``lead_error`` when set."""
+
+    name = "llm"
+
+    def __init__(self, lead_error: Exception | None = None) -> None:
+        self.requests: list[RewriteRequest] = []
+        self.asked = asyncio.Event()  # set by the first request
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.lead_error = lead_error
+
+    async def rewrite(self, req: RewriteRequest) -> RewriteResult:
+        self.requests.append(req)
+        self.asked.set()
+        if req.original_prompt == PROMPTS[0]:
+            await self.gate.wait()
+            if self.lead_error is not None:
+                raise self.lead_error
+        style = req.shared_style or f"night, blue light over {req.original_prompt}"
+        return RewriteResult(prompt=f"{req.original_prompt}, {style}", summary="Night.", cost=Decimal("0.0020"),
+                             rewriter="llm", style=style)
+
+
+async def test_a_change_rewrites_its_lead_first_and_gives_the_others_its_look(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    rewriter = LookRewriter()
+    rewriter.gate.clear()
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    pipeline, status = make_pipeline(rewriter, generator, change=[0, 1, 2])
+    running = asyncio.create_task(pipeline.run(TASK))
+    await rewriter.asked.wait()
+    for _ in range(20):  # the other clips had every chance to start
+        await asyncio.sleep(0.01)
+    assert [r.original_prompt for r in rewriter.requests] == [PROMPTS[0]]  # only the lead, so far
+    rewriter.gate.set()
+    await running
+
+    lead_look = f"night, blue light over {PROMPTS[0]}"
+    assert [(r.original_prompt, r.shared_style) for r in rewriter.requests] == [
+        (PROMPTS[0], None), *sorted((p, lead_look) for p in PROMPTS[1:])]
+    assert sorted(generator.prompts) == sorted(f"{p}, {lead_look}" for p in PROMPTS)
+    assert not status.named("fail") and status.named("queue_composition")
+    # The lead's look is kept for a retry, beside the job's media; so is each other clip's (the same).
+    for prompt in generator.prompts:
+        kept = tmp_path / "storage" / style_key(JOB_ID, "anime style", prompt)
+        assert kept.read_text() == lead_look
+
+
+async def test_when_the_leads_rewrite_fails_no_other_clip_is_started(make_pipeline: PipelineFactory) -> None:
+    rewriter = LookRewriter(RewriteRejected(detail="the model returned an empty prompt"))
+    generator = ScriptedGenerator()
+    pipeline, status = make_pipeline(rewriter, generator, change=[0, 1, 2])
+
+    await pipeline.run(TASK)
+
+    assert [r.original_prompt for r in rewriter.requests] == [PROMPTS[0]]  # nothing paid for the others
+    assert not generator.prompts and not status.named("record_step")
+    [failed] = status.named("fail")
+    assert failed["failed"] == (REGENERATION_ID,)  # the lead; the others are stopped with it
+    assert failed["code"] == "rewrite_rejected" and failed["message"].startswith("Clip 1 failed: ")
+
+
+async def test_a_retry_reuses_the_leads_rewrite_and_gives_the_others_its_kept_look(
+        make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
+    from tests.fakes.prediction_server import render_sample_mp4
+
+    lead_prompt, lead_look = f"{PROMPTS[0]}, golden dusk", "golden dusk, warm haze, long shadows"
+    kept = tmp_path / "storage" / style_key(JOB_ID, "anime style", lead_prompt)
+    kept.parent.mkdir(parents=True)
+    kept.write_text(lead_look)
+    rewriter = LookRewriter()
+    generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
+    pipeline, status = make_pipeline(rewriter, generator, change=[0, 1, 2],
+                                     checkpoints={"rewrite": {"prompt": lead_prompt}})
+
+    await pipeline.run(TASK)
+
+    assert sorted((r.original_prompt, r.shared_style) for r in rewriter.requests) == [
+        (PROMPTS[1], lead_look), (PROMPTS[2], lead_look)]  # the lead's rewrite was not paid again
+    assert sorted(generator.prompts) == sorted([lead_prompt, *(f"{p}, {lead_look}" for p in PROMPTS[1:])])
+    assert not status.named("fail")
