@@ -17,17 +17,13 @@ for a while (it may be restarting); progress reports are best effort (``LeaseKee
 
 A change of several clips gives every clip the same look: its lead (first clip) is rewritten
 first, and the LLM's description of the look it gave (``RewriteResult.style``) is given to every
-other clip's rewrite (``shared_style``). The checkpoint of a rewrite has no field for the style, so
-the style of each clip's LLM rewrite in a change is kept in storage beside the job's media, under a
-key made of the instruction and the rewritten prompt (``style_key``): a retry that reuses the lead's
-rewrite finds it there. Keeping it is best effort: without it, a retry's other clips are rewritten
-without a shared look.
+other clip's rewrite (``shared_style``). The style is kept in the rewrite's checkpoint, so a retry
+that reuses the lead's rewrite gives the others the same look.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import tempfile
@@ -41,7 +37,7 @@ from typing import Any
 
 from clipchat import metrics
 from clipchat.domain import COMPOSE_SHARE, GENERATE_SHARE, REWRITE_SHARE, Stage, Step, overall_progress
-from clipchat.errors import ClipChatError, Conflict, DependencyUnavailable, InvalidInput, NotFound, StaleLease
+from clipchat.errors import ClipChatError, DependencyUnavailable, InvalidInput, StaleLease
 from clipchat.lease import LeaseKeeper, LeaseLost
 from clipchat.media.ffmpeg import FfmpegRunner
 from clipchat.media.probe import probe
@@ -98,12 +94,6 @@ def technical_detail(failed: StepFailed, trace_id: str) -> str:
         "provider_response": str(getattr(cause, "detail", ""))[:4000],
         "exception": "".join(traceback.format_exception(cause))[-8000:],
     })
-
-
-def style_key(job_id: str, instruction: str, prompt: str) -> str:
-    """Where the look of a clip's rewrite (``prompt``, for ``instruction``) is kept, in the job's storage."""
-    digest = hashlib.sha256(f"{instruction}\n{prompt}".encode()).hexdigest()[:40]
-    return f"{job_prefix(job_id)}/styles/{digest}.txt"
 
 
 class ChangeFailed(Exception):
@@ -274,7 +264,7 @@ class RegenerationPipeline:
         if Step.REWRITE in checkpoints:
             prompt = checkpoints[Step.REWRITE].prompt
             if on_rewritten is not None:
-                on_rewritten(await self._kept_style(task, regeneration, prompt))
+                on_rewritten(checkpoints[Step.REWRITE].style)
         else:
             result = await self._rewrite_clip(task, regeneration, clips, member, shared_style)
             prompt = result.prompt
@@ -302,7 +292,7 @@ class RegenerationPipeline:
     async def _rewrite_clip(self, task: RegenerationTask, regeneration: common_pb2.Regeneration,
                             clips: list[common_pb2.Clip], member: str, shared_style: str | None) -> RewriteResult:
         """Rewrite one clip's prompt (its neighbours' prompts as context, a change's look to take)
-        and checkpoint it; in a change, the look it gave is kept (``style_key``) for a retry."""
+        and checkpoint it with the look it gave (in a change, for a retry to give the others)."""
         index = regeneration.clip_index
         history = [{"role": turn.role, "content": turn.content} for turn in regeneration.conversation_history]
         reference = reference_clip(regeneration.user_instruction)
@@ -319,32 +309,12 @@ class RegenerationPipeline:
         except StepFailed as failed:
             await self._record_billed_refusal(task, failed, task.charge_key("rewrite", tries.count, member), member)
             raise
-        if member and result.style:
-            await self._keep_style(task, regeneration, result.prompt, result.style)
         await self._record_step(task, Step.REWRITE, cost=str(result.cost), modified_prompt=result.prompt,
                                 change_summary=result.summary, rewriter=result.rewriter,
-                                checkpoint=common_pb2.Checkpoint(prompt=result.prompt),
+                                checkpoint=common_pb2.Checkpoint(prompt=result.prompt,
+                                                                 style=result.style if member else ""),
                                 charge_key=task.charge_key("rewrite", tries.count, member), regeneration_id=member)
         return result
-
-    async def _keep_style(self, task: RegenerationTask, regeneration: common_pb2.Regeneration, prompt: str,
-                          style: str) -> None:
-        """Keep the look of a clip's rewrite for a retry of its change (best effort: see the module doc)."""
-        key = style_key(task.job_id, regeneration.user_instruction, prompt)
-        try:
-            await self.storage.put_bytes(key, style.encode(), content_type="text/plain; charset=utf-8")
-        except Conflict:
-            pass  # kept before: the same rewrite, redelivered
-        except ClipChatError as exc:
-            log.warning("regeneration.style_not_kept", extra={**self._ids(task), "code": exc.code})
-
-    async def _kept_style(self, task: RegenerationTask, regeneration: common_pb2.Regeneration, prompt: str) -> str:
-        """The look kept for a clip's checkpointed rewrite ("": none, e.g. a template's rewrite)."""
-        try:
-            data = await self.storage.get_bytes(style_key(task.job_id, regeneration.user_instruction, prompt))
-        except NotFound:
-            return ""
-        return data.decode(errors="replace")
 
     async def _discard(self, generated: common_pb2.Checkpoint) -> None:
         for key in (generated.video_key, generated.thumbnail_key):

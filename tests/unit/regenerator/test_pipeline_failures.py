@@ -37,7 +37,6 @@ from services.regenerator.pipeline import (
     TIMED_OUT_MESSAGE,
     RegenerationPipeline,
     RegenerationTask,
-    style_key,
 )
 from services.regenerator.rewrite import LLMUnavailable, RewriteRejected, RewriteRequest, RewriteResult
 
@@ -533,10 +532,9 @@ async def test_a_change_rewrites_its_lead_first_and_gives_the_others_its_look(
         (PROMPTS[0], None), *sorted((p, lead_look) for p in PROMPTS[1:])]
     assert sorted(generator.prompts) == sorted(f"{p}, {lead_look}" for p in PROMPTS)
     assert not status.named("fail") and status.named("queue_composition")
-    # The lead's look is kept for a retry, beside the job's media; so is each other clip's (the same).
-    for prompt in generator.prompts:
-        kept = tmp_path / "storage" / style_key(JOB_ID, "anime style", prompt)
-        assert kept.read_text() == lead_look
+    # The look is kept in each clip's rewrite checkpoint (the lead's, for a retry; the others', the same).
+    rewrites = [s for s in status.named("record_step") if s["step"] == Step.REWRITE]
+    assert len(rewrites) == 3 and all(s["checkpoint"]["style"] == lead_look for s in rewrites)
 
 
 async def test_when_the_leads_rewrite_fails_no_other_clip_is_started(make_pipeline: PipelineFactory) -> None:
@@ -553,18 +551,15 @@ async def test_when_the_leads_rewrite_fails_no_other_clip_is_started(make_pipeli
     assert failed["code"] == "rewrite_rejected" and failed["message"].startswith("Clip 1 failed: ")
 
 
-async def test_a_retry_reuses_the_leads_rewrite_and_gives_the_others_its_kept_look(
+async def test_a_retry_reuses_the_leads_rewrite_and_gives_the_others_its_checkpointed_look(
         make_pipeline: PipelineFactory, ffmpeg_exe: str, tmp_path: Path) -> None:
     from tests.fakes.prediction_server import render_sample_mp4
 
     lead_prompt, lead_look = f"{PROMPTS[0]}, golden dusk", "golden dusk, warm haze, long shadows"
-    kept = tmp_path / "storage" / style_key(JOB_ID, "anime style", lead_prompt)
-    kept.parent.mkdir(parents=True)
-    kept.write_text(lead_look)
     rewriter = LookRewriter()
     generator = ScriptedGenerator(sample=render_sample_mp4(tmp_path / "sample.mp4", ffmpeg=ffmpeg_exe))
     pipeline, status = make_pipeline(rewriter, generator, change=[0, 1, 2],
-                                     checkpoints={"rewrite": {"prompt": lead_prompt}})
+                                     checkpoints={"rewrite": {"prompt": lead_prompt, "style": lead_look}})
 
     await pipeline.run(TASK)
 
