@@ -56,6 +56,11 @@ CLIP_PROMPTS = (
     "wide shot of the city skyline with the dancer in the foreground",
     "the dancer bowing on the rooftop as the crowd cheers",
 )
+# The prompts of a fourth and fifth clip (without the first clip's time of day).
+MORE_CLIP_PROMPTS = (
+    "close-up of the dancer's shoes tapping on the rooftop",
+    "the dancer walking away along the rooftop edge",
+)
 CLIP_SECONDS = 1.0
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 
@@ -190,19 +195,24 @@ def render_job_media(folder: Path, ffmpeg: str) -> list[Path]:
     return [*clips, audio]
 
 
-def create_job(rig: Rig, client: httpx.Client, *, budget_limit: str | None = None) -> dict[str, Any]:
-    """Upload a three-clip job through ``POST /jobs`` and wait for its first composition."""
-    clips, audio = rig.media[:-1], rig.media[-1]
+def create_job(rig: Rig, client: httpx.Client, *, budget_limit: str | None = None,
+               clip_count: int = len(CLIP_PROMPTS)) -> dict[str, Any]:
+    """Upload a job of ``clip_count`` clips (three unless said, at most five; the second and third
+    sample clips repeated past three) through ``POST /jobs`` and wait for its first composition."""
+    samples, audio = rig.media[:-1], rig.media[-1]
+    # Past three, the second and third samples again: the first is what the fake provider returns.
+    clips = [*samples, *samples[1:]][:clip_count]
+    prompts = [*CLIP_PROMPTS, *MORE_CLIP_PROMPTS][:clip_count]
     manifest: dict[str, Any] = {
         "title": "regeneration suite",
-        "clips": [{"prompt": prompt, "duration": CLIP_SECONDS} for prompt in CLIP_PROMPTS],
-        "transitions": [{"kind": "cut", "duration": 0} for _ in CLIP_PROMPTS[1:]],
+        "clips": [{"prompt": prompt, "duration": CLIP_SECONDS} for prompt in prompts],
+        "transitions": [{"kind": "cut", "duration": 0} for _ in prompts[1:]],
         "beat_timestamps": [0.5 * i for i in range(6)],
         "aspect_ratio": "16:9",
     }
     if budget_limit is not None:
         manifest["budget_limit"] = budget_limit
-    files = [("clips", (path.name, path.read_bytes(), "video/mp4")) for path in clips]
+    files = [("clips", (f"{n}-{path.name}", path.read_bytes(), "video/mp4")) for n, path in enumerate(clips)]
     files.append(("audio", (audio.name, audio.read_bytes(), "audio/mp4")))
     response = client.post("/api/v1/jobs", data={"manifest": json.dumps(manifest)}, files=files)
     assert response.status_code == 202, response.text

@@ -640,32 +640,33 @@ def clip_frames(path: Path, clips: int, fps: int = 30) -> list[list[str]]:
     return [hashes[i * fps:(i + 1) * fps] for i in range(clips)]
 
 
-def test_a_change_of_two_clips_is_one_composition_and_one_version(rig: Rig, client: httpx.Client,
-                                                                  tmp_path: Path) -> None:
-    job = create_job(rig, client)
+def test_a_change_of_three_clips_is_one_composition_and_one_version(rig: Rig, client: httpx.Client,
+                                                                    tmp_path: Path) -> None:
+    job = create_job(rig, client, clip_count=5)
     first = current_version(job)
     before = tmp_path / "v1.mp4"
     before.write_bytes(video_bytes(client, first["url"]))
     counts = Counts(rig)
 
-    accepted = change(client, job["id"], [2, 1], TEMPLATE_INSTRUCTION)
-    assert [c["clip_index"] for c in accepted["clips"]] == [1, 2]
+    accepted = change(client, job["id"], [3, 1, 2], TEMPLATE_INSTRUCTION)
+    assert [c["clip_index"] for c in accepted["clips"]] == [1, 2, 3]
     assert accepted["regeneration_id"] == accepted["clips"][0]["regeneration_id"]
     generation = estimate() - LLM_ESTIMATE - composition_cost(3.0)
-    assert money(accepted["estimated_cost"]) == LLM_ESTIMATE * 2 + generation * 2 + composition_cost(3.0)
+    assert money(accepted["estimated_cost"]) == LLM_ESTIMATE * 3 + generation * 3 + composition_cost(5.0)
     rows = change_rows(client, job["id"], accepted["regeneration_id"])
 
-    assert [(r["clip_index"], r["status"]) for r in rows] == [(1, "completed"), (2, "completed")], rows
-    assert len(counts.new_creates()) == 2 and not counts.new_llm_calls()
+    assert [(r["clip_index"], r["status"]) for r in rows] == [(i, "completed") for i in (1, 2, 3)], rows
+    assert len(counts.new_creates()) == 3 and not counts.new_llm_calls()
     assert len(counts.new_version_puts()) == 1  # one composition
     job = get_job(client, job["id"])
     assert job["current_version"] == 2 and [v["version"] for v in job["versions"]] == [1, 2]
     new = current_version(job)
     assert new["created_by_regeneration_id"] == accepted["regeneration_id"]
     assert_costs(rows[0], llm=Decimal(0), generation=GENERATION_COST, composition=composition_cost(new["duration"]))
-    assert_costs(rows[1], llm=Decimal(0), generation=GENERATION_COST, composition=Decimal(0))
+    for row in rows[1:]:
+        assert_costs(row, llm=Decimal(0), generation=GENERATION_COST, composition=Decimal(0))
     assert job_cost(job) == composition_cost(first["duration"]) + sum(money(r["cost"]) for r in rows)
-    assert [c["revision"] for c in job["clips"]] == [0, 1, 1]
+    assert [c["revision"] for c in job["clips"]] == [0, 1, 1, 1, 0]
     # Each changed clip reported its own progress (its regeneration), in the change's events.
     stream = events(client, job["id"], lambda e: e["type"] == "regeneration.completed")
     own = {(e["payload"]["member_regeneration_id"], e["stage"]) for e in stream
@@ -681,11 +682,11 @@ def test_a_change_of_two_clips_is_one_composition_and_one_version(rig: Rig, clie
 
     after = tmp_path / "v2.mp4"
     after.write_bytes(video_bytes(client, new["url"]))
-    old, changed = clip_frames(before, 3), clip_frames(after, 3)
-    assert old[0] == changed[0]  # the clip left alone: the same pictures
-    assert all(set(old[i]).isdisjoint(changed[i]) for i in (1, 2))  # the two changed clips: new pictures
+    old, changed = clip_frames(before, 5), clip_frames(after, 5)
+    assert old[0] == changed[0] and old[4] == changed[4]  # the clips left alone: the same pictures
+    assert all(set(old[i]).isdisjoint(changed[i]) for i in (1, 2, 3))  # the changed clips: new pictures
     compared = client.get(f"/api/v1/jobs/{job['id']}/versions/1/compare/2").json()
-    assert [c["index"] for c in compared["clips"]] == [1, 2]
+    assert [c["index"] for c in compared["clips"]] == [1, 2, 3]
     assert money(compared["cost"]) == sum(money(r["cost"]) for r in rows)
 
     # "like clip 2" (the page's numbering: index 1) takes clip 2's look, in the same words.
@@ -724,6 +725,10 @@ def test_a_clip_of_a_change_failing_publishes_nothing_and_try_again_pays_only_fo
     [create] = counts.new_creates()  # only the refused clip is generated again
     assert create.body["input"]["prompt"] == next(r for r in retried
                                                   if r["clip_index"] == refused["clip_index"])["modified_prompt"]
+    # "all": every clip's prompt ends with the same time-of-day words (the first clip's sunny afternoon gone).
+    night = retried[1]["modified_prompt"].removeprefix(CLIP_PROMPTS[1])
+    assert "night" in night and all(r["modified_prompt"].endswith(night) for r in retried), retried
+    assert "sunny" not in retried[0]["modified_prompt"]
     job = get_job(client, job["id"])
     assert job["current_version"] == 2 and [c["revision"] for c in job["clips"]] == [1, 1, 1]
     assert job_cost(job) == composition_cost(3.0) + paid + sum(money(r["cost"]) for r in retried)
