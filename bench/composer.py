@@ -295,8 +295,10 @@ async def _naive_args(spec: dict[str, object], dest: Path) -> list[str]:
         last = f"x{index}"
     music = Path(str(spec["music"]))
     music_args = soundtrack_command(music, await probe(music), timeline.total_frames, dest)
+    # The soundtrack's graph, reading the music as this command's last input, its output named [a].
+    music_out = music_args[music_args.index("-map") + 1]
     music_graph = music_args[music_args.index("-filter_complex") + 1].replace("[0:a:0]", f"[{len(clips)}:a:0]")
-    graph.append(music_graph.replace("[out]", "[a]"))
+    graph.append(music_graph.replace(music_out, "[a]"))
     return [*inputs, "-i", str(music), "-filter_complex", ";".join(graph), "-map", f"[{last}]", "-map", "[a]",
             "-c:v", "libx264", "-preset", PRESET, "-profile:v", "high", "-crf", "20", "-pix_fmt", "yuv420p",
             "-c:a", "aac", "-b:a", "192k", "-ar", "48000", "-ac", "2", "-movflags", "+faststart",
