@@ -92,8 +92,9 @@ FRAME_SIZES: dict[str, tuple[int, int]] = {"16:9": (1920, 1080), "9:16": (1080, 
 FITS = ("pad", "crop")
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
 DEFAULT_WORKERS = 2
-# Compositions with at most this many segments to encode run them ``composer_workers`` at a time.
-_PARALLEL_UP_TO = 6
+# Compositions with at most this many segments to encode run them ``composer_workers`` at a time:
+# a change of up to four clips (each a body and its two transitions).
+PARALLEL_UP_TO = 12
 _DOWNLOADS_AT_ONCE = 4
 
 # Rough cost of each piece of work, in "one frame of a clip body encoded", for progress and ETA.
@@ -160,7 +161,7 @@ class Composer:
     """
 
     def __init__(self, storage: Storage, ffmpeg: FfmpegRunner, settings: Settings, *,
-                 work_root: Path | None = None) -> None:
+                 work_root: Path | None = None, parallel_up_to: int = PARALLEL_UP_TO) -> None:
         self._storage = storage
         self._ffmpeg = ffmpeg
         self._settings = settings
@@ -175,6 +176,7 @@ class Composer:
             storage, max_bytes=settings.segment_cache_max_bytes,
             retry=self._retry)
         self._workers = max(1, settings.composer_workers)
+        self._parallel_up_to = parallel_up_to
         # Probes decode a frame in this process; one at a time keeps its memory flat.
         self._probe_lock = asyncio.Lock()
 
@@ -479,7 +481,7 @@ class _Composition:
         1080p) is held at any moment.
         """
         to_encode = sum(1 for s in segments if not s.video.cached)
-        return self.composer._workers if to_encode <= _PARALLEL_UP_TO else 1
+        return self.composer._workers if to_encode <= self.composer._parallel_up_to else 1
 
     def _plan_progress(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window],
                        sounds: list[_Segment], soundtrack: _Piece) -> None:

@@ -486,11 +486,13 @@ async def test_replacing_a_clip_gives_the_same_frames_as_a_full_recomposition(
 
 
 async def test_a_recomposition_matches_a_full_composition_made_one_run_at_a_time(
-        composer: Composer, storage: LocalStorage, sources: Sources, ffmpeg_exe: str, tmp_path: Path) -> None:
-    # Seven segments: a full composition makes them one at a time, each clip decoded once with its
-    # transitions' raw windows; the recomposition after one change runs its three side by side,
-    # the transitions reading both clips themselves (seeking into the first, a 2 s clip held past
-    # its end in a 2.5 s slot).
+        storage: LocalStorage, sources: Sources, ffmpeg_exe: str, work_root: Path, tmp_path: Path) -> None:
+    # Seven segments, past the six this composer runs side by side: a full composition makes them
+    # one at a time, each clip decoded once with its transitions' raw windows; the recomposition
+    # after one change runs its three side by side, the transitions reading both clips themselves
+    # (seeking into the first, a 2 s clip held past its end in a 2.5 s slot).
+    composer = Composer(storage, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=work_root,
+                        parallel_up_to=6)
     clips = [sources.wide, sources.wide, sources.long, sources.vfr]
     transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
     spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
@@ -506,7 +508,8 @@ async def test_a_recomposition_matches_a_full_composition_made_one_run_at_a_time
     other = LocalStorage(tmp_path / "other")
     for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
         await other.put_file(key, output_path(storage, key))
-    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2")
+    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
+                     parallel_up_to=6)
     full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
     assert full.segments_encoded == 7
 
