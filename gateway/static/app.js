@@ -202,6 +202,7 @@ function onEvent(event) {
   }
   if (!REFRESH_ON.has(event.type)) return;
   const payload = event.payload || {};
+  if (event.type === "regeneration.step") applyStep(payload);
   if (event.type === "regeneration.queued") {
     state.runStartedAt = Date.now();
     state.progress = { regenerationId: payload.regeneration_id, stage: "queued", fraction: 0, eta: null };
@@ -212,6 +213,16 @@ function onEvent(event) {
     state.runStartedAt = null;
   }
   scheduleRefresh();
+}
+
+// A rewrite's new prompt comes with its step event: shown at once, before the history is read again.
+function applyStep(payload) {
+  const row = state.regenerations.find((r) => r.id === payload.regeneration_id);
+  if (!row || !payload.modified_prompt || row.modified_prompt === payload.modified_prompt) return;
+  row.modified_prompt = payload.modified_prompt;
+  row.rewriter = payload.rewriter || row.rewriter;
+  row.change_summary = payload.change_summary || row.change_summary;
+  renderThread();
 }
 
 function onProgress(event) {

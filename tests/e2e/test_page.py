@@ -403,6 +403,13 @@ def _clean_script(system: PageSystem) -> Iterator[None]:
     system.predictions.clear_script()
 
 
+def _wait_compare_loaded(page: Any) -> None:
+    """Both videos of the compare have a picture at the position asked for (none failed)."""
+    page.wait_for_function("""() => ['compare-before', 'compare-after'].every((id) => {
+        const v = document.getElementById(id); return v.readyState >= 2 && !v.seeking && !v.error; })""",
+                           timeout=60_000)
+
+
 @pytest.mark.parametrize("width", list(VIEWPORTS))
 def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any, shots: Path, width: str) -> None:
     watched = _open(browser, system, shots, width, "1-change")
@@ -463,8 +470,7 @@ def test_change_a_clip_and_compare_before_after(system: PageSystem, browser: Any
 
     page.locator("#thread .msg.success button", has_text="Compare before and after").last.click()
     page.wait_for_selector("#compare:not([hidden])")
-    page.wait_for_function("""() => ['compare-before', 'compare-after'].every((id) => {
-        const v = document.getElementById(id); return v.readyState >= 2 && !v.seeking; })""", timeout=60_000)
+    _wait_compare_loaded(page)
     means = page.evaluate("""() => ['compare-before', 'compare-after'].map((id) => {
         const v = document.getElementById(id);
         const c = document.createElement('canvas'); c.width = 64; c.height = 36;
@@ -584,6 +590,7 @@ def test_restore_a_version_after_confirming(system: PageSystem, browser: Any, sh
     page.locator("#versions-compare button").click()
     page.wait_for_selector("#compare:not([hidden])")
     assert f"version {current}" in page.inner_text("#compare-caption").lower()
+    _wait_compare_loaded(page)
     watched.shot("versions-compared")
     watched.assert_clean()
     page.context.close()
@@ -825,9 +832,7 @@ def test_one_instruction_changes_several_clips_in_one_version(system: PageSystem
     page.locator("#compare-clips .compare-clip.changed").last.click()  # look at clip 6 in both
     assert page.inner_text("#compare-caption").startswith(f"Clip 6: version {version - 1} (before)")
     assert float(page.get_attribute("#compare-seek", "min") or "nan") == pytest.approx(5 * CLIP_SECONDS)
-    page.wait_for_function("""() => ['compare-before', 'compare-after'].every((id) => {
-        const v = document.getElementById(id); return v.readyState >= 2 && !v.seeking && !v.error; })""",
-                           timeout=60_000)
+    _wait_compare_loaded(page)
     watched.shot("compared")
     watched.assert_clean()
     page.context.close()
