@@ -106,12 +106,14 @@ def system(tmp_path_factory: pytest.TempPathFactory, ffmpeg_exe: str) -> Iterato
     # A dark frame with a light square: plainly not the job's bright clips in a before/after.
     _render(ffmpeg_exe, night, f"color=c=0x0b1030:s=640x360:r=25:d={CLIP_SECONDS},"
                                "drawbox=x=420:y=60:w=90:h=90:color=0xf0f0ff:t=fill")
+    # The fake provider bills $0.20 for a 1 s clip, and the settings quote what it bills.
     predictions = PredictionServer(video=night, token=GENERATOR_TOKEN, cost="0.20", steps=3)
     predictions.start()
     env = base_env(data_dir)
     env.update({
         "CLIPCHAT_GENERATOR": "http", "CLIPCHAT_GENERATOR_URL": predictions.url,
         "CLIPCHAT_GENERATOR_API_TOKEN": GENERATOR_TOKEN, "CLIPCHAT_GENERATOR_MODEL": "fake/video-1",
+        "CLIPCHAT_GENERATION_PRICE_PER_SECOND": "0.20",
         "CLIPCHAT_GENERATOR_POLL_INITIAL_SECONDS": "0.3", "CLIPCHAT_GENERATOR_POLL_MAX_SECONDS": "0.5",
         "CLIPCHAT_X264_PRESET": "superfast", "CLIPCHAT_RATE_LIMIT_PER_MINUTE": "10000",
         "CLIPCHAT_SSE_HEARTBEAT_SECONDS": "1",
