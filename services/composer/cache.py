@@ -63,18 +63,21 @@ class SegmentCache:
         digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
         return f"{CACHE_PREFIX}{kind}/{digest}{suffix}"
 
-    async def lookup(self, key: str) -> bool:
-        """Whether ``key`` is cached; counts a hit or a miss, and marks a hit as recently used."""
+    async def lookup(self, key: str, *, counted: bool = True) -> bool:
+        """Whether ``key`` is cached; counts a hit or a miss (unless not ``counted``: an aid such as
+        a kept window, not a piece of the composition), and marks a hit as recently used."""
         try:
             await self._retry.run(lambda: self._storage.touch(key), what="cache touch")
         except NotFound:
-            self._stats = replace(self._stats, misses=self._stats.misses + 1)
-            metrics.segment_cache_lookup(hit=False)
+            if counted:
+                self._stats = replace(self._stats, misses=self._stats.misses + 1)
+                metrics.segment_cache_lookup(hit=False)
             return False
-        self._stats = replace(self._stats, hits=self._stats.hits + 1)
+        if counted:
+            self._stats = replace(self._stats, hits=self._stats.hits + 1)
         return True
 
-    async def fetch(self, key: str, dest: Path) -> Path | None:
+    async def fetch(self, key: str, dest: Path, *, counted: bool = True) -> Path | None:
         """A local file with the entry's bytes (the store's own file when storage is a folder), or
         None when the entry has been evicted since it was looked up (``forget_hit`` then).
 
@@ -83,27 +86,29 @@ class SegmentCache:
         if local is not None:
             if not local.is_file():
                 return None
+        else:
+            try:
+                await self._retry.run(lambda: settled(self._storage.get_file(key, dest)), what="cache download")
+            except NotFound:
+                return None
+            local = dest
+        if counted:
             metrics.segment_cache_lookup(hit=True)
-            return local
-        try:
-            await self._retry.run(lambda: settled(self._storage.get_file(key, dest)), what="cache download")
-        except NotFound:
-            return None
-        metrics.segment_cache_lookup(hit=True)
-        return dest
+        return local
 
     def forget_hit(self) -> None:
         """Record that a hit turned out to be gone when fetched (and was made again)."""
         self._stats = replace(self._stats, hits=self._stats.hits - 1, misses=self._stats.misses + 1)
         metrics.segment_cache_lookup(hit=False)
 
-    async def store(self, key: str, path: Path) -> None:
+    async def store(self, key: str, path: Path, *, counted: bool = True) -> None:
         """Cache the file at ``path`` under ``key``; an entry someone else stored first is kept."""
         try:
             await self._retry.run(lambda: settled(self._storage.put_file(key, path)), what="cache upload")
         except Conflict:
             return
-        self._stats = replace(self._stats, stores=self._stats.stores + 1)
+        if counted:
+            self._stats = replace(self._stats, stores=self._stats.stores + 1)
 
     async def evict(self) -> int:
         """Delete least-recently-used entries until the cache is under its cap; returns how many."""

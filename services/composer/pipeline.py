@@ -13,10 +13,24 @@ transitions need ("windows") are written by a clip run too; a transition run ble
 windows and encodes them (``render.py``). A composition with many segments to make runs its
 encoding runs one at a time (one x264 keeps both cores busy; memory stays at one encoder) and
 has each clip decoded once, windows included; one with a few, as after a change, runs
-``composer_workers`` of them at once, each transition reading its windows from both clips
-itself, so the transitions are encoded beside the new body, not after it (see ``_encoders``,
-``_video_jobs``). Both ways give the same bytes: a frame's pixels do not depend on which run
-read it (``render.seek_frame``).
+``composer_workers`` of them at once, each transition reading its windows itself (kept ones from
+the cache, the others from both clips), so the transitions are encoded beside the new body, not
+after it (see ``_encoders``, ``_video_jobs``). Both ways give the same bytes: a frame's pixels
+do not depend on which run read it (``render.seek_frame``).
+
+**Kept windows.** A one-at-a-time composition keeps each raw window its clip runs write in the
+cache too, losslessly (x264 at quantizer 0, about 1.6 MB for half a second of 1080p): right
+after the transition that blends it is encoded, a small ffmpeg run of its own reads the raw file
+and encodes it, in that transition's slot, so only one encoder is alive at any moment (two in
+one clip run raised the composition's peak memory). It is kept under a hash of the clip object,
+the window's frames, the canvas and the pipeline version (``_kept_key``). A transition of a
+later recomposition that needs the window reads it from there instead of decoding the clip from
+its keyframe, which for the tail of a neighbour that was not changed meant decoding the whole
+clip. Decoded and timed as the fps filter times frames, a kept window gives the very bytes the
+clip would (``render.clip_transition_command``). The windows a recomposition's transitions read
+from clips are not kept: the extra encoder there cost a one-clip change more time than a later
+hit would save. Kept windows are an aid, not pieces of the composition: they do not count as
+segment cache hits, misses or stores, and one that is gone is read from its clip.
 
 **Length and sound.** The video is exactly as long as its clips' timeline:
 ``sum(clip frames) − sum(transition frames)``, each clip ``round(duration × 30)`` frames. Beat
@@ -64,15 +78,18 @@ from services.composer.progress import STAGES, FractionFn, ProgressFn, ProgressT
 from services.composer.render import (
     AUDIO_BITRATE,
     AUDIO_SAMPLE_RATE,
+    LOSSLESS_WINDOW_ARGS,
     SAMPLES_PER_FRAME,
     SEGMENT_OUTPUT_ARGS,
     Canvas,
     ClipOutput,
     SourceClip,
+    WindowSource,
     audio_crossfade_command,
     clip_command,
     clip_transition_command,
     concat_listing,
+    kept_windows_command,
     mux_command,
     soundtrack_command,
     transition_command,
@@ -283,14 +300,17 @@ class _Segment:
     plan: SegmentPlan
     video: _Piece
     sound: _Piece | None = None  # the clips' own sound, when the spec mixes it in
+    kept: list[_Piece] = field(default_factory=list)  # a transition's windows kept losslessly
 
 
 @dataclass
 class _Window:
-    """Raw normalized frames of a clip that a transition to be made needs."""
+    """Raw normalized frames of a clip that a transition to be made needs; ``kept`` is the same
+    window kept losslessly in the cache, encoded from the raw frames once that transition is made."""
 
     window: ClipWindow
     path: Path
+    kept: _Piece
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -324,6 +344,8 @@ class _Composition:
         sounds = [s for s in segments if s.sound is not None and not s.sound.cached] if not soundtrack.cached else []
         encoders = self._encoders(segments)
         windows = self._windows(segments) if encoders == 1 else {}
+        if encoders > 1:
+            await self._look_up_kept(segments)
         self._plan_progress(segments, windows, sounds, soundtrack)
         await self.progress.report()
 
@@ -386,8 +408,18 @@ class _Composition:
                 sound = _Piece(SegmentCache.key("clip-sound", {
                     "version": PIPELINE_VERSION, "kind": plan.kind, "windows": windows,
                     "rate": AUDIO_SAMPLE_RATE}, ".pcm"))
-            segments.append(_Segment(number, plan, _Piece(video_key), sound))
+            kept = [_Piece(self._kept_key(objects[w.clip_index], w)) for w in plan.windows] \
+                if plan.kind == "transition" else []
+            segments.append(_Segment(number, plan, _Piece(video_key), sound, kept))
         return segments
+
+    def _kept_key(self, clip: ObjectInfo, window: ClipWindow) -> str:
+        """The key of ``window`` of ``clip`` normalized to the canvas and kept losslessly: the same
+        frames whichever transition blends them, so a neighbour's window outlives a change."""
+        return SegmentCache.key("windows", {
+            "version": PIPELINE_VERSION, "window": [clip.key, clip.size, window.start_frame, window.frames],
+            "fps": FPS, "canvas": [self.canvas.width, self.canvas.height, self.canvas.fit],
+            "codec": LOSSLESS_WINDOW_ARGS}, ".mp4")
 
     def _soundtrack_key(self, music: ObjectInfo, segments: list[_Segment]) -> str:
         return SegmentCache.key("soundtrack", {
@@ -407,11 +439,20 @@ class _Composition:
         await asyncio.gather(*(self._reuse(piece, dest) for piece, dest in pieces))
         self.reused = sum(1 for s in segments if s.video.cached)
 
-    async def _reuse(self, piece: _Piece, dest: Path) -> None:
+    async def _look_up_kept(self, segments: list[_Segment]) -> None:
+        """Find the kept windows of the transitions to be made, for a composition whose transitions
+        read their windows themselves (see ``_video_jobs``): a kept one saves decoding its clip from
+        the keyframe. Not counted as segment cache hits or misses; one not found is read from its
+        clip."""
+        pieces = [(piece, self.work / f"kept-{s.number:03d}-{part}.mp4")
+                  for s in segments if not s.video.cached for part, piece in enumerate(s.kept)]
+        await asyncio.gather(*(self._reuse(piece, dest, counted=False) for piece, dest in pieces))
+
+    async def _reuse(self, piece: _Piece, dest: Path, *, counted: bool = True) -> None:
         cache = self.composer._cache
-        if await cache.lookup(piece.key):
-            piece.path = await cache.fetch(piece.key, dest)
-            if piece.path is None:
+        if await cache.lookup(piece.key, counted=counted):
+            piece.path = await cache.fetch(piece.key, dest, counted=counted)
+            if piece.path is None and counted:
                 cache.forget_hit()
         piece.cached = piece.path is not None
 
@@ -423,7 +464,7 @@ class _Composition:
             if segment.plan.kind == "transition" and not segment.video.cached:
                 for part, window in enumerate(segment.plan.windows):
                     windows[(window.clip_index, window.start_frame)] = _Window(
-                        window, self.work / f"window-{segment.number:03d}-{part}.yuv")
+                        window, self.work / f"window-{segment.number:03d}-{part}.yuv", segment.kept[part])
         return windows
 
     def _video_jobs(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window]
@@ -440,9 +481,9 @@ class _Composition:
           transition that uses it, so raw frames are used up soon after they are written. A
           transition waits for its windows holding its slot; that cannot deadlock, as the runs
           writing them are listed earlier or take no slot.
-        - Without (a few segments, as after one change): each transition reads its windows from
-          the two clips itself, so it runs beside the body chunks from the start instead of after
-          them; it decodes a little of each clip a second time.
+        - Without (a few segments, as after one change): each transition reads its windows itself,
+          kept ones from the cache and the others from the two clips, so it runs beside the body
+          chunks from the start instead of after them; it decodes a little of a clip a second time.
         """
         transitions = {s.plan.clip_index: s for s in segments if s.plan.kind == "transition"}
         chunks: defaultdict[int, list[_Segment]] = defaultdict(list)
@@ -518,7 +559,7 @@ class _Composition:
     def _downloads(self, segments: list[_Segment], windows: dict[tuple[int, int], _Window],
                    sounds: list[_Segment], soundtrack: _Piece) -> list[Callable[[], Awaitable[None]]]:
         """One job for each source a piece still to be made needs: the clips, and the music."""
-        clips = {w.clip_index for s in segments if not s.video.cached for w in s.plan.windows}
+        clips = {w.clip_index for s in segments if not s.video.cached for w in _windows_from_clips(s)}
         clips |= {clip for clip, _ in windows}
         clips |= {w.clip_index for s in sounds for w in s.plan.windows}
         jobs: list[Callable[[], Awaitable[object]]] = [functools.partial(self._clip, i) for i in sorted(clips)]
@@ -604,14 +645,15 @@ class _Composition:
             await self._encoded(chunk)
 
     async def _make_transition(self, segment: _Segment, windows: tuple[_Window, ...] | None) -> None:
-        """Blend and encode a transition segment: from the raw windows clip runs write, or, when
-        there are none, from windows this run reads from both clips."""
+        """Blend and encode a transition segment: from the raw windows clip runs write (and keep
+        those losslessly for the cache), or, when there are none, from windows this run reads itself."""
         plan = segment.plan
         assert plan.xfade is not None
         dest = segment.video.path = self.work / f"segment-{segment.number:03d}.mp4"
         async with self._slots:
             if windows is None:
-                before, after = [(await self._clip(w.clip_index), w) for w in plan.windows]
+                before, after = [await self._window_source(w, kept) for w, kept in zip(plan.windows, segment.kept,
+                                                                                        strict=True)]
                 args = clip_transition_command(plan.xfade, plan.frames, before, after, self.canvas,
                                                self.encoder_args, dest)
             else:
@@ -620,9 +662,31 @@ class _Composition:
                                           self.encoder_args, dest)
             await self._ffmpeg(args, plan.frames, self.progress.piece("transitions", self._segment_cost(plan)),
                                label=plan.label)
+            kept = await self._keep_windows(windows or ())
         for window in windows or ():
             window.path.unlink(missing_ok=True)  # raw frames are big; each is used by one transition
+        for window, path in kept:
+            await self.composer._cache.store(window.kept.key, path, counted=False)
+            path.unlink(missing_ok=True)
         await self._encoded(segment)
+
+    async def _keep_windows(self, windows: tuple[_Window, ...]) -> list[tuple[_Window, Path]]:
+        """Encode raw windows losslessly, for the cache, in a small run of their own.
+
+        Called holding the slot of the transition that used them, after its encoder has ended: in
+        a one-at-a-time composition only one encoder is alive at any moment.
+        """
+        kept = [(window, window.path.with_suffix(".mp4")) for window in windows]
+        if kept:
+            args = kept_windows_command([(window.path, path) for window, path in kept], self.canvas)
+            await self._ffmpeg(args, max(w.window.frames for w in windows), None, label="kept windows")
+        return kept
+
+    async def _window_source(self, window: ClipWindow, kept: _Piece) -> WindowSource:
+        """Where a transition reads ``window``: its kept lossless copy when cached, else its clip."""
+        if kept.path is not None:
+            return kept.path
+        return await self._clip(window.clip_index), window
 
     async def _encoded(self, segment: _Segment) -> None:
         """Check a segment just encoded has every frame, count it and cache it."""
@@ -694,6 +758,12 @@ class _Composition:
                 raise
             raise FfmpegError(f"{_capitalized(label)} could not be processed.", detail=exc.detail,
                               returncode=exc.returncode) from exc
+
+
+def _windows_from_clips(segment: _Segment) -> list[ClipWindow]:
+    """The windows making ``segment`` reads from its clips: all but a transition's kept ones."""
+    kept = [piece.cached for piece in segment.kept] or [False] * len(segment.plan.windows)
+    return [window for window, cached in zip(segment.plan.windows, kept, strict=True) if not cached]
 
 
 def _segment_stage(plan: SegmentPlan) -> Stage:

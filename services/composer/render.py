@@ -11,9 +11,11 @@ A clip is read by "clip runs": each seeks near the first frame it needs (see ``s
 sets 30 fps, fits the canvas and splits into its outputs: a chunk of the clip's body, encoded
 as a segment, and windows that transitions need, written as raw frames. A transition run blends
 two windows with xfade and encodes the result: raw windows a clip run wrote, or windows it reads
-from the two clips itself. A run holds at most one x264 encoder. A frame's pixels do not depend
-on which run read it, so the composer groups the work into runs as suits it (each clip decoded
-once, or runs that all start at once).
+itself, from the two clips or from windows kept losslessly in the cache (retimed as the fps
+filter times frames, so xfade blends them alike). A raw window is kept by a small run of its own
+(``kept_windows_command``). A run holds at most one segment encoder. A frame's pixels do not
+depend on which run read it, so the composer groups the work into runs as suits it (each clip
+decoded once, or runs that all start at once).
 
 **Built with ffmpeg-python.** Every command here is a graph of ffmpeg-python inputs, filters and
 outputs (``clipchat.media.commands``), written out by its ``get_args``: the clip runs with their
@@ -40,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeAlias
 
 import ffmpeg
 
@@ -66,6 +69,12 @@ _PCM_OUTPUT = {"c:a": "pcm_s16le", **_PCM_FORMAT}
 _VIDEO_ONLY: dict[str, Option] = {"an": None, "sn": None, "dn": None}
 _AUDIO_ONLY: dict[str, Option] = {"vn": None, "sn": None, "dn": None, "map_metadata": "-1"}
 _RAW_OUTPUT: dict[str, Option] = {**_VIDEO_ONLY, "c:v": "rawvideo", "pix_fmt": "yuv420p", "format": "rawvideo"}
+# A window kept in the segment cache: x264 at quantizer 0 is lossless for 8-bit 4:2:0, so the
+# frames decode back to exactly the raw frames, at about a tenth of their size. The cache keys of
+# kept windows hash this list.
+LOSSLESS_WINDOW_ARGS = ["-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", "-pix_fmt", "yuv420p", "-threads", "1"]
+_LOSSLESS_OUTPUT: dict[str, Option] = merged(_VIDEO_ONLY, {"map_metadata": "-1", "format": "mp4"},
+                                             options(LOSSLESS_WINDOW_ARGS))
 # FFmpeg's AVColorSpace values → the scale filter's names; anything else counts as untagged.
 _MATRIX_NAMES = {1: "bt709", 4: "fcc", 5: "bt470", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
 
@@ -97,6 +106,10 @@ class SourceClip:
         """How many 30 fps frames the clip's picture lasts."""
         seconds = self.info.video_duration or self.info.duration
         return max(1, round(seconds * FPS))
+
+
+# Where a transition reads a window from: the clip itself, or the window kept losslessly.
+WindowSource: TypeAlias = tuple[SourceClip, ClipWindow] | Path
 
 
 @dataclass(frozen=True)
@@ -139,20 +152,40 @@ def clip_command(source: SourceClip, canvas: Canvas, outputs: list[ClipOutput],
 def transition_command(xfade: str, frames: int, before: Path, after: Path, canvas: Canvas,
                        encoder_args: list[str], dest: Path) -> list[str]:
     """Blend two raw windows of ``frames`` frames (from ``clip_command``) with the xfade ``xfade``."""
+    windows = [_read_raw(path, canvas) for path in (before, after)]
+    return _encoded_command(_blend(windows, xfade, frames), frames, encoder_args, dest)
+
+
+def kept_windows_command(windows: list[tuple[Path, Path]], canvas: Canvas) -> list[str]:
+    """Encode raw windows (from ``clip_command``) losslessly to be kept in the cache: each pair is
+    (raw frames, MP4 to write). One light encoder a window, tagged as a clip run tags its frames."""
+    return command(*(
+        ffmpeg.output(_tag_frames(_read_raw(raw, canvas)), str(dest), **_LOSSLESS_OUTPUT)
+        for raw, dest in windows))
+
+
+def _read_raw(path: Path, canvas: Canvas) -> Stream:
+    """Raw yuv420p frames of ``canvas`` size at 30 fps, as ``clip_command`` writes them."""
     raw: dict[str, Option] = {"format": "rawvideo", "pix_fmt": "yuv420p", "framerate": FPS}
     # ffmpeg-python writes an input's video_size from a (width, height) pair.
-    windows = [ffmpeg.input(str(path), video_size=(canvas.width, canvas.height), **raw)["v"]
-               for path in (before, after)]
+    return ffmpeg.input(str(path), video_size=(canvas.width, canvas.height), **raw)["v"]
+
+
+def clip_transition_command(xfade: str, frames: int, before: WindowSource, after: WindowSource, canvas: Canvas,
+                            encoder_args: list[str], dest: Path) -> list[str]:
+    """Read the two windows straight from their clips, or from windows kept losslessly
+    (``kept_windows_command``), and blend them as ``transition_command`` does: the
+    same frames, without raw files in between."""
+    windows = [_read_kept(window) if isinstance(window, Path) else _read_clip(window[0], canvas, window[1])
+               for window in (before, after)]
     return _encoded_command(_blend(windows, xfade, frames), frames, encoder_args, dest)
 
 
-def clip_transition_command(xfade: str, frames: int, before: tuple[SourceClip, ClipWindow],
-                            after: tuple[SourceClip, ClipWindow], canvas: Canvas, encoder_args: list[str],
-                            dest: Path) -> list[str]:
-    """Read the two windows straight from their clips and blend them as ``transition_command`` does:
-    the same frames, without raw files in between."""
-    windows = [_read_clip(source, canvas, window) for source, window in (before, after)]
-    return _encoded_command(_blend(windows, xfade, frames), frames, encoder_args, dest)
+def _read_kept(path: Path) -> Stream:
+    """A window kept losslessly, its frames timed as the fps filter times them (1/30 s from 0):
+    xfade blends by the frames' timestamps."""
+    video = ffmpeg.input(str(path), format_whitelist="mov")["v:0"]
+    return apply(apply(video, "settb", f"1/{FPS}"), "setpts", "N")
 
 
 def window_audio_command(window: ClipWindow, source: SourceClip, dest: Path) -> list[str]:

@@ -23,6 +23,7 @@ from services.composer.render import (
     SourceClip,
     clip_command,
     clip_transition_command,
+    kept_windows_command,
     seek_frame,
     transition_command,
 )
@@ -98,3 +99,30 @@ def two_sources(ffmpeg_exe: str, tmp_path_factory: pytest.TempPathFactory) -> tu
     folder = tmp_path_factory.mktemp("pair")
     return (render(ffmpeg_exe, SOURCES["24fps"], folder / "first.mp4", 3.0),
             render(ffmpeg_exe, "mandelbrot=size=180x320:rate=25", folder / "second.mp4", 3.0))
+
+
+@pytest.mark.parametrize("xfade", sorted(set(TRANSITIONS.values())))
+async def test_a_transition_from_windows_kept_losslessly_equals_one_from_raw_windows(
+        ffmpeg_exe: str, two_sources: tuple[Path, Path], tmp_path: Path, xfade: str) -> None:
+    ffmpeg = FfmpegRunner(ffmpeg_exe)
+    first, second = [SourceClip(path, await probe(path)) for path in two_sources]
+    before, after = ClipWindow(0, 70, 9), ClipWindow(1, 0, 9)
+    encoder = video_encoder_args(LIBX264, x264_preset="superfast")
+    # A full composition's clip runs write each window raw; a run of its own keeps them losslessly.
+    for clip, window, name in ((first, before, "before"), (second, after, "after")):
+        await ffmpeg.run(clip_command(clip, CANVAS, [ClipOutput(window, tmp_path / f"{name}.yuv", encoded=False)], []))
+    kept = (tmp_path / "before.mp4", tmp_path / "after.mp4")
+    await ffmpeg.run(kept_windows_command([(tmp_path / "before.yuv", kept[0]), (tmp_path / "after.yuv", kept[1])],
+                                          CANVAS))
+    await ffmpeg.run(transition_command(xfade, 9, tmp_path / "before.yuv", tmp_path / "after.yuv", CANVAS, encoder,
+                                        tmp_path / "raw.mp4"))
+    # A recomposition reads both kept windows, or one kept and one from its clip.
+    await ffmpeg.run(clip_transition_command(xfade, 9, kept[0], kept[1], CANVAS, encoder, tmp_path / "kept.mp4"))
+    await ffmpeg.run(clip_transition_command(xfade, 9, kept[0], (second, after), CANVAS, encoder,
+                                             tmp_path / "mixed.mp4"))
+    await ffmpeg.run(clip_transition_command(xfade, 9, (first, before), kept[1], CANVAS, encoder,
+                                             tmp_path / "mixed-other-way.mp4"))
+
+    assert (tmp_path / "kept.mp4").stat().st_size > 0
+    for made in ("kept.mp4", "mixed.mp4", "mixed-other-way.mp4"):
+        assert (tmp_path / made).read_bytes() == (tmp_path / "raw.mp4").read_bytes(), made

@@ -17,10 +17,11 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import grpc
@@ -504,6 +505,54 @@ async def test_a_recomposition_matches_a_full_composition_made_one_run_at_a_time
 
     incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
     assert (incremental.segments_encoded, incremental.segments_reused) == (3, 4)
+
+    other = LocalStorage(tmp_path / "other")
+    for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
+        await other.put_file(key, output_path(storage, key))
+    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
+                     parallel_up_to=6)
+    full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
+    assert full.segments_encoded == 7
+
+    assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
+
+
+class RecordingRunner(FfmpegRunner):
+    """Runs ffmpeg and keeps the files each run read."""
+
+    def __init__(self, ffmpeg_path: str) -> None:
+        super().__init__(ffmpeg_path)
+        self.inputs: list[str] = []
+
+    async def run(self, args: Sequence[str], **kwargs: Any) -> None:
+        self.inputs += [value for flag, value in itertools.pairwise(args) if flag == "-i"]
+        await super().run(args, **kwargs)
+
+
+async def test_a_recomposition_from_kept_windows_matches_a_full_composition(
+        storage: LocalStorage, sources: Sources, ffmpeg_exe: str, work_root: Path, tmp_path: Path) -> None:
+    # The full composition (one run at a time) keeps every transition's windows losslessly; after
+    # one clip and one transition changed, the transitions read the neighbours' windows from
+    # there, and no clip but the new one is decoded.
+    runner = RecordingRunner(ffmpeg_exe)
+    composer = Composer(storage, runner, settings_for(tmp_path), work_root=work_root, parallel_up_to=6)
+    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
+    transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
+    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
+    await composer.compose(spec, "jobs/test/videos/v1.mp4")
+    assert len(await storage.list("cache/windows/")) == 6
+    new_clips = list(spec.clips)
+    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
+    changed = replace(spec, clips=new_clips, transitions=[*transitions[:2], TransitionSpec("circleopen", 0.3)])
+
+    runner.inputs.clear()
+    incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
+    assert (incremental.segments_encoded, incremental.segments_reused) == (4, 3)
+    kept = [path for path in runner.inputs if "/cache/windows/" in path]
+    assert len(kept) == 4  # clip 1's and clip 3's neighbours' windows; both of the changed transition's
+    unchanged = {str(output_path(storage, c.video_key)) for number, c in enumerate(changed.clips) if number != 1}
+    assert unchanged.isdisjoint(runner.inputs)
+    assert len(await storage.list("cache/windows/")) == 6  # windows read from a clip are not kept again
 
     other = LocalStorage(tmp_path / "other")
     for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
