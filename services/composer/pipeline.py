@@ -66,7 +66,7 @@ from pathlib import Path
 
 from clipchat import metrics
 from clipchat.aio import settled
-from clipchat.errors import Conflict, InvalidInput, MediaError, NotFound
+from clipchat.errors import ClipChatError, Conflict, InvalidInput, MediaError, NotFound
 from clipchat.media.encoder import LIBX264, EncoderChoice, detect_encoder, video_encoder_args
 from clipchat.media.ffmpeg import FfmpegError, FfmpegRunner
 from clipchat.media.probe import MediaInfo, moov_before_mdat, probe
@@ -652,21 +652,21 @@ class _Composition:
         dest = segment.video.path = self.work / f"segment-{segment.number:03d}.mp4"
         async with self._slots:
             if windows is None:
-                before, after = [await self._window_source(w, kept) for w, kept in zip(plan.windows, segment.kept,
-                                                                                        strict=True)]
-                args = clip_transition_command(plan.xfade, plan.frames, before, after, self.canvas,
-                                               self.encoder_args, dest)
+                await self._transition_from_sources(segment, dest)
             else:
                 await asyncio.gather(*(window.ready for window in windows))
                 args = transition_command(plan.xfade, plan.frames, windows[0].path, windows[1].path, self.canvas,
                                           self.encoder_args, dest)
-            await self._ffmpeg(args, plan.frames, self.progress.piece("transitions", self._segment_cost(plan)),
-                               label=plan.label)
+                await self._ffmpeg(args, plan.frames, self.progress.piece("transitions", self._segment_cost(plan)),
+                                   label=plan.label)
             kept = await self._keep_windows(windows or ())
         for window in windows or ():
             window.path.unlink(missing_ok=True)  # raw frames are big; each is used by one transition
         for window, path in kept:
-            await self.composer._cache.store(window.kept.key, path, counted=False)
+            try:
+                await self.composer._cache.store(window.kept.key, path, counted=False)
+            except ClipChatError as exc:  # an aid only: a later change reads the clip instead
+                log.warning("compose.window_not_kept", extra={"job_id": self.spec.job_id, "code": exc.code})
             path.unlink(missing_ok=True)
         await self._encoded(segment)
 
@@ -674,13 +674,40 @@ class _Composition:
         """Encode raw windows losslessly, for the cache, in a small run of their own.
 
         Called holding the slot of the transition that used them, after its encoder has ended: in
-        a one-at-a-time composition only one encoder is alive at any moment.
+        a one-at-a-time composition only one encoder is alive at any moment. Best effort: a window
+        that cannot be kept is read from its clip by a later change.
         """
         kept = [(window, window.path.with_suffix(".mp4")) for window in windows]
         if kept:
             args = kept_windows_command([(window.path, path) for window, path in kept], self.canvas)
-            await self._ffmpeg(args, max(w.window.frames for w in windows), None, label="kept windows")
+            try:
+                await self._ffmpeg(args, max(w.window.frames for w in windows), None, label="kept windows")
+            except ClipChatError as exc:  # an aid only: the composition goes on without them
+                log.warning("compose.window_not_kept", extra={"job_id": self.spec.job_id, "code": exc.code})
+                return []
         return kept
+
+    async def _transition_from_sources(self, segment: _Segment, dest: Path) -> None:
+        """Blend a transition from windows this run reads itself: kept ones from the cache, the
+        others from their clips. A kept window that cannot be read (a damaged cache entry) is not
+        trusted again: the transition is made once more from the clips."""
+        plan = segment.plan
+        assert plan.xfade is not None
+        on_fraction = self.progress.piece("transitions", self._segment_cost(plan))
+        for attempt in range(2):
+            sources = [await self._window_source(w, kept) for w, kept in zip(plan.windows, segment.kept, strict=True)]
+            args = clip_transition_command(plan.xfade, plan.frames, sources[0], sources[1], self.canvas,
+                                           self.encoder_args, dest)
+            try:
+                await self._ffmpeg(args, plan.frames, on_fraction, label=plan.label)
+                return
+            except FfmpegError:
+                if attempt or not any(kept.path is not None for kept in segment.kept):
+                    raise
+                log.warning("compose.kept_window_unreadable", extra={"job_id": self.spec.job_id,
+                                                                     "segment": segment.number})
+                for kept in segment.kept:
+                    kept.path = None
 
     async def _window_source(self, window: ClipWindow, kept: _Piece) -> WindowSource:
         """Where a transition reads ``window``: its kept lossless copy when cached, else its clip."""

@@ -565,6 +565,36 @@ async def test_a_recomposition_from_kept_windows_matches_a_full_composition(
     assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
 
 
+async def test_a_damaged_kept_window_is_read_from_its_clip_instead(
+        storage: LocalStorage, sources: Sources, ffmpeg_exe: str, work_root: Path, tmp_path: Path) -> None:
+    # Kept windows are an aid: one the cache holds damaged is not trusted, the transition is made
+    # from the clips, and the video is the same as a fresh full composition's.
+    composer = Composer(storage, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=work_root,
+                        parallel_up_to=6)
+    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
+    transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
+    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
+    await composer.compose(spec, "jobs/test/videos/v1.mp4")
+    kept = await storage.list("cache/windows/")
+    assert len(kept) == 6
+    for entry in kept:
+        output_path(storage, entry.key).write_bytes(b"not a video")
+    new_clips = list(spec.clips)
+    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
+    changed = replace(spec, clips=new_clips)
+
+    incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
+    assert (incremental.segments_encoded, incremental.segments_reused) == (3, 4)
+
+    other = LocalStorage(tmp_path / "other")
+    for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
+        await other.put_file(key, output_path(storage, key))
+    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
+                     parallel_up_to=6)
+    full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
+    assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
+
+
 async def test_changing_one_transition_reencodes_exactly_one_segment(composer: Composer, storage: LocalStorage,
                                                                      sources: Sources) -> None:
     spec = await make_spec(storage, [sources.wide, sources.tall, sources.short], sources.music, (0.8, 0.8, 0.8),
