@@ -486,6 +486,34 @@ async def test_replacing_a_clip_gives_the_same_frames_as_a_full_recomposition(
         output_path(other, full.video_key))
 
 
+SEVEN_SEGMENT_TRANSITIONS = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3),
+                             TransitionSpec("fade", 0.3)]
+
+
+async def seven_segments(storage: LocalStorage, sources: Sources) -> tuple[CompositionSpec, CompositionSpec]:
+    """Four clips (seven segments, past the six the composers here run side by side) and the same
+    with its second clip replaced."""
+    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
+    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), SEVEN_SEGMENT_TRANSITIONS,
+                           aspect_ratio="1:1")
+    new_clips = list(spec.clips)
+    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
+    return spec, replace(spec, clips=new_clips)
+
+
+async def fresh_full_composition(storage: LocalStorage, spec: CompositionSpec, ffmpeg_exe: str,
+                                 tmp_path: Path) -> bytes:
+    """The bytes of ``spec`` composed from nothing (another store, an empty cache), one run at a time."""
+    other = LocalStorage(tmp_path / "other")
+    for key in {c.video_key for c in spec.clips} | {spec.audio_key}:
+        await other.put_file(key, output_path(storage, key))
+    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
+                     parallel_up_to=6)
+    full = await fresh.compose(spec, "jobs/test/videos/v2.mp4")
+    assert full.segments_encoded == 7
+    return output_path(other, full.video_key).read_bytes()
+
+
 async def test_a_recomposition_matches_a_full_composition_made_one_run_at_a_time(
         storage: LocalStorage, sources: Sources, ffmpeg_exe: str, work_root: Path, tmp_path: Path) -> None:
     # Seven segments, past the six this composer runs side by side: a full composition makes them
@@ -494,27 +522,17 @@ async def test_a_recomposition_matches_a_full_composition_made_one_run_at_a_time
     # (seeking into the first, a 2 s clip held past its end in a 2.5 s slot).
     composer = Composer(storage, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=work_root,
                         parallel_up_to=6)
-    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
-    transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
-    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
+    spec, changed = await seven_segments(storage, sources)
     first = await composer.compose(spec, "jobs/test/videos/v1.mp4")
     assert first.segments_encoded == 7
-    new_clips = list(spec.clips)
-    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
-    changed = replace(spec, clips=new_clips)
+    for entry in await storage.list("cache/windows/"):  # without kept windows: read from the clips
+        await storage.delete(entry.key)
 
     incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
     assert (incremental.segments_encoded, incremental.segments_reused) == (3, 4)
 
-    other = LocalStorage(tmp_path / "other")
-    for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
-        await other.put_file(key, output_path(storage, key))
-    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
-                     parallel_up_to=6)
-    full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
-    assert full.segments_encoded == 7
-
-    assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
+    assert output_path(storage, incremental.video_key).read_bytes() == await fresh_full_composition(
+        storage, changed, ffmpeg_exe, tmp_path)
 
 
 class RecordingRunner(FfmpegRunner):
@@ -536,14 +554,10 @@ async def test_a_recomposition_from_kept_windows_matches_a_full_composition(
     # there, and no clip but the new one is decoded.
     runner = RecordingRunner(ffmpeg_exe)
     composer = Composer(storage, runner, settings_for(tmp_path), work_root=work_root, parallel_up_to=6)
-    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
-    transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
-    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
+    spec, changed = await seven_segments(storage, sources)
     await composer.compose(spec, "jobs/test/videos/v1.mp4")
     assert len(await storage.list("cache/windows/")) == 6
-    new_clips = list(spec.clips)
-    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
-    changed = replace(spec, clips=new_clips, transitions=[*transitions[:2], TransitionSpec("circleopen", 0.3)])
+    changed = replace(changed, transitions=[*SEVEN_SEGMENT_TRANSITIONS[:2], TransitionSpec("circleopen", 0.3)])
 
     runner.inputs.clear()
     incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
@@ -554,15 +568,8 @@ async def test_a_recomposition_from_kept_windows_matches_a_full_composition(
     assert unchanged.isdisjoint(runner.inputs)
     assert len(await storage.list("cache/windows/")) == 6  # windows read from a clip are not kept again
 
-    other = LocalStorage(tmp_path / "other")
-    for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
-        await other.put_file(key, output_path(storage, key))
-    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
-                     parallel_up_to=6)
-    full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
-    assert full.segments_encoded == 7
-
-    assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
+    assert output_path(storage, incremental.video_key).read_bytes() == await fresh_full_composition(
+        storage, changed, ffmpeg_exe, tmp_path)
 
 
 async def test_a_damaged_kept_window_is_read_from_its_clip_instead(
@@ -571,28 +578,18 @@ async def test_a_damaged_kept_window_is_read_from_its_clip_instead(
     # from the clips, and the video is the same as a fresh full composition's.
     composer = Composer(storage, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=work_root,
                         parallel_up_to=6)
-    clips = [sources.wide, sources.wide, sources.long, sources.vfr]
-    transitions = [TransitionSpec("crossfade", 0.3), TransitionSpec("slideleft", 0.3), TransitionSpec("fade", 0.3)]
-    spec = await make_spec(storage, clips, sources.music, (2.5, 2.5, 2.5, 1.0), transitions, aspect_ratio="1:1")
+    spec, changed = await seven_segments(storage, sources)
     await composer.compose(spec, "jobs/test/videos/v1.mp4")
     kept = await storage.list("cache/windows/")
     assert len(kept) == 6
     for entry in kept:
         output_path(storage, entry.key).write_bytes(b"not a video")
-    new_clips = list(spec.clips)
-    new_clips[1] = ClipSpec(await upload(storage, sources.long), 2.5)
-    changed = replace(spec, clips=new_clips)
 
     incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
     assert (incremental.segments_encoded, incremental.segments_reused) == (3, 4)
 
-    other = LocalStorage(tmp_path / "other")
-    for key in {c.video_key for c in changed.clips} | {changed.audio_key}:
-        await other.put_file(key, output_path(storage, key))
-    fresh = Composer(other, FfmpegRunner(ffmpeg_exe), settings_for(tmp_path), work_root=tmp_path / "work2",
-                     parallel_up_to=6)
-    full = await fresh.compose(changed, "jobs/test/videos/v2.mp4")
-    assert output_path(storage, incremental.video_key).read_bytes() == output_path(other, full.video_key).read_bytes()
+    assert output_path(storage, incremental.video_key).read_bytes() == await fresh_full_composition(
+        storage, changed, ffmpeg_exe, tmp_path)
 
 
 async def test_changing_one_transition_reencodes_exactly_one_segment(composer: Composer, storage: LocalStorage,
