@@ -18,9 +18,10 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit
 
 import httpx
+
+from clipchat.settings import url_problem
 
 DETAIL_CHARS = 2000  # enough of a provider's answer for support, not a whole HTML error page
 
@@ -80,10 +81,11 @@ def classify_status(status: int) -> StatusKind:
 
 
 def check_base_url(url: str) -> str:
-    """``url`` without a trailing slash; ``ValueError`` unless it is http(s) with a host."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("base_url must be an http(s) URL with a host")
+    """``url`` without a trailing slash; ``ValueError`` unless it is http(s) with a host (the
+    settings' own URL check, for a client made without settings)."""
+    problem = url_problem(url, ("http", "https"))
+    if problem:
+        raise ValueError(f"base_url {problem}")
     return url.rstrip("/")
 
 

@@ -19,6 +19,9 @@ EncoderName = Literal["auto", "libx264", "h264_nvenc"]
 X264Preset = Literal["superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
+# The settings whose values are a closed set, checked with an error that names the setting.
+_CLOSED_SETTINGS: dict[str, Any] = {"environment": Environment, "generator": GeneratorName, "log_level": LogLevel}
+
 # The settings that are URLs: the schemes each takes, and an example for the error. An empty value
 # means "not set" (the database and storage under data_dir, no LLM, the provider's own API, …).
 _URL_SETTINGS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -214,31 +217,18 @@ class Settings(BaseSettings):
     # embedded mode that covers the whole process.
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
-    @field_validator("environment", mode="before")
+    @field_validator(*_CLOSED_SETTINGS, mode="before")
     @classmethod
-    def _known_environment(cls, value: Any) -> Any:
-        known = get_args(Environment)
-        if value not in known:
-            raise InvalidSettings(f"CLIPCHAT_ENVIRONMENT={str(value)[:40]!r} is not one of "
-                                  f"{', '.join(known)}.")
-        return value
+    def _one_of_its_values(cls, value: Any, info: ValidationInfo) -> Any:
+        """One of the setting's values (the log level in any case), or one line naming it."""
+        name = str(info.field_name)
+        known = get_args(_CLOSED_SETTINGS[name])
+        given = value.upper() if name == "log_level" and isinstance(value, str) else value
+        if given not in known:
+            raise InvalidSettings(f"CLIPCHAT_{name.upper()}={str(value)[:40]!r} is not one of {', '.join(known)}.")
+        return given
 
-    @field_validator("generator", mode="before")
-    @classmethod
-    def _known_generator(cls, value: Any) -> Any:
-        known = get_args(GeneratorName)
-        if value not in known:
-            raise InvalidSettings(f"CLIPCHAT_GENERATOR={str(value)[:40]!r} is not one of {', '.join(known)}.")
-        return value
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _known_log_level(cls, value: Any) -> Any:
-        level = value.upper() if isinstance(value, str) else value
-        if level not in get_args(LogLevel):
-            raise InvalidSettings(f"CLIPCHAT_LOG_LEVEL={str(value)[:40]!r} is not one of "
-                                  f"{', '.join(get_args(LogLevel))}.")
-        return level
 
     @field_validator(*_URL_SETTINGS, mode="after")
     @classmethod
