@@ -22,7 +22,7 @@ from pathlib import Path
 
 from clipchat import metrics
 from clipchat.aio import settled
-from clipchat.errors import Conflict, NotFound
+from clipchat.errors import ClipChatError, Conflict, NotFound
 from clipchat.retry import RetryPolicy
 from clipchat.storage import Storage
 
@@ -109,6 +109,13 @@ class SegmentCache:
             return
         if counted:
             self._stats = replace(self._stats, stores=self._stats.stores + 1)
+
+    async def drop(self, key: str) -> None:
+        """Delete the entry ``key`` (one found unreadable), so it is not read again; best effort."""
+        try:
+            await self._storage.delete(key)
+        except ClipChatError as exc:
+            log.warning("composer.cache_drop_failed", extra={"key": key, "code": exc.code})
 
     async def evict(self) -> int:
         """Delete least-recently-used entries until the cache is under its cap; returns how many."""

@@ -690,7 +690,7 @@ class _Composition:
     async def _transition_from_sources(self, segment: _Segment, dest: Path) -> None:
         """Blend a transition from windows this run reads itself: kept ones from the cache, the
         others from their clips. A kept window that cannot be read (a damaged cache entry) is not
-        trusted again: the transition is made once more from the clips."""
+        trusted again: it is dropped from the cache and the transition made once more from the clips."""
         plan = segment.plan
         assert plan.xfade is not None
         on_fraction = self.progress.piece("transitions", self._segment_cost(plan))
@@ -707,7 +707,9 @@ class _Composition:
                 log.warning("compose.kept_window_unreadable", extra={"job_id": self.spec.job_id,
                                                                      "segment": segment.number})
                 for kept in segment.kept:
-                    kept.path = None
+                    if kept.path is not None:
+                        kept.path = None
+                        await self.composer._cache.drop(kept.key)
 
     async def _window_source(self, window: ClipWindow, kept: _Piece) -> WindowSource:
         """Where a transition reads ``window``: its kept lossless copy when cached, else its clip."""

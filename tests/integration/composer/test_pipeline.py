@@ -587,6 +587,8 @@ async def test_a_damaged_kept_window_is_read_from_its_clip_instead(
 
     incremental = await composer.compose(changed, "jobs/test/videos/v2.mp4")
     assert (incremental.segments_encoded, incremental.segments_reused) == (3, 4)
+    # The two it read (clip 1's tail, clip 3's head) are dropped, not read again by the next change.
+    assert len(await storage.list("cache/windows/")) == 4
 
     assert output_path(storage, incremental.video_key).read_bytes() == await fresh_full_composition(
         storage, changed, ffmpeg_exe, tmp_path)
