@@ -202,12 +202,15 @@ class Watched:
     problems: list[str] = field(default_factory=list)
     held: list[Any] = field(default_factory=list)  # event-stream requests held back
     documents: int = 0  # how many times the test reloaded the page
+    reloading: bool = False  # asked to reload, the new document not yet committed
     document_of: dict[int, int] = field(default_factory=dict)  # request → the document that sent it
     estimates: list[str] = field(default_factory=list)  # the estimate requests the page made
 
     def reload(self) -> None:
-        """Reload the page; what the old document still had in flight is aborted by the browser."""
+        """Reload the page; what the old document still had in flight is aborted by the browser,
+        including what it sends until the new document commits."""
         self.documents += 1
+        self.reloading = True
         self.page.reload()
 
     def shot(self, state: str) -> None:
@@ -283,11 +286,17 @@ def _open(browser: Any, system: PageSystem, shots: Path, width: str, flow: str, 
     page.on("pageerror", lambda exc: watched.problems.append(f"page error: {exc}"))
 
     def request(request: Any) -> None:
-        watched.document_of[id(request)] = watched.documents
+        # Until the new document commits, a request is the old document's (the reload aborts it).
+        watched.document_of[id(request)] = watched.documents - 1 if watched.reloading else watched.documents
         if "/estimate?" in request.url:
             watched.estimates.append(request.url)
 
+    def navigated(frame: Any) -> None:
+        if frame == page.main_frame:
+            watched.reloading = False
+
     page.on("request", request)
+    page.on("framenavigated", navigated)
     page.on("requestfailed", failed)
     page.on("response", response)
     if prepare is not None:
